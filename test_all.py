@@ -1,0 +1,542 @@
+"""nanofoundry test suite: fast on a 2-core CPU (python -m pytest test_all.py)."""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import eval_sim
+import model as M
+import train_llm
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----- stage 1: model, tokenizer, token data, training loop -----
+
+def naive_attention(q, k, v, mask):
+    """Reference attention: explicit scores, mask and softmax, heads repeated for GQA."""
+    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+    v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("path", ["causal", "bidirectional", "explicit_mask"])
+def test_sdpa_attention_paths_match_naive_attention(path):
+    torch.manual_seed(0)
+    attn = M.Attention(n_embd=32, n_head=4, n_kv_head=2, head_dim=8, qk_norm=True, eps=1e-6)
+    x = torch.randn(2, 7, 32)
+    T = x.size(1)
+    mask = {"causal": torch.ones(T, T).tril().bool(), "bidirectional": None,
+            "explicit_mask": torch.rand(T, T) > 0.3}[path]
+    if mask is not None:
+        mask |= torch.eye(T, dtype=torch.bool)  # every query sees at least itself
+    rope = M.rope_table(T, 8, 10000.0)
+    got = attn(x, rope, mask=mask if path == "explicit_mask" else None, causal=path == "causal")
+    # the same projections, then naive attention
+    q = attn.q_norm(attn.q_proj(x).view(2, T, 4, 8)).transpose(1, 2)
+    k = attn.k_norm(attn.k_proj(x).view(2, T, 2, 8)).transpose(1, 2)
+    v = attn.v_proj(x).view(2, T, 2, 8).transpose(1, 2)
+    q, k = M.apply_rope(q, *rope), M.apply_rope(k, *rope)
+    want = attn.o_proj(naive_attention(q, k, v, mask).transpose(1, 2).reshape(2, T, 32))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=8, mlp_hidden=64, max_seq_len=32)
+    cfg.update(overrides)
+    return M.Transformer(M.GPTConfig(**cfg)).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_kv_cache_decoding_equals_full_forward(tied):
+    model = tiny_model(tie_embeddings=tied)
+    idx = torch.randint(0, 64, (3, 12))
+    full, _ = model(idx)
+    cache = model.new_kv_cache(3)
+    prefill, _ = model(idx[:, :5], kv_cache=cache)  # prefill 5, then one token at a time
+    steps = [prefill] + [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_greedy_generation_equals_recomputing_the_whole_sequence():
+    model = tiny_model()
+    idx = torch.randint(0, 64, (2, 4))
+    got = model.generate(idx, 10, temperature=0)
+    seq = idx
+    for _ in range(10):
+        seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, seq)
+
+
+def test_generation_never_samples_the_embedding_padding_rows():
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight[50:] += 10.0  # make padding rows the most likely by far
+    out = model.generate(torch.zeros(4, 1, dtype=torch.long), 8, temperature=1.0, valid_vocab=50)
+    assert out.max() < 50
+
+
+def test_safetensors_round_trip_keeps_tied_weights_tied(tmp_path):
+    model = tiny_model()
+    M.save_weights(model, str(tmp_path / "w.safetensors"))
+    other = tiny_model()
+    torch.nn.init.zeros_(other.embed_tokens.weight)
+    M.load_weights(other, str(tmp_path / "w.safetensors"))
+    assert other.lm_head.weight is other.embed_tokens.weight
+    for (n, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_estimate_flops_is_6n_plus_the_attention_term():
+    model = tiny_model()
+    c = model.config
+    n_matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2)  # incl. tied lm_head
+    assert model.estimate_flops(32) == 6 * n_matmul + 12 * c.n_layer * c.n_head * c.head_dim * 32
+
+
+SAMPLE_TEXT = "the red block is left of the blue bowl. Q: what colour? A: red.\nnaïve café 東京 🤖 1234567 don't\n"
+
+
+def test_tokenizer_round_trip_special_tokens_and_save_load(tmp_path):
+    tok = data.Tokenizer.train([SAMPLE_TEXT * 20], vocab_size=300)
+    assert tok.decode(tok.encode(SAMPLE_TEXT)) == SAMPLE_TEXT
+    assert len(tok.encode("the red block")) < len("the red block".encode())  # merges happened
+    ids = [tok.special(s) for s in data.SPECIAL_TOKENS]
+    assert len(set(ids)) == len(ids) and min(ids) >= len(tok.ranks) and tok.n_vocab == max(ids) + 1
+    # special-token text is plain text unless allowed (a corpus cannot inject control tokens)
+    assert tok.special("<|image|>") not in tok.encode("<|image|>")
+    assert tok.encode("a<|image|>", allow_special=True)[-1] == tok.special("<|image|>")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    again = data.Tokenizer.load(str(tmp_path / "tokenizer.json"))
+    assert again.encode(SAMPLE_TEXT) == tok.encode(SAMPLE_TEXT) and again.special_tokens == tok.special_tokens
+
+
+def test_user_tiktoken_ranks_file_loads_with_our_special_tokens(tmp_path):
+    import base64
+    tok = data.Tokenizer.train([SAMPLE_TEXT * 20], vocab_size=300)
+    with open(tmp_path / "user.tiktoken", "w") as f:
+        for b, r in tok.ranks.items():
+            f.write(f"{base64.b64encode(b).decode()} {r}\n")
+    user = data.Tokenizer.load(str(tmp_path / "user.tiktoken"))
+    assert user.encode(SAMPLE_TEXT) == tok.encode(SAMPLE_TEXT)
+    assert user.special("<|endoftext|>") == len(tok.ranks)
+    (tmp_path / "bad.tiktoken").write_text("not-a-rank-line\n")
+    with pytest.raises(data.UserError, match="bad.tiktoken:1"):
+        data.Tokenizer.load(str(tmp_path / "bad.tiktoken"))
+
+
+def test_bpe_first_merge_is_the_most_frequent_pair():
+    ranks = data.train_bpe(["ab ab ab ab cd cd"], vocab_size=256 + len(data.SPECIAL_TOKENS) + 1)
+    assert len(ranks) == 257 and ranks[b" a" if b" a" in ranks else b"ab"] == 256
+
+
+def test_token_shards_round_trip_and_corrupt_headers_are_clear_errors(tmp_path):
+    path = str(tmp_path / "s.bin")
+    data.write_shard(path, np.arange(1000), vocab_size=70000)  # > 2^16: stored as uint32
+    assert np.array_equal(data.read_shard(path), np.arange(1000))
+    raw = bytearray(open(path, "rb").read())
+    open(path, "wb").write(b"\0" * 4 + raw[4:])
+    with pytest.raises(data.UserError, match="not a token shard"):
+        data.read_shard(path)
+    open(path, "wb").write(raw[:-10])
+    with pytest.raises(data.UserError, match="truncated or corrupt"):
+        data.read_shard(path)
+
+
+def test_ranks_read_disjoint_data_and_two_ranks_equal_one_rank_with_accumulation(tmp_path):
+    path = str(tmp_path / "s.bin")
+    data.write_shard(path, np.arange(5000), vocab_size=5000)
+    single = data.TokenLoader([path], batch_size=2, seq_len=8)
+    r0, r1 = (data.TokenLoader([path], 2, 8, rank=r, world_size=2) for r in (0, 1))
+    for _ in range(3):  # per step: 2 micro-batches on one process == 1 each on two ranks
+        a, b = single.next_batch()[0], single.next_batch()[0]
+        x0, x1 = r0.next_batch()[0], r1.next_batch()[0]
+        assert torch.equal(a, x0) and torch.equal(b, x1)
+        assert not set(x0.flatten().tolist()) & set(x1.flatten().tolist())
+
+
+def test_loader_state_resumes_at_the_same_position_across_shards(tmp_path):
+    paths = [str(tmp_path / f"s{i}.bin") for i in range(2)]
+    for i, p in enumerate(paths):
+        data.write_shard(p, np.arange(i * 1000, i * 1000 + 100), vocab_size=5000)
+    loader = data.TokenLoader(paths, 2, 10)
+    for _ in range(7):
+        loader.next_batch()
+    state = loader.state_dict()
+    want = [loader.next_batch()[0] for _ in range(5)]
+    again = data.TokenLoader(paths, 2, 10)
+    again.load_state_dict(state)
+    assert all(torch.equal(w, again.next_batch()[0]) for w in want)
+
+
+def test_config_cli_parses_by_type_and_rejects_bad_input(capsys):
+    cfg = train_llm.parse_config(train_llm.TrainConfig, ["--n_layer=3", "--lr=1e-3", "--compile=false", "--resume"])
+    assert (cfg.n_layer, cfg.lr, cfg.compile, cfg.resume) == (3, 1e-3, False, True)
+    for argv, msg in [(["--nope=1"], "unknown option --nope"), (["--n_layer=abc"], "expects a int"),
+                      (["--compile=maybe"], "expects a bool"), (["n_layer=3"], "unexpected argument"),
+                      (["--lr"], "needs a value")]:
+        with pytest.raises(data.UserError, match=msg):
+            train_llm.parse_config(train_llm.TrainConfig, argv)
+    with pytest.raises(SystemExit):
+        train_llm.parse_config(train_llm.TrainConfig, ["--help"])
+    assert "--n_kv_head=2" in capsys.readouterr().out
+
+
+TINY = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--n_kv_head=1", "--head_dim=32", "--mlp_hidden=128",
+        "--seq_len=32", "--micro_batch=4", "--batch_tokens=256", "--world_docs=300", "--vocab_size=320",
+        "--compile=False", "--dtype=float32", "--eval_every=4", "--eval_batches=2", "--sample_every=0",
+        "--warmup_steps=2", "--lr=1e-2"]
+
+
+def run_cli_in_process(argv, capsys):
+    """train_llm's CLI entry point as a user runs it: returns (exit code, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        train_llm.run(lambda: train_llm.main(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "notckpt").mkdir()
+    cases = [(["--data=" + str(tmp_path / "missing.txt")], "data file not found"),
+             (["--data=" + str(tmp_path / "empty.txt")], "data file is empty"),
+             (["--resume", "--out_dir=" + str(tmp_path / "notckpt")], "is not a checkpoint"),
+             (["--unknown=1"], "unknown option --unknown")]
+    for argv, msg in cases:
+        code, err = run_cli_in_process(argv + [f"--data_dir={tmp_path}/d"], capsys)
+        assert code == 2 and msg in err and err.count("\n") == 1, err
+    # a corrupt shard in the cache: the loader names it
+    out = tmp_path / "run"
+    train_llm.main(TINY + [f"--out_dir={out}", "--max_steps=1"])
+    shard = out / "data" / "train_000.bin"
+    shard.write_bytes(b"garbage" * 300)
+    code, err = run_cli_in_process(TINY + [f"--out_dir={out}", "--max_steps=1"], capsys)
+    assert code == 2 and "train_000.bin is not a token shard" in err
+    # and as a real process: no traceback
+    proc = subprocess.run([sys.executable, "train_llm.py", "--n_layer=two"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --n_layer expects a int, got 'two'"
+
+
+def load_tensors(path):
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """8 steps straight == 4 steps, stop, --resume to 8: bit-identical weights (CPU, fp32)."""
+    out = str(tmp_path / "run")
+    train_llm.main(TINY + [f"--out_dir={out}", "--max_steps=8", "--save_every=4", "--keep_checkpoints=5"])
+    straight = load_tensors(f"{out}/step_000008/model.safetensors")
+    # simulate a kill right after step 4's checkpoint, then resume
+    import shutil
+    shutil.rmtree(f"{out}/step_000008")
+    open(f"{out}/latest", "w").write("step_000004\n")
+    train_llm.main(TINY + [f"--out_dir={out}", "--max_steps=8", "--save_every=4", "--resume"])
+    resumed = load_tensors(f"{out}/step_000008/model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    steps = [json.loads(line)["step"] for line in open(f"{out}/metrics.jsonl")]
+    assert steps == list(range(1, 9))  # the log reads as one run
+
+
+SAVE_LOOP = """
+import sys, torch, data, model as M, train_llm
+from types import SimpleNamespace
+m = M.Transformer(M.GPTConfig(vocab_size=4096, n_layer=4, n_embd=256, head_dim=64))
+opt = torch.optim.AdamW(m.parameters())
+m(torch.zeros(1, 4, dtype=torch.long))[0].sum().backward(); opt.step()
+tok = data.Tokenizer.train(["hello world"], 300)
+loader = SimpleNamespace(state_dict=lambda: {})
+for step in range(1, 10**6):
+    train_llm.save_checkpoint(sys.argv[1], step, m, opt, loader, tok, 2, model=m.config)
+    print(step, flush=True)
+"""
+
+
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
+    out = str(tmp_path / "ckpts")
+    proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, out], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "1"  # one complete checkpoint exists
+    time.sleep(1.0)  # saving continuously: the kill lands inside a save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    path = train_llm.find_checkpoint(out)
+    model, cfg = M.load_llm(path)
+    assert cfg["model"]["n_embd"] == 256
+    torch.load(os.path.join(path, "optimizer.pt"))
+    torch.load(os.path.join(path, "state.pt"), weights_only=False)
+
+
+def test_torchrun_two_processes_give_the_loss_curve_of_one_process(tmp_path):
+    common = TINY + ["--max_steps=4", f"--data_dir={tmp_path}/data", "--eval_every=100"]
+    train_llm.main(common + [f"--out_dir={tmp_path}/one"])  # one process, grad_accum 2
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train_llm.py"] + common + [f"--out_dir={tmp_path}/two", "--micro_batch=4"],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = lambda d: [json.loads(line)["loss"] for line in open(f"{tmp_path}/{d}/metrics.jsonl")]
+    one, two = losses("one"), losses("two")
+    assert len(one) == len(two) == 4
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-3, (one, two)
+
+
+# ----- eval_sim: the tabletop world -----
+
+def test_language_corpus_is_deterministic_and_val_is_disjoint_from_train():
+    train = eval_sim.language_corpus(300, seed=0)
+    assert train == eval_sim.language_corpus(300, seed=0)
+    assert train != eval_sim.language_corpus(300, seed=1)
+    val = eval_sim.language_corpus(300, split="val")
+    assert not set(train) & set(val)
+    assert all("Q: " in d and "task: " in d for d in train)
+
+
+def test_same_seed_and_actions_give_bit_identical_observations():
+    actions = np.random.default_rng(0).uniform(-1.2, 1.2, (30, 3))
+    runs = []
+    for _ in range(2):
+        env = eval_sim.TabletopEnv("multi_place", image_size=32)
+        obs, _ = env.reset(seed=7)
+        trace = [obs]
+        for a in actions:
+            trace.append(env.step(a)[0])
+        runs.append(trace)
+    for o1, o2 in zip(*runs):
+        assert o1["instruction"] == o2["instruction"]
+        assert o1["state"].tobytes() == o2["state"].tobytes()
+        for cam in ("scene", "wrist"):
+            assert o1["images"][cam].tobytes() == o2["images"][cam].tobytes()
+
+
+def test_observation_has_both_cameras_state_and_instruction_at_any_image_size():
+    for size in (32, 64, 96):
+        obs, info = eval_sim.TabletopEnv("pick_place", image_size=size).reset(seed=1)
+        for cam in ("scene", "wrist"):
+            assert obs["images"][cam].shape == (size, size, 3) and obs["images"][cam].dtype == np.uint8
+        assert obs["state"].shape == (len(eval_sim.STATE_NAMES),) and obs["state"].dtype == np.float32
+        assert isinstance(obs["instruction"], str) and obs["instruction"].endswith(".")
+
+
+def test_bad_actions_raise_user_error_and_out_of_range_actions_are_clipped():
+    env = eval_sim.TabletopEnv("reach")
+    env.reset(seed=0)
+    with pytest.raises(data.UserError, match="NaN"):
+        env.step([0.0, float("nan"), 0.0])
+    with pytest.raises(data.UserError, match="shape"):
+        env.step([0.0, 1.0])
+    a, b = eval_sim.TabletopEnv("reach"), eval_sim.TabletopEnv("reach")
+    a.reset(seed=3), b.reset(seed=3)
+    assert np.array_equal(a.step([5.0, -7.0, 0.5])[0]["state"], b.step([1.0, -1.0, 0.5])[0]["state"])
+
+
+def test_unknown_task_or_split_raises_user_error():
+    with pytest.raises(data.UserError, match="unknown task"):
+        eval_sim.TabletopEnv("juggle")
+    with pytest.raises(data.UserError, match="unknown split"):
+        eval_sim.TabletopEnv("reach", split="test")
+
+
+def test_closing_near_a_block_grasps_it_and_opening_over_the_bowl_places_it():
+    env = eval_sim.TabletopEnv("pick_place", image_size=32)
+    env.reset(seed=4)
+    s = env.scene
+    target, bowl = s.objs[s.goal["target"]], s.objs[s.goal["bowl"]]
+    s.gx, s.gy = target.x + 0.03, target.y  # within the forgiving grasp radius
+    obs, _, done, _, _ = env.step([0, 0, 1])
+    assert obs["state"][2] == 1 and obs["state"][3] == 1 and s.held == s.goal["target"]
+    s.gx, s.gy = bowl.x, bowl.y
+    obs, reward, done, _, info = env.step([0, 0, 1])  # carried along with the gripper
+    assert (target.x, target.y) == (bowl.x, bowl.y) and not info["success"]
+    obs, reward, done, _, info = env.step([0, 0, -1])
+    assert info["success"] and done and reward == 1.0 and obs["state"][3] == 0
+
+
+def test_pushing_resolves_contacts_without_interpenetration_and_objects_stay_on_table():
+    rng = np.random.default_rng(0)
+    for seed in range(6):
+        env = eval_sim.TabletopEnv("push", render=False, max_steps=10_000)
+        env.reset(seed=seed)
+        for _ in range(150):
+            env.step([*rng.uniform(-1, 1, 2), 1.0])  # a closed gripper sweeping around
+            s = env.scene
+            free = [o for i, o in enumerate(s.objs) if o.kind != "bowl" and o.on < 0 and i != s.held]
+            for i, p in enumerate(free):
+                assert eval_sim.OBJ_R - 1e-9 <= p.x <= 1 - eval_sim.OBJ_R + 1e-9
+                assert eval_sim.OBJ_R - 1e-9 <= p.y <= 1 - eval_sim.OBJ_R + 1e-9
+                if s.held < 0:
+                    assert math.hypot(p.x - s.gx, p.y - s.gy) >= eval_sim.GRIPPER_R + eval_sim.OBJ_R - 1e-3
+                for q in free[i + 1:]:
+                    assert math.hypot(p.x - q.x, p.y - q.y) >= 2 * eval_sim.OBJ_R - 1e-3
+
+
+def test_expert_succeeds_on_every_task_and_split():
+    records = eval_sim.evaluate(eval_sim.ExpertPolicy(), episodes_per_task=10, image_size=32)
+    per_task, overall = eval_sim.summarize(records)
+    assert set(per_task) == set(eval_sim.TASKS)
+    for task, cells in per_task.items():
+        assert cells["seen"]["rate"] == 1.0 and cells["heldout"]["rate"] == 1.0, task
+
+
+def test_random_and_noop_policies_rarely_succeed():
+    for policy, limit in ((eval_sim.NoopPolicy(), 0.0), (eval_sim.RandomPolicy(0), 0.1)):
+        records = eval_sim.evaluate(policy, episodes_per_task=10, splits=("seen",), image_size=32)
+        assert eval_sim.summarize(records)[1]["all"]["rate"] <= limit, policy.name
+
+
+def test_evaluation_batches_policy_calls_and_executes_action_chunks_open_loop():
+    class ChunkPolicy:  # always "stay still and open", in chunks of 4
+        calls = []
+
+        def act(self, obs_list):
+            self.calls.append(len(obs_list))
+            return np.zeros((len(obs_list), 4, 3), np.float32)
+
+    policy = ChunkPolicy()
+    records = eval_sim.evaluate(policy, tasks=["reach"], episodes_per_task=6, splits=("seen",),
+                                image_size=32, num_envs=3)
+    assert len(records) == 6 and all(r["steps"] == eval_sim.MAX_STEPS["reach"] for r in records)
+    assert max(policy.calls) == 3 and len(policy.calls) == 2 * eval_sim.MAX_STEPS["reach"] // 4
+
+
+def test_heldout_split_uses_only_the_unseen_colour_and_paraphrase():
+    for task in eval_sim.TASKS:
+        last = eval_sim.TEMPLATES[task][-1].split("{")[0]
+        for seed in range(15):
+            seen = eval_sim.sample_scene(task, seed, "seen")
+            held = eval_sim.sample_scene(task, seed, "heldout")
+            goal_colours = [seen.objs[seen.goal[k]].colour for k in ("target", "second") if k in seen.goal]
+            assert eval_sim.HELD_OUT_COLOUR[task] not in goal_colours
+            assert held.objs[held.goal["target"]].colour == eval_sim.HELD_OUT_COLOUR[task]
+            assert held.instruction.startswith(last) and not seen.instruction.startswith(last)
+
+
+def test_captions_and_questions_are_grounded_and_answers_are_short():
+    image, caption, qa = eval_sim.vlm_sample(3, image_size=32)
+    assert image.shape == (32, 32, 3) and qa
+    env = eval_sim.TabletopEnv("stack", image_size=32)
+    env.reset(seed=2)
+    caption = eval_sim.describe_scene(env)
+    for o in env.scene.objs:
+        assert o.name in caption
+    for q, a in eval_sim.scene_questions(env, random.Random(0)):
+        assert q.endswith("?") and 1 <= len(a.split()) <= 2
+
+
+def test_collect_then_episode_dataset_gives_windows_padding_masks_and_stats(tmp_path):
+    root = str(tmp_path / "demos")
+    n = eval_sim.collect(root, episodes_per_task=2, tasks=["reach", "pick_place"], image_size=32,
+                         progress=False)
+    assert n == 4
+    stats = json.load(open(f"{root}/stats.json"))
+    for key, dims in (("state", 4), ("action", 3)):
+        assert set(stats[key]) == {"mean", "std", "min", "max", "q01", "q99"}
+        assert all(len(v) == dims for v in stats[key].values())
+    ds = data.EpisodeDataset(root, n_frames=2, chunk_size=8)
+    lengths = [ep["length"] for ep in ds.episodes]
+    assert len(ds) == sum(lengths)
+    first, last = ds[0], ds[lengths[0] - 1]
+    assert first["images"].shape == (2, 2, 32, 32, 3) and first["images"].dtype.is_floating_point is False
+    assert first["state"].shape == (2, 4) and first["actions"].shape == (8, 3)
+    assert (first["images"][:, 0] == first["images"][:, 1]).all()  # start padded with frame 0
+    assert last["action_mask"].tolist() == [True] + [False] * 7  # end padded, masked out
+    assert (last["actions"][1:] == last["actions"][0]).all()
+    assert first["task"] == "reach" and first["instruction"]
+    ds1 = data.EpisodeDataset(root, n_frames=1, chunk_size=4, cameras=("wrist",), episode_ids=[1])
+    assert ds1[0]["images"].shape == (1, 1, 32, 32, 3) and len(ds1) == lengths[1]
+    x = np.random.default_rng(0).uniform(-1, 1, (50, 3)).astype(np.float32)
+    for mode in ("meanstd", "minmax", "quantile"):
+        norm = data.Normalizer.from_dict(data.Normalizer(stats["action"], mode).to_dict())
+        assert np.allclose(norm.unnormalize(norm.normalize(x)), x, atol=1e-6)
+        t = __import__("torch").from_numpy(x)
+        assert np.allclose(norm.unnormalize(norm.normalize(t)).numpy(), x, atol=1e-6)
+
+
+def test_episode_dataset_reports_missing_dataset_as_user_error(tmp_path):
+    with pytest.raises(data.UserError, match="not found"):
+        data.EpisodeDataset(str(tmp_path))
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    lo, hi = eval_sim.wilson_interval(45, 50)
+    assert (round(lo, 3), round(hi, 3)) == (0.786, 0.957)
+    lo, hi = eval_sim.wilson_interval(0, 10)
+    assert lo == 0.0 and round(hi, 4) == 0.2775  # z^2 / (n + z^2)
+
+
+def test_posterior_probability_b_beats_a_matches_closed_forms():
+    assert math.isclose(eval_sim.prob_b_beats_a(0, 0, 1, 1), 2 / 3)  # Beta(2,1) vs uniform
+    assert math.isclose(eval_sim.prob_b_beats_a(0, 1, 1, 1), 5 / 6)  # Beta(2,1) vs Beta(1,2)
+    assert math.isclose(eval_sim.prob_b_beats_a(5, 10, 5, 10), 0.5)
+    grid = np.linspace(0, 1, 200_001)  # numeric check: P = integral of f_B(x) F_A(x)
+    f_a, f_b = grid ** 40 * (1 - grid) ** 10, grid ** 45 * (1 - grid) ** 5
+    cdf_a = np.cumsum(f_a) / f_a.sum()
+    assert abs(eval_sim.prob_b_beats_a(40, 50, 45, 50) - (f_b * cdf_a).sum() / f_b.sum()) < 1e-4
+
+
+def test_fisher_exact_matches_known_p_values():
+    assert round(eval_sim.fisher_exact(1, 10, 11, 14), 6) == 0.002759  # R: fisher.test
+    assert round(eval_sim.fisher_exact(3, 4, 1, 4), 4) == 0.4857  # the tea-tasting table
+    assert math.isclose(eval_sim.fisher_exact(5, 10, 5, 10), 1.0)
+
+
+def _fake_results(successes, n):
+    records = [{"task": task, "split": "seen", "seed": i, "success": i < k, "steps": 1}
+               for task, k in successes.items() for i in range(n)]
+    per_task, overall = eval_sim.summarize(records)
+    return {"tasks": per_task, "overall": overall, "episodes": records}
+
+
+def test_compare_on_synthetic_results_gives_known_rates_posteriors_and_bonferroni(tmp_path):
+    a = _fake_results({"reach": 40, "push": 10}, 50)
+    b = _fake_results({"reach": 45, "push": 10}, 50)
+    rows = {r["task"]: r for r in eval_sim.compare_results(a, b)}
+    assert math.isclose(rows["reach"]["diff"], 0.1) and rows["push"]["diff"] == 0
+    assert math.isclose(rows["push"]["p_b_beats_a"], 0.5)
+    assert rows["reach"]["p_b_beats_a"] > 0.9
+    assert rows["reach"]["fisher_p_bonferroni"] == min(1.0, 2 * rows["reach"]["fisher_p"])
+    assert rows["overall all"]["a"] == [50, 100] and rows["overall all"]["b"] == [55, 100]
+    assert a["tasks"]["reach"]["all"]["ci95"] == list(eval_sim.wilson_interval(40, 50))
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    assert eval_sim.load_results(str(tmp_path / "a.json"))["tasks"]["push"]["all"]["successes"] == 10
+
+
+def test_bad_inputs_give_clear_user_errors(tmp_path):
+    (tmp_path / "bad.json").write_text('{"tasks": 3}')
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(data.UserError, match="not an eval_sim results file"):
+        eval_sim.load_results(str(tmp_path / "bad.json"))
+    with pytest.raises(data.UserError, match="not valid JSON"):
+        eval_sim.load_results(str(tmp_path / "broken.json"))
+    with pytest.raises(data.UserError, match="not a checkpoint directory"):
+        eval_sim.make_policy(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"n_layer": 2}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(data.UserError, match="has no action expert"):
+        eval_sim.make_policy(str(tmp_path))
+    with pytest.raises(data.UserError, match="unknown task"):
+        eval_sim.main(["eval", "--policy", "noop", "--tasks", "reach,juggle"])
+
+
+def test_cli_prints_one_error_line_and_exits_2_on_bad_input(tmp_path):
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    proc = subprocess.run([sys.executable, "eval_sim.py", "compare", str(tmp_path / "bad.json"),
+                            str(tmp_path / "bad.json")], capture_output=True, text=True,
+                           cwd=__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1

@@ -338,6 +338,281 @@ class TokenLoader:
         self.shard, self.pos, self.epoch = state["shard"], state["pos"], state["epoch"]
 
 
+# ----- image-text data (stage 2) -----
+# An example is {"images": [image, ...], "turns": [(user text, assistant text), ...]}, where an image
+# is an (H, W, 3) uint8 array, a file path or a TarImage, read only when the example is used.
+# The built-in world's examples come from eval_sim.py through train_vlm.py (a function of the
+# index). User data, one example per JSONL line or per basename in a .tar shard (WebDataset):
+#   {"image": "cat.jpg", "text": "a cat on a mat"}                  a caption (asked with CAPTION_PROMPT)
+#   {"image": "cat.jpg", "conversations": [{"from": "human", "value": "<image>\nwhat animal?"},
+#                                          {"from": "gpt", "value": "a cat"}, ...]}     LLaVA style
+#   shard.tar: cat.jpg + cat.json (the same fields, minus "image") or cat.txt (a caption)
+# JSONL image paths are relative to the JSONL file. The image goes at the start of the first user
+# turn (an "<image>" marker in the text is dropped).
+
+CAPTION_PROMPT = "describe the image."
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif")
+CHAT_TOKENS = ("<|endoftext|>", "<|pad|>", "<|image|>", "<|user|>", "<|assistant|>")  # what stage 2 needs
+
+
+class TarImage:
+    """An image file inside an uncompressed .tar, read by its byte offset (no archive scan per read)."""
+
+    def __init__(self, tar_path, name, offset, size):
+        self.tar_path, self.name, self.offset, self.size = tar_path, name, offset, size
+
+    def __str__(self):
+        return f"{self.tar_path}:{self.name}"
+
+    def read(self):
+        with open(self.tar_path, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+def _example_from_record(record, where, image):
+    """A JSONL line or a .tar sample's JSON -> an example; `where` names it in errors."""
+    if isinstance(record.get("text"), str):
+        return {"images": [image], "turns": [(CAPTION_PROMPT, record["text"])]}
+    conv = record.get("conversations")
+    try:
+        assert isinstance(conv, list) and conv and len(conv) % 2 == 0
+        turns = []
+        for user, assistant in zip(conv[0::2], conv[1::2]):
+            assert user["from"] in ("human", "user") and assistant["from"] in ("gpt", "assistant")
+            assert isinstance(user["value"], str) and isinstance(assistant["value"], str)
+            turns.append((user["value"].replace("<image>", "").strip(), assistant["value"]))
+    except (AssertionError, KeyError, TypeError):
+        raise UserError(f"{where}: expected a string 'text' (a caption) or 'conversations': a list of "
+                        f"{{'from': 'human'|'gpt', 'value': str}} turns alternating, human first") from None
+    return {"images": [image], "turns": turns}
+
+
+def read_image_text_jsonl(path):
+    """Examples from a JSONL file of {"image": path, "text" | "conversations": ...} lines."""
+    if not os.path.isfile(path):
+        raise UserError(f"data file not found: {path}")
+    examples, base = [], os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{where}: not valid JSON") from None
+            if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+                raise UserError(f"{where}: expected a JSON object with a string 'image' path")
+            examples.append(_example_from_record(record, where, os.path.join(base, record["image"])))
+    if not examples:
+        raise UserError(f"data file holds no examples: {path}")
+    return examples
+
+
+def read_image_text_tar(path):
+    """Examples from a WebDataset-style shard: files grouped by basename (the name up to its first
+    dot), each group an image plus a .json record or a .txt caption. Uncompressed .tar only: the
+    images stay in the file and are read by offset."""
+    import tarfile
+    if not os.path.isfile(path):
+        raise UserError(f"data file not found: {path}")
+    groups = {}  # key -> {extension: member}, in archive order
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if m.isfile():
+                    folder, _, filename = m.name.rpartition("/")
+                    stem, _, ext = filename.partition(".")
+                    groups.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext.lower()] = m
+            examples = []
+            for key, files in groups.items():
+                image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+                if image_ext is None or not {"json", "txt"} & files.keys():
+                    raise UserError(f"{path}: sample {key!r} needs an image ({', '.join(IMAGE_EXTENSIONS)}) "
+                                    f"and a .json or .txt, has {sorted(files)}")
+                m = files[image_ext]
+                image = TarImage(path, m.name, m.offset_data, m.size)
+                where = f"{path}:{key}"
+                if "json" in files:
+                    try:
+                        record = json.loads(tar.extractfile(files["json"]).read())
+                        assert isinstance(record, dict)
+                    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
+                        raise UserError(f"{where}.json: not a JSON object") from None
+                else:
+                    record = {"text": tar.extractfile(files["txt"]).read().decode("utf-8", "replace").strip()}
+                examples.append(_example_from_record(record, where, image))
+    except tarfile.TarError as e:
+        raise UserError(f"{path} is not an uncompressed .tar shard: {e}") from None
+    if not examples:
+        raise UserError(f"data file holds no examples: {path}")
+    return examples
+
+
+def read_image_text(paths):
+    """Examples from .jsonl files and .tar shards, in order."""
+    examples = []
+    for path in paths:
+        if path.endswith(".jsonl"):
+            examples += read_image_text_jsonl(path)
+        elif path.endswith(".tar"):
+            examples += read_image_text_tar(path)
+        else:
+            raise UserError(f"unsupported image-text file {path}: expected .jsonl or .tar")
+    return examples
+
+
+def load_image(image):
+    """An (H, W, 3) uint8 array from an array, a file path or a TarImage; unreadable -> UserError."""
+    if isinstance(image, np.ndarray):
+        return image
+    import io
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(image.read()) if isinstance(image, TarImage) else image) as img:
+            return np.asarray(img.convert("RGB"))
+    except Exception as e:  # missing, truncated, not an image, decompression bomb: all a bad file
+        raise UserError(f"cannot read image {image}: {e}") from None
+
+
+def preprocess_image(image, size, rng=None):
+    """uint8 (H, W, 3) -> float (3, size, size) in [-1, 1] (SigLIP's normalization): resized so its
+    longer side is `size` (aspect kept) and centred on a square of 0 (mid grey). rng: light
+    augmentation, brightness and contrast jitter of up to 10%; no flips or crops, because left/right
+    and positions are what the questions ask about."""
+    h, w = image.shape[:2]
+    if (h, w) != (size, size):
+        from PIL import Image
+        scale = size / max(h, w)
+        h, w = max(1, round(h * scale)), max(1, round(w * scale))
+        image = np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255  # (3, h, w) in [0, 1]
+    if rng is not None:
+        brightness, contrast = rng.uniform(0.9, 1.1, size=2)
+        x = ((x - x.mean()) * contrast + x.mean() * brightness).clamp(0, 1)
+    out = torch.zeros(3, size, size)
+    top, left = (size - h) // 2, (size - w) // 2
+    out[:, top:top + h, left:left + w] = (x - 0.5) / 0.5
+    return out
+
+
+def encode_chat(tokenizer, turns, n_image_tokens, max_len=None):
+    """The chat template -> (ids, loss_mask), lists of equal length:
+
+        <|endoftext|> <|user|> <|image|> x n_image_tokens ␣question <|assistant|> ␣answer <|endoftext|>
+                      <|user|> ␣question 2 <|assistant|> ␣answer 2 <|endoftext|> ...
+
+    n_image_tokens = images x visual tokens per image, all in the first turn. loss_mask marks the
+    tokens the model learns to predict: each answer and its closing <|endoftext|>. A last turn with
+    answer None ends at <|assistant|>: a prompt for generation. With max_len, turns that do not fit
+    whole are dropped (the first is cut instead)."""
+    eot, user, assistant, image = (tokenizer.special(s) for s in ("<|endoftext|>", "<|user|>", "<|assistant|>", "<|image|>"))
+    ids, mask = [eot], [False]
+    for k, (question, answer) in enumerate(turns):
+        prompt = [user] + [image] * (n_image_tokens if k == 0 else 0) + tokenizer.encode(" " + question) + [assistant]
+        reply = [] if answer is None else tokenizer.encode(" " + answer) + [eot]
+        if k > 0 and max_len and len(ids) + len(prompt) + len(reply) > max_len:
+            break
+        ids += prompt + reply
+        mask += [False] * len(prompt) + [True] * len(reply)
+    if max_len and len(ids) > max_len:
+        if 2 + n_image_tokens >= max_len:
+            raise UserError(f"seq_len {max_len} leaves no room for text after {n_image_tokens} image tokens")
+        ids, mask = ids[:max_len], mask[:max_len]
+    return ids, mask
+
+
+class ImageTextLoader:
+    """Batches (idx (B, T), targets (B, T), images (B, n_images, 3, S, S)) of chat sequences.
+
+    examples: a list, or a function index -> example with num_examples (the built-in world renders
+    scenes on demand). Each epoch visits the examples in a fresh order seeded by (seed, epoch); all
+    ranks step through that one order in lockstep, rank r taking the r-th slice of every
+    world_size * B examples, so ranks never share data and one process with grad_accum = n sees the
+    data of n processes. targets are the next tokens where loss_mask says so, else -1. Rows are
+    padded with <|pad|> to the longest, rounded up to a multiple of 32 (few shapes to compile).
+    An unreadable image is a UserError naming it; with skip_bad the next example takes its place
+    and it is counted in `skipped`. The position is the resumable state (state_dict)."""
+
+    def __init__(self, examples, tokenizer, batch_size, seq_len, image_size, n_visual_tokens, rank=0,
+                 world_size=1, num_examples=None, shuffle=True, seed=0, augment=False, skip_bad=False):
+        self.examples, self.tokenizer = examples, tokenizer
+        self.n = len(examples) if num_examples is None else num_examples
+        self.B, self.seq_len, self.image_size, self.n_visual_tokens = batch_size, seq_len, image_size, n_visual_tokens
+        self.rank, self.world_size, self.shuffle, self.seed = rank, world_size, shuffle, seed
+        self.augment, self.skip_bad = augment, skip_bad
+        if self.n < world_size * batch_size:
+            raise UserError(f"{self.n} examples are fewer than one step's world_size x batch_size = "
+                            f"{world_size * batch_size}: use more data or smaller batches")
+        self.epoch, self.pos, self.bad = 0, 0, set()
+        self._order_epoch, self._order = None, None
+
+    @property
+    def skipped(self):
+        return len(self.bad)
+
+    def order(self):
+        if self._order_epoch != self.epoch:
+            self._order_epoch = self.epoch
+            self._order = (np.random.default_rng((self.seed, self.epoch)).permutation(self.n) if self.shuffle
+                           else np.arange(self.n))
+        return self._order
+
+    def example(self, i):
+        return self.examples(i) if callable(self.examples) else self.examples[i]
+
+    def load(self, i):
+        """Example i -> (ids, loss_mask, images (n_images, 3, S, S)); with skip_bad, the first readable
+        example from i on."""
+        for j in (k % self.n for k in range(i, i + self.n)):
+            if j in self.bad:
+                continue
+            ex = self.example(j)
+            try:
+                pixels = [load_image(im) for im in ex["images"]]
+            except UserError:
+                if not self.skip_bad:
+                    raise
+                self.bad.add(j)
+                continue
+            rng = np.random.default_rng((self.seed, self.epoch, j)) if self.augment else None
+            images = torch.stack([preprocess_image(p, self.image_size, rng) for p in pixels]) if pixels else \
+                torch.zeros(0, 3, self.image_size, self.image_size)
+            ids, mask = encode_chat(self.tokenizer, ex["turns"], len(pixels) * self.n_visual_tokens, self.seq_len + 1)
+            return ids, mask, images
+        raise UserError(f"no readable image in any of the {self.n} examples")
+
+    def next_batch(self):
+        span = self.world_size * self.B
+        if self.pos + span > self.n:
+            self.epoch, self.pos = self.epoch + 1, 0
+        start = self.pos + self.rank * self.B
+        rows = [self.load(int(i)) for i in self.order()[start:start + self.B]]
+        self.pos += span
+        return self.collate(rows)
+
+    def collate(self, rows):
+        """[(ids, loss_mask, images)] -> padded (idx, targets, images); input = ids[:-1], targets = ids[1:]."""
+        if len({r[2].size(0) for r in rows}) > 1:
+            raise UserError("examples in one batch have different numbers of images; give every example the same number")
+        T = min(-(-max(len(r[0]) - 1 for r in rows) // 32) * 32, self.seq_len)
+        idx = torch.full((len(rows), T), self.tokenizer.special("<|pad|>"), dtype=torch.long)
+        targets = torch.full((len(rows), T), -1, dtype=torch.long)
+        for b, (ids, mask, _) in enumerate(rows):
+            ids, mask = torch.tensor(ids), torch.tensor(mask)
+            n = len(ids) - 1
+            idx[b, :n] = ids[:-1]
+            targets[b, :n] = torch.where(mask[1:], ids[1:], -1)
+        return idx, targets, torch.stack([r[2] for r in rows])
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos, "bad": sorted(self.bad)}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos, self.bad = state["epoch"], state["pos"], set(state["bad"])
+
+
 # ----- robot episodes (written by eval_sim.py collect, read by train_vla.py) -----
 # A dataset is a directory (format "nanofoundry-episodes-v1"):
 #   meta.json        {"format", "cameras", "image_size": [H, W], "state_names", "action_names", "fps", ...}
@@ -505,3 +780,65 @@ class Normalizer:
     @classmethod
     def from_dict(cls, d):
         return cls(d["stats"], d["mode"])
+
+
+# ----- stage 3: policy inputs (prompts, batches, shuffled windows) -----
+
+def vla_prompt(tokenizer, instruction, n_image_tokens, action_token=False):
+    """Stage 2's chat template with the instruction as the question, ending at <|assistant|>:
+        <|endoftext|> <|user|> <|image|> x n_image_tokens ␣instruction <|assistant|> [<|action|>]
+    (<|action|> only for action_token conditioning: its hidden states condition the expert)."""
+    ids, _ = encode_chat(tokenizer, [(instruction, None)], n_image_tokens)
+    return ids + ([tokenizer.special("<|action|>")] if action_token else [])
+
+
+def vla_batch(items, tokenizer, n_visual_tokens, image_size, state_norm, action_norm=None, action_token=False):
+    """Policy inputs from items as EpisodeDataset yields them (at inference: images, state and
+    instruction only):
+        idx (B, T) long: prompts right-padded with <|pad|> to the longest; prefix_mask (B, T) bool
+        images (B, n_cam * n_frames, 3, S, S) in [-1, 1] (cameras outer, frames inner, prompt order)
+        state (B, n_frames, S) normalized; actions (B, H, A) normalized; action_mask (B, H) bool
+    Padding is at the end: a causal VLM never reads it, and the expert masks it out."""
+    n_images = items[0]["images"].shape[0] * items[0]["images"].shape[1]
+    prompts = [vla_prompt(tokenizer, it["instruction"], n_images * n_visual_tokens, action_token) for it in items]
+    T = max(len(p) for p in prompts)
+    pad = tokenizer.special("<|pad|>")
+    idx = torch.tensor([p + [pad] * (T - len(p)) for p in prompts], dtype=torch.long)
+    prefix_mask = torch.tensor([[True] * len(p) + [False] * (T - len(p)) for p in prompts])
+    images = torch.stack([torch.stack([preprocess_image(np.asarray(im), image_size) for cam in it["images"] for im in cam])
+                          for it in items])
+    state = torch.stack([torch.as_tensor(np.asarray(it["state"], np.float32)) for it in items])
+    batch = {"idx": idx, "prefix_mask": prefix_mask, "images": images, "state": state_norm.normalize(state)}
+    if action_norm is not None:
+        batch["actions"] = action_norm.normalize(torch.stack([it["actions"] for it in items]))
+        batch["action_mask"] = torch.stack([it["action_mask"] for it in items])
+    return batch
+
+
+class WindowLoader:
+    """Shuffled batches of dataset items, an epoch at a time (a fresh permutation per epoch from
+    the seed). All ranks walk one permutation in lockstep and rank r takes the r-th slice of each
+    global batch, so ranks never share samples. state_dict() = (epoch, pos): resume is exact."""
+
+    def __init__(self, dataset, batch_size, seed=0, rank=0, world_size=1):
+        if len(dataset) < batch_size * world_size:
+            raise UserError(f"dataset of {len(dataset)} windows < one global batch of {batch_size * world_size}")
+        self.dataset, self.B, self.seed, self.rank, self.world_size = dataset, batch_size, seed, rank, world_size
+        self.epoch, self.pos = 0, 0
+
+    def next_batch(self):
+        span = self.B * self.world_size
+        if self.pos + span > len(self.dataset):  # drop the ragged tail, start a new epoch
+            self.epoch, self.pos = self.epoch + 1, 0
+        if getattr(self, "_perm_epoch", None) != self.epoch:
+            self._perm_epoch, self._perm = self.epoch, np.random.default_rng((self.seed, self.epoch)).permutation(len(self.dataset))
+        perm = self._perm
+        start = self.pos + self.rank * self.B
+        self.pos += span
+        return [self.dataset[int(i)] for i in perm[start:start + self.B]]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos = state["epoch"], state["pos"]

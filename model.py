@@ -112,8 +112,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
 
-    def forward(self, x, rope, mask=None, causal=True, kv_cache=None, layer=0):
+    def forward(self, x, rope, mask=None, causal=True, kv_cache=None, layer=0, prefix_kv=None):
         """x: (B, T, C). rope: (cos, sin) for these T positions, or None (no RoPE).
+        prefix_kv: optional (k, v), each (B, n_kv_head, T_prefix, head_dim), placed before this
+        call's own keys/values (stage 3: the action expert reads a VLM layer's prefix this way).
 
         Attention paths, fastest first (FlashAttention on GPU needs no explicit mask):
           mask None, causal      -> SDPA is_causal=True    (LLM training, prefill)
@@ -138,6 +140,8 @@ class Attention(nn.Module):
                     raise ValueError("several new tokens after a filled KV cache need an explicit mask")
                 is_causal = False  # one new token: it may see every cached position
             k, v = kv_cache.update(layer, k, v)
+        if prefix_kv is not None:
+            k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
@@ -164,8 +168,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(n_embd, eps)
         self.mlp = SwiGLU(n_embd, mlp_hidden)
 
-    def forward(self, x, rope, mask=None, causal=True, kv_cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, causal, kv_cache, layer)
+    def forward(self, x, rope, mask=None, causal=True, kv_cache=None, layer=0, prefix_kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, causal, kv_cache, layer, prefix_kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -244,13 +248,14 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, generator=None,
-                 valid_vocab=None):
+                 valid_vocab=None, embeds=None):
         """Sample continuations of idx (B, T) with a KV cache: one prefill pass, then one token per
         step. temperature 0 = greedy. Stops early when every row has produced stop_token.
-        valid_vocab: the tokenizer's size; the embedding's padding rows are never sampled."""
+        valid_vocab: the tokenizer's size; the embedding's padding rows are never sampled.
+        embeds: (B, T, C) inputs for the prefill instead of idx's embeddings (stage 2: with images)."""
         B, T = idx.shape
         cache = self.new_kv_cache(B, min(T + max_new_tokens, self.config.max_seq_len))
-        logits, _ = self(idx, kv_cache=cache)
+        logits, _ = self(idx if embeds is None else None, embeds=embeds, kv_cache=cache)
         out, done = [], torch.zeros(B, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             next_token = sample_token(logits[:, -1, :valid_vocab], temperature, top_k, generator)
@@ -344,3 +349,428 @@ def load_llm(ckpt_dir, map_location="cpu"):
     model = Transformer(config_from_dict(GPTConfig, cfg["model"]))
     load_weights(model, os.path.join(ckpt_dir, "model.safetensors"))
     return model.to(map_location), cfg
+
+
+# ----- Stage 2: vision tower, projector, vision-language model -----
+
+@dataclass
+class VisionConfig:
+    image_size: int = 64          # square input resolution (data.py resizes and pads to it)
+    patch_size: int = 8           # (image_size / patch_size)^2 patches per image
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    head_dim: int = 32
+    mlp_hidden: int = 384         # SwiGLU inner width
+    pixel_shuffle: int = 2        # the projector folds s x s neighbouring patches into one visual token
+    projector_hidden: int = 512   # projector MLP width
+    qk_norm: bool = True
+    norm_eps: float = 1e-6
+
+    @property
+    def grid(self):  # patches per side
+        return self.image_size // self.patch_size
+
+    @property
+    def n_visual_tokens(self):  # LLM positions per image
+        return (self.grid // self.pixel_shuffle) ** 2
+
+
+class VisionTower(nn.Module):
+    """ViT without a CLS token: images (B, 3, H, W) -> patch features (B, n_patches, n_embd).
+
+    Patch embedding is a stride-patch convolution (a linear map of each patch, as in SigLIP), plus
+    learned absolute positions; the blocks are the LLM's Block run bidirectionally (causal=False,
+    no RoPE, no mask: SDPA's fastest path)."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = c = config
+        if c.image_size % c.patch_size or c.grid % c.pixel_shuffle:
+            raise ValueError(f"image_size {c.image_size} must be a multiple of patch_size {c.patch_size}, and the "
+                             f"{c.grid} x {c.grid} patch grid a multiple of pixel_shuffle {c.pixel_shuffle}")
+        self.patch_embedding = nn.Conv2d(3, c.n_embd, c.patch_size, stride=c.patch_size)
+        self.position_embedding = nn.Parameter(torch.zeros(c.grid * c.grid, c.n_embd))
+        self.layers = nn.ModuleList(
+            Block(c.n_embd, c.n_head, c.n_head, c.head_dim, c.mlp_hidden, c.qk_norm, c.norm_eps)
+            for _ in range(c.n_layer))
+        self.post_layernorm = RMSNorm(c.n_embd, c.norm_eps)
+
+    def forward(self, images):
+        x = self.patch_embedding(images).flatten(2).transpose(1, 2)  # (B, grid*grid, C), row-major patches
+        x = x + self.position_embedding
+        for block in self.layers:
+            x = block(x, None, causal=False)
+        return self.post_layernorm(x)
+
+
+class Projector(nn.Module):
+    """Pixel shuffle, then an MLP into the LLM width: (B, n_patches, C_vit) -> (B, n_visual_tokens, C_llm).
+
+    Pixel shuffle (space-to-depth) stacks each s x s block of neighbouring patches into one token
+    of s^2 x the channels: s^2 fewer positions for the LLM to attend over, no feature dropped."""
+
+    def __init__(self, config: VisionConfig, llm_width):
+        super().__init__()
+        self.config = c = config
+        self.linear_1 = nn.Linear(c.n_embd * c.pixel_shuffle ** 2, c.projector_hidden)
+        self.linear_2 = nn.Linear(c.projector_hidden, llm_width)
+
+    def forward(self, x):
+        B, _, C = x.shape
+        g, s = self.config.grid, self.config.pixel_shuffle
+        x = x.view(B, g // s, s, g // s, s, C).permute(0, 1, 3, 2, 4, 5)  # (B, rows, cols, s, s, C)
+        x = x.reshape(B, (g // s) ** 2, s * s * C)
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+class VLM(nn.Module):
+    """Vision-language model: the stage-1 Transformer reading image embeddings in its token stream.
+
+    Token layout of one turn (data.py writes it; each <|image|> is a placeholder for one visual token):
+
+        <|endoftext|> <|user|> <|image|> x n_visual_tokens  question  <|assistant|> answer <|endoftext|>
+                               └── replaced by projector(vision(image)) ──┘
+
+    Several images (cameras, frames) are consecutive runs of placeholders, in the order of `images`.
+    The whole sequence is causal, so it runs on SDPA's is_causal fast path. Submodules: `llm`
+    (parameter names unchanged, so stage-1 weights load as llm.*), `vision`, `projector`."""
+
+    def __init__(self, llm_config: GPTConfig, vision_config: VisionConfig, image_token_id, llm=None):
+        super().__init__()
+        self.llm = llm if llm is not None else Transformer(llm_config)
+        self.vision = VisionTower(vision_config)
+        self.projector = Projector(vision_config, llm_config.n_embd)
+        self.image_token_id = image_token_id
+        self.n_visual_tokens = vision_config.n_visual_tokens  # LLM positions per image
+        self.init_vision_weights()
+
+    @property
+    def config(self):  # the LLM's config: width, layers, heads (what stage 3 attends to)
+        return self.llm.config
+
+    @property
+    def vision_config(self):
+        return self.vision.config
+
+    @torch.no_grad()
+    def init_vision_weights(self):
+        """The new parts only (the LLM comes pretrained):
+          patch_embedding, q/k/v, gate/up, projector linears   normal(0, 0.02)
+          o_proj, down_proj                                     normal(0, 0.02 / sqrt(2 * vision n_layer))
+          position_embedding                                    normal(0, 0.02)
+          biases zeros, RMSNorm weights ones
+        """
+        std = 0.02
+        for name, p in [*self.vision.named_parameters(), *self.projector.named_parameters(prefix="projector")]:
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.vision.config.n_layer))
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, 0.0, std)
+            else:
+                nn.init.ones_(p)
+
+    def embed(self, idx, images):
+        """idx (B, T) with n_images * n_visual_tokens <|image|> placeholders per row, images
+        (B, n_images, 3, H, W) float -> inputs (B, T, C): token embeddings, with each image's
+        projected embeddings at its placeholders (row by row, images in order)."""
+        x = self.llm.embed_tokens(idx)
+        is_image = idx == self.image_token_id  # (B, T)
+        n_images = 0 if images is None else images.size(1)
+        if not torch.compiler.is_compiling():  # a data error, checked eagerly (the data loader guarantees it)
+            counts, want = is_image.sum(1).tolist(), n_images * self.n_visual_tokens
+            bad = [r for r, n in enumerate(counts) if n != want]
+            if bad:
+                raise ValueError(f"row {bad[0]} has {counts[bad[0]]} <|image|> placeholders, expected {n_images} "
+                                 f"image(s) x {self.n_visual_tokens} visual tokens = {want}")
+        if n_images == 0:
+            return x
+        features = self.projector(self.vision(images.flatten(0, 1)))  # (B * n_images, n_visual_tokens, C)
+        return x.masked_scatter(is_image.unsqueeze(-1), features.to(x.dtype))
+
+    def forward(self, idx, images, targets=None):
+        """idx, targets (B, T) (targets -1 = no loss: data.py keeps only answer tokens);
+        images (B, n_images, 3, H, W). Returns (logits, loss) as Transformer.forward."""
+        return self.llm(embeds=self.embed(idx, images), targets=targets)
+
+    @torch.no_grad()
+    def generate(self, idx, images, max_new_tokens, temperature=1.0, top_k=None, stop_token=None,
+                 generator=None, valid_vocab=None):
+        """Continue prompts idx (B, T) about images: one prefill with the image embeddings into the
+        KV cache, then token by token (Transformer.generate). Returns (B, T + new) ids."""
+        return self.llm.generate(idx, max_new_tokens, temperature, top_k, stop_token, generator, valid_vocab,
+                                 embeds=self.embed(idx, images))
+
+    def param_counts(self):
+        return {"vision": sum(p.numel() for p in self.vision.parameters()),
+                "projector": sum(p.numel() for p in self.projector.parameters()),
+                "llm": self.llm.num_params()}
+
+    def estimate_flops(self, seq_len, n_images=1):
+        """Training FLOPs per sample (forward + backward) of seq_len tokens with n_images images:
+            seq_len * llm.estimate_flops(seq_len)                          the LLM, every position
+          + n_images * P * (6 N_vit + 12 * L_vit * n_head * head_dim * P)   the ViT over P patches
+          + n_images * n_visual_tokens * 6 N_projector
+        N_* count the weights used in matmuls (the conv patch embedding is one; positions are not)."""
+        c = self.vision.config
+        P = c.grid * c.grid
+        n_vit = sum(p.numel() for n, p in self.vision.named_parameters() if p.dim() >= 2 and n != "position_embedding")
+        n_proj = sum(p.numel() for p in self.projector.parameters() if p.dim() == 2)
+        vit = P * (6 * n_vit + 12 * c.n_layer * c.n_head * c.head_dim * P)
+        return seq_len * self.llm.estimate_flops(seq_len) + n_images * (vit + self.n_visual_tokens * 6 * n_proj)
+
+    @classmethod
+    def from_config(cls, cfg):
+        """The architecture described by a stage-2 config.json (sections model, vision, tokenizer)."""
+        return cls(config_from_dict(GPTConfig, cfg["model"]), config_from_dict(VisionConfig, cfg["vision"]),
+                   cfg["tokenizer"]["special_tokens"]["<|image|>"])
+
+
+def grow_embeddings(llm, vocab_size):
+    """Give llm (a Transformer) vocab_size embedding rows (and lm_head rows when untied), keeping
+    the old rows; new rows start at the mean embedding (a neutral token). For special tokens that
+    a stage-1 tokenizer lacked."""
+    old = llm.embed_tokens.weight
+    if vocab_size <= old.size(0):
+        return
+    with torch.no_grad():
+        grown = old.mean(0, keepdim=True).repeat(vocab_size, 1)
+        grown[:old.size(0)] = old
+        llm.embed_tokens = nn.Embedding(vocab_size, old.size(1), device=old.device, dtype=old.dtype)
+        llm.embed_tokens.weight.copy_(grown)
+        if llm.config.tie_embeddings:
+            llm.lm_head.weight = llm.embed_tokens.weight
+        else:
+            head = llm.lm_head.weight
+            grown_head = head.new_zeros(vocab_size, head.size(1))
+            grown_head[:head.size(0)] = head
+            llm.lm_head = nn.Linear(head.size(1), vocab_size, bias=False, device=head.device, dtype=head.dtype)
+            llm.lm_head.weight.copy_(grown_head)
+    llm.config.vocab_size = vocab_size
+
+
+# ----- Stage 3: action expert, flow matching, vision-language-action policy -----
+#
+# Token layout (prefix mode, the default; pi0 / SmolVLA style):
+#
+#   prefix: run once per control step by the VLM (causal, as it was trained)
+#   ┌──────────┬──────────────────┬──────────────────┬───────────────┬─────────────┬─────────┐
+#   │ <|user|> │ scene img tokens │ wrist img tokens │ instruction   │<|assistant|>│ pad ... │
+#   └──────────┴──────────────────┴──────────────────┴───────────────┴─────────────┴─────────┘
+#        keys/values of VLM layer i ────────────────────────────────────┐  (pad keys masked)
+#   suffix: run by the action expert at each of K denoising steps       ▼
+#   ┌─────────────────────┬───────────┬───────────┬─────┬───────────┐  expert layer i attends to
+#   │ state x n_frames    │ a_1 (+ t) │ a_2 (+ t) │ ... │ a_H (+ t) │  [prefix K/V of VLM layer i,
+#   └─────────────────────┴───────────┴───────────┴─────┴───────────┘   its own suffix K/V]
+#   The prefix never sees the suffix; suffix tokens see the prefix (not its padding) and each other.
+#
+# action_token mode (the VLA Foundry paper): the prompt ends with a learned <|action|> token; its
+# hidden states from the last cond_layers VLM layers, concatenated and projected, form one
+# conditioning token, and the expert runs self-attention over [cond, state x n_frames, a_1..a_H].
+#
+# Flow matching, time convention as in pi0: t = 1 is pure noise, t = 0 the data.
+#   x_t = (1 - t) a + t e,  e ~ N(0, I),  target velocity v = dx_t/dt = e - a,  t ~ Beta(1.5, 1)
+#   (more weight on noisy t). Sampling: K Euler steps from t = 1 to 0, x <- x - v / K.
+
+@dataclass
+class ExpertConfig:
+    conditioning: str = "prefix"  # 'prefix' (attend to every VLM layer's prefix K/V) | 'action_token'
+    n_layer: int = 4              # prefix mode: one expert layer per VLM layer (must be equal)
+    n_embd: int = 128             # expert width (smaller than the VLM's)
+    mlp_hidden: int = 384
+    n_head: int = 4               # prefix mode: n_kv_head and head_dim must equal the VLM's,
+    n_kv_head: int = 2            # so an expert query can read the VLM's keys/values directly
+    head_dim: int = 64
+    state_dim: int = 4            # proprio state size
+    action_dim: int = 3
+    n_frames: int = 1             # state tokens (one per frame of history)
+    chunk_size: int = 8           # H: actions predicted per chunk (the policy executes the first k)
+    vlm_n_embd: int = 256         # action_token mode: width of the VLM hidden states
+    cond_layers: int = 4          # action_token mode: last N VLM layers concatenated
+    suffix_start: int = 128       # RoPE position of the first suffix token, whatever the prefix's
+                                  # padding (so padding never shifts the suffix); prefixes must be shorter
+    rope_theta: float = 10000.0
+    qk_norm: bool = True
+    norm_eps: float = 1e-6
+
+
+class PrefixKV:
+    """Duck-types KVCache for one prefix pass: records every layer's keys/values (post RoPE and
+    QK-norm) as they are, so gradients flow back into the VLM, unlike KVCache's preallocated
+    buffers written in place. k[i], v[i]: (B, n_kv_head, T_prefix, head_dim)."""
+
+    def __init__(self):
+        self.k, self.v, self.pos = [], [], 0
+
+    def update(self, layer, k, v):
+        self.k.append(k)
+        self.v.append(v)
+        return k, v
+
+
+def flow_time_embedding(t, dim, min_period=4e-3, max_period=4.0):
+    """Sine-cosine embedding (B,) -> (B, dim) with periods from min_period to max_period (pi0)."""
+    fraction = torch.linspace(0.0, 1.0, dim // 2, device=t.device, dtype=torch.float32)
+    period = min_period * (max_period / min_period) ** fraction
+    angle = t.float()[:, None] * (2 * math.pi / period)[None]
+    return torch.cat([angle.sin(), angle.cos()], dim=-1)
+
+
+class ActionExpert(nn.Module):
+    """A small transformer predicting the flow velocity of a noisy action chunk (see the layout
+    above). Reads the VLM only through `prefix`: a dict {"k", "v": per-layer lists, "mask":
+    (B, T_prefix) bool} in prefix mode, {"cond": (B, cond_layers * vlm_n_embd)} in action_token mode."""
+
+    def __init__(self, config: ExpertConfig):
+        super().__init__()
+        self.config = c = config
+        if c.conditioning not in ("prefix", "action_token"):
+            raise ValueError(f"conditioning must be 'prefix' or 'action_token', got {c.conditioning!r}")
+        self.state_in = nn.Linear(c.state_dim, c.n_embd)
+        self.action_in = nn.Linear(c.action_dim, c.n_embd)
+        # pi0: MLP over [action embedding, time embedding] per action token
+        self.action_time_mlp_in = nn.Linear(2 * c.n_embd, c.n_embd)
+        self.action_time_mlp_out = nn.Linear(c.n_embd, c.n_embd)
+        if c.conditioning == "action_token":
+            self.cond_norm = RMSNorm(c.cond_layers * c.vlm_n_embd, c.norm_eps)
+            self.cond_proj = nn.Linear(c.cond_layers * c.vlm_n_embd, c.n_embd)
+        self.layers = nn.ModuleList(
+            Block(c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.mlp_hidden, c.qk_norm, c.norm_eps)
+            for _ in range(c.n_layer))
+        self.norm = RMSNorm(c.n_embd, c.norm_eps)
+        self.action_out = nn.Linear(c.n_embd, c.action_dim)
+        cos, sin = rope_table(c.suffix_start + c.n_frames + c.chunk_size + 1, c.head_dim, c.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Blocks as in Transformer.init_weights (normal 0.02, residual writes / sqrt(2 n_layer));
+        input/time/conditioning projections normal(0, 0.02), biases zero; action_out zero, so the
+        untrained expert predicts zero velocity."""
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
+            elif name.startswith("action_out"):
+                nn.init.zeros_(p)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, 0.0, 0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)
+
+    def forward(self, noisy_actions, t, state, prefix):
+        """noisy_actions (B, H, A), t (B,), state (B, n_frames, S) -> velocity (B, H, A)."""
+        c = self.config
+        B, H, _ = noisy_actions.shape
+        time_emb = flow_time_embedding(t, c.n_embd).to(noisy_actions.dtype)[:, None].expand(B, H, -1)
+        a = self.action_in(noisy_actions)
+        a = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([a, time_emb], dim=-1))))
+        x = torch.cat([self.state_in(state), a], dim=1)  # (B, n_frames + H, n_embd)
+        if c.conditioning == "action_token":
+            cond = self.cond_proj(self.cond_norm(prefix["cond"]))[:, None]  # (B, 1, n_embd)
+            x = torch.cat([cond, x], dim=1)
+            rope = (self.rope_cos[:x.size(1)], self.rope_sin[:x.size(1)])
+            for block in self.layers:
+                x = block(x, rope, causal=False)  # bidirectional, no mask: the SDPA fast path
+        else:
+            mask = prefix["mask"]  # (B, T_prefix): True = a real prefix token
+            T_prefix, S = mask.size(1), x.size(1)
+            if T_prefix > c.suffix_start:
+                raise ValueError(f"prefix of {T_prefix} tokens > the expert's suffix_start {c.suffix_start}")
+            rope = (self.rope_cos[c.suffix_start:c.suffix_start + S], self.rope_sin[c.suffix_start:c.suffix_start + S])
+            attn_mask = torch.cat([mask[:, None, None, :].expand(B, 1, S, T_prefix),
+                                   mask.new_ones(B, 1, S, S)], dim=-1)  # (B, 1, S, T_prefix + S)
+            for i, block in enumerate(self.layers):
+                x = block(x, rope, mask=attn_mask, prefix_kv=(prefix["k"][i], prefix["v"][i]))
+        return self.action_out(self.norm(x[:, -H:]))
+
+
+class VLA(nn.Module):
+    """Vision-language-action policy: a stage-2 VLM (anything with .embed(idx, images) -> (B, T, C)
+    and .llm, a Transformer) plus an ActionExpert. Works in normalized state/action space; the
+    deployment wrapper (eval_sim.VLAPolicy) normalizes inputs and un-normalizes the chunk."""
+
+    def __init__(self, vlm, expert_config: ExpertConfig):
+        super().__init__()
+        self.vlm = vlm
+        self.action_expert = ActionExpert(expert_config)
+        llm, c = vlm.llm.config, expert_config
+        if c.conditioning == "prefix" and (c.n_layer, c.n_kv_head, c.head_dim) != (llm.n_layer, llm.n_kv_head, llm.head_dim):
+            raise ValueError(f"prefix conditioning needs expert n_layer, n_kv_head, head_dim = VLM's "
+                             f"{(llm.n_layer, llm.n_kv_head, llm.head_dim)}, got {(c.n_layer, c.n_kv_head, c.head_dim)}")
+        if c.conditioning == "action_token" and (c.vlm_n_embd != llm.n_embd or c.cond_layers > llm.n_layer):
+            raise ValueError(f"action_token conditioning needs vlm_n_embd = {llm.n_embd} and cond_layers <= {llm.n_layer}")
+
+    def unused_parameters(self):
+        """Parameters the policy never uses; frozen so DDP does not wait for their gradients:
+        the LM head and final norm, and in prefix mode the last VLM block after its keys/values."""
+        llm = self.vlm.llm
+        unused = [llm.norm.weight] + ([] if llm.config.tie_embeddings else [llm.lm_head.weight])
+        if self.action_expert.config.conditioning == "prefix":  # only k_proj, v_proj, k_norm of the last block are read
+            attn = llm.layers[-1].self_attn
+            unused += [*attn.q_proj.parameters(), *attn.o_proj.parameters(),
+                       *(attn.q_norm.parameters() if attn.q_norm is not None else []),
+                       *llm.layers[-1].post_attention_layernorm.parameters(), *llm.layers[-1].mlp.parameters()]
+        return unused
+
+    def encode_prefix(self, idx, images, prefix_mask):
+        """One VLM pass over the prefix. idx (B, T), images (B, n_images, 3, H, W), prefix_mask
+        (B, T) bool (False on padding, which is at the end, so causal attention never reads it)."""
+        llm = self.vlm.llm
+        x = self.vlm.embed(idx, images)  # (B, T, C), image embeddings at the <|image|> positions
+        kv, hidden = PrefixKV(), []
+        rope = llm.rope(0, x.size(1))
+        for i, block in enumerate(llm.layers):
+            x = block(x, rope, causal=True, kv_cache=kv, layer=i)
+            hidden.append(x)
+        if self.action_expert.config.conditioning == "prefix":
+            return {"k": kv.k, "v": kv.v, "mask": prefix_mask}
+        last = prefix_mask.sum(1) - 1  # the <|action|> token ends each prompt
+        n = self.action_expert.config.cond_layers
+        rows = torch.arange(idx.size(0), device=idx.device)
+        return {"cond": torch.cat([h[rows, last] for h in hidden[-n:]], dim=-1)}
+
+    @staticmethod
+    def repeat_prefix(prefix, repeats):
+        """Each prefix row repeated `repeats` times (several noise draws per VLM pass)."""
+        if repeats == 1:
+            return prefix
+        rep = lambda x: x.repeat_interleave(repeats, dim=0)
+        return {k: ([rep(x) for x in v] if isinstance(v, list) else rep(v)) for k, v in prefix.items()}
+
+    def forward(self, idx, images, prefix_mask, state, actions, action_mask, noise, t):
+        """Flow-matching loss. state (B, n_frames, S), actions (B, H, A) normalized, action_mask
+        (B, H) bool; noise (B*r, H, A) and t (B*r,) drawn by the caller (r noise draws per sample,
+        the VLM pass shared by them). Returns the masked mean squared velocity error."""
+        r = noise.size(0) // actions.size(0)
+        prefix = self.repeat_prefix(self.encode_prefix(idx, images, prefix_mask), r)
+        state, actions, action_mask = (x.repeat_interleave(r, dim=0) for x in (state, actions, action_mask))
+        tt = t.to(actions.dtype)[:, None, None]
+        x_t = (1 - tt) * actions + tt * noise
+        v = self.action_expert(x_t, t, state, prefix)
+        err = (v.float() - (noise - actions).float()).pow(2).mean(-1)  # (B*r, H)
+        w = action_mask.float()
+        return (err * w).sum() / w.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def sample_actions(self, idx, images, prefix_mask, state, noise, flow_steps=10, reuse_prefix=True):
+        """K Euler steps from noise (t = 1) to a normalized action chunk (t = 0): (B, H, A).
+        reuse_prefix=False recomputes the VLM prefix at every step (the benchmark's baseline)."""
+        prefix = self.encode_prefix(idx, images, prefix_mask) if reuse_prefix else None
+        x, dt = noise, -1.0 / flow_steps
+        for k in range(flow_steps):
+            t = torch.full((x.size(0),), 1.0 + k * dt, device=x.device)
+            v = self.action_expert(x, t, state, prefix if reuse_prefix else self.encode_prefix(idx, images, prefix_mask))
+            x = x + dt * v
+        return x
+
+
+def sample_flow_time(batch_size, device=None, generator=None):
+    """t ~ Beta(1.5, 1) by inverting its CDF t^1.5, squeezed into [0.001, 1] as in pi0."""
+    u = torch.rand(batch_size, device=device, generator=generator)
+    return u.pow(1 / 1.5) * 0.999 + 0.001

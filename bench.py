@@ -1,0 +1,110 @@
+"""
+Training-throughput benchmark of the stage-1 transformer: tokens/s, MFU and peak memory for one
+training step (forward, backward, AdamW) on random tokens, warm-up and compilation excluded.
+
+    python bench.py                                        # the default train_llm.py model, CPU
+    python bench.py --preset=gpt2 --micro_batch=16        # GPT-2-small-sized, seq 1024 (GPU)
+
+On CUDA it also checks that SDPA runs the FlashAttention kernel (it fails loudly if not).
+"""
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+import data as D
+from model import GPTConfig, Transformer
+from train_llm import autocast_context, make_optimizer, parse_config, peak_flops, resolve_dtype, run
+
+
+@dataclass
+class BenchConfig:
+    preset: str = ""            # '' = the fields below; 'gpt2' = 12 layers x 768, 12 heads, seq 1024, vocab 50304
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int = 2
+    head_dim: int = 64
+    mlp_hidden: int = 768
+    vocab_size: int = 576
+    seq_len: int = 256
+    micro_batch: int = 16
+    warmup: int = 3             # untimed steps (compilation happens here)
+    steps: int = 10             # timed steps
+    device: str = "auto"
+    dtype: str = "auto"         # 'auto' = bf16 on CUDA, fp32 on CPU
+    compile: bool = True
+    weight_decay: float = 0.1   # (optimizer settings, as in train_llm)
+    beta1: float = 0.9
+    beta2: float = 0.95
+
+
+PRESETS = {"gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, head_dim=64, mlp_hidden=3072,
+                        vocab_size=50304, seq_len=1024)}
+
+
+def main():
+    cfg = parse_config(BenchConfig)
+    if cfg.preset:
+        if cfg.preset not in PRESETS:
+            raise D.UserError(f"--preset={cfg.preset}: expected one of {sorted(PRESETS)}")
+        for k, v in PRESETS[cfg.preset].items():
+            setattr(cfg, k, v)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    dtype = resolve_dtype(device, cfg.dtype)
+    model = Transformer(GPTConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
+                                  n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, head_dim=cfg.head_dim,
+                                  mlp_hidden=cfg.mlp_hidden, max_seq_len=cfg.seq_len)).to(device)
+    optimizer = make_optimizer({"llm": (model.parameters(), 1e-4)}, cfg, device)
+    train_model = torch.compile(model) if cfg.compile else model
+    autocast = autocast_context(device, dtype)
+    x = torch.randint(0, cfg.vocab_size, (cfg.micro_batch, cfg.seq_len + 1), device=device)
+
+    def step():
+        with autocast:
+            _, loss = train_model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    for _ in range(cfg.warmup):
+        step()
+    sync()
+    warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / cfg.steps
+    tokens = cfg.micro_batch * cfg.seq_len
+    flops = model.estimate_flops(cfg.seq_len) * tokens
+    peak = peak_flops(device, dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"device: {name} | dtype {dtype} | compile {cfg.compile} | torch {torch.__version__}")
+    print(f"model: {model.num_params():,} params, {cfg.n_layer} layers x {cfg.n_embd}, seq {cfg.seq_len}, "
+          f"micro_batch {cfg.micro_batch} ({tokens:,} tokens/step)")
+    print(f"warm-up + compile: {warmup_s:.1f}s for {cfg.warmup} steps")
+    print(f"step: {dt * 1000:.1f} ms | {tokens / dt:,.0f} tok/s | {flops / dt / 1e12:.2f} TFLOP/s | "
+          f"MFU {flops / dt / peak:.1%} of {peak / 1e12:.1f} TFLOP/s "
+          f"({'spec-sheet peak' if device.type == 'cuda' and peak > 1e13 else 'measured matmul peak'})")
+    if device.type == "cuda":
+        print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated")
+        # the model's own attention calls, restricted to FlashAttention: raises if any cannot use it
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), autocast:
+            model(x[:, :-1], x[:, 1:])[1].backward()
+        print(f"flash SDPA kernel: ok for the model's attention (is_causal, {dtype}, head_dim {cfg.head_dim}, "
+              f"{cfg.n_head} q / {cfg.n_kv_head} kv heads)")
+    else:
+        print(f"peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident (process max RSS)")
+
+
+if __name__ == "__main__":
+    run(main)

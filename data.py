@@ -300,6 +300,13 @@ def tokenize_to_shards(docs, tokenizer, out_dir, split, shard_tokens=50_000_000,
     return paths
 
 
+def shard_paths(data_dir, split):
+    paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
+    if not paths:
+        raise UserError(f"no {split} token shards in {data_dir}")
+    return paths
+
+
 class TokenLoader:
     """Batches (x, y) of shape (B, T) read in order from token shards.
 
@@ -701,7 +708,7 @@ class EpisodeDataset:
     Past frames before the episode start repeat the first frame; actions after the episode end
     repeat the last action with action_mask False. Episodes are small: all are held in memory."""
 
-    def __init__(self, root, n_frames=1, chunk_size=8, cameras=("scene", "wrist"), episode_ids=None):
+    def __init__(self, root, n_frames=1, chunk_size=8, cameras=("scene", "wrist"), episode_ids=None, frame_stride=1):
         self.meta = _read_json(os.path.join(root, "meta.json"), "dataset metadata file")
         self.stats = _read_json(os.path.join(root, "stats.json"), "statistics file")
         missing = [c for c in cameras if c not in self.meta.get("cameras", [])]
@@ -714,6 +721,7 @@ class EpisodeDataset:
             raise UserError(f"cannot read {root}/episodes.jsonl: {e}")
         ids = range(len(lines)) if episode_ids is None else episode_ids
         self.n_frames, self.chunk_size, self.cameras = n_frames, chunk_size, tuple(cameras)
+        self.frame_stride = frame_stride  # steps between past frames (a policy re-planning every k steps sees every k-th)
         self.episodes, self.index = [], []
         for e in ids:
             line = lines[e]
@@ -733,7 +741,7 @@ class EpisodeDataset:
     def __getitem__(self, i):
         e, t = self.index[i]
         ep = self.episodes[e]
-        past = np.clip(np.arange(t - self.n_frames + 1, t + 1), 0, None)
+        past = np.clip(np.arange(t - (self.n_frames - 1) * self.frame_stride, t + 1, self.frame_stride), 0, None)
         future = np.arange(t, t + self.chunk_size)
         return {"images": torch.from_numpy(ep["images"][:, past]),
                 "state": torch.from_numpy(ep["state"][past]),

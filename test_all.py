@@ -230,6 +230,9 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, capsys):
     shard.write_bytes(b"garbage" * 300)
     code, err = run_cli_in_process(TINY + [f"--out_dir={out}", "--max_steps=1"], capsys)
     assert code == 2 and "train_000.bin is not a token shard" in err
+    code, err = run_cli_in_process(TINY + [f"--out_dir={out}", "--max_steps=2", "--resume", "--n_layer=3",
+                                           f"--data_dir={tmp_path}/fresh"], capsys)
+    assert code == 2 and "cannot resume: the configured model differs" in err
     # and as a real process: no traceback
     proc = subprocess.run([sys.executable, "train_llm.py", "--n_layer=two"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --n_layer expects a int, got 'two'"

@@ -95,11 +95,8 @@ def main(argv=None):
         raise D.UserError(f"batch_tokens {cfg.batch_tokens} is not a multiple of micro_batch * seq_len * "
                           f"world_size = {tokens_per_micro}")
     grad_accum = cfg.batch_tokens // tokens_per_micro
-    shards = lambda split: sorted(p for p in os.listdir(data_dir) if p.startswith(split) and p.endswith(".bin"))
-    train_loader = D.TokenLoader([os.path.join(data_dir, p) for p in shards("train")],
-                                 cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size)
-    val_loader = D.TokenLoader([os.path.join(data_dir, p) for p in shards("val")],
-                               cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size)
+    train_loader = D.TokenLoader(D.shard_paths(data_dir, "train"), cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size)
+    val_loader = D.TokenLoader(D.shard_paths(data_dir, "val"), cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size)
 
     # --- model and optimizer
     model_cfg = GPTConfig(vocab_size=round_up(tokenizer.n_vocab, 64), n_layer=cfg.n_layer, n_embd=cfg.n_embd,
@@ -177,7 +174,7 @@ def main(argv=None):
         bar.update(1)
         if dist.is_master and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.max_steps):
             tqdm.write(f"step {step} sample: {sample()!r}")
-        if dist.is_master and (step % cfg.save_every == 0 or step == cfg.max_steps):
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
             save_checkpoint(cfg.out_dir, step, raw_model, optimizer, train_loader, tokenizer, cfg.keep_checkpoints,
                             model=model_cfg, train=cfg, stage="llm")
     bar.close()
@@ -427,8 +424,15 @@ class MetricsLog:
 
 def save_checkpoint(out_dir, step, raw_model, optimizer, loader, tokenizer, keep, **config_sections):
     """out_dir/step_XXXXXX/ = model.safetensors, config.json, tokenizer.json, optimizer.pt, state.pt.
-    Written under a temporary name, renamed when complete, then 'latest' is replaced atomically:
-    a kill at any moment leaves the previous checkpoint whole and 'latest' pointing at it."""
+    Called by every rank (each rank's RNG state is gathered); rank 0 writes. Written under a
+    temporary name, renamed when complete, then 'latest' is replaced atomically: a kill at any
+    moment leaves the previous checkpoint whole and 'latest' pointing at it."""
+    rng = [rng_state()]
+    if torch_dist.is_initialized():
+        rng = [None] * torch_dist.get_world_size()
+        torch_dist.all_gather_object(rng, rng_state())
+        if torch_dist.get_rank() != 0:
+            return
     name = f"step_{step:06d}"
     final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -439,7 +443,7 @@ def save_checkpoint(out_dir, step, raw_model, optimizer, loader, tokenizer, keep
                            "special_tokens": tokenizer.special_tokens})
     tokenizer.save(os.path.join(tmp, "tokenizer.json"))
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save({"step": step, "loader": loader.state_dict(), "rng": rng_state()}, os.path.join(tmp, "state.pt"))
+    torch.save({"step": step, "loader": loader.state_dict(), "rng": rng}, os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
@@ -464,11 +468,15 @@ def load_checkpoint(path, raw_model, optimizer, loader):
     for f in ("optimizer.pt", "state.pt"):
         if not os.path.isfile(os.path.join(path, f)):
             raise D.UserError(f"{path} has weights but no {f}: it cannot be resumed exactly")
-    load_weights(raw_model, os.path.join(path, "model.safetensors"))
+    try:
+        load_weights(raw_model, os.path.join(path, "model.safetensors"))
+    except ValueError as e:
+        raise D.UserError(f"cannot resume: the configured model differs from the checkpoint's ({e})") from None
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=next(raw_model.parameters()).device))
     state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
     loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"])
+    rank = torch_dist.get_rank() if torch_dist.is_initialized() else 0
+    set_rng_state(state["rng"][rank % len(state["rng"])])  # per rank; a changed world size reuses states
     return state["step"]
 
 

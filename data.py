@@ -362,6 +362,17 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif")
 CHAT_TOKENS = ("<|endoftext|>", "<|pad|>", "<|image|>", "<|user|>", "<|assistant|>")  # what stage 2 needs
 
 
+def add_special_tokens(tokenizer, names):
+    """The tokenizer with any of `names` it lacks appended after its highest id (a user's stage-1
+    tokenizer may predate them); the caller grows the embedding to match."""
+    missing = [n for n in names if n not in tokenizer.special_tokens]
+    if not missing:
+        return tokenizer
+    start = tokenizer.n_vocab
+    return Tokenizer(tokenizer.ranks, tokenizer.pattern,
+                     {**tokenizer.special_tokens, **{n: start + i for i, n in enumerate(missing)}})
+
+
 class TarImage:
     """An image file inside an uncompressed .tar, read by its byte offset (no archive scan per read)."""
 
@@ -494,7 +505,7 @@ def preprocess_image(image, size, rng=None):
         scale = size / max(h, w)
         h, w = max(1, round(h * scale)), max(1, round(w * scale))
         image = np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255  # (3, h, w) in [0, 1]
+    x = torch.from_numpy(np.array(image, np.uint8)).permute(2, 0, 1).float() / 255  # (3, h, w) in [0, 1]
     if rng is not None:
         brightness, contrast = rng.uniform(0.9, 1.1, size=2)
         x = ((x - x.mean()) * contrast + x.mean() * brightness).clamp(0, 1)

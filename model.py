@@ -735,6 +735,18 @@ class VLA(nn.Module):
         rows = torch.arange(idx.size(0), device=idx.device)
         return {"cond": torch.cat([h[rows, last] for h in hidden[-n:]], dim=-1)}
 
+    def estimate_flops(self, prefix_len, n_images, noise_repeats=1):
+        """Training FLOPs per sample: the VLM over the prefix (VLM.estimate_flops, less the LM head,
+        which the policy never runs) + noise_repeats x the expert over its S suffix tokens
+        (6 N_expert per token + attention to prefix_len + S keys in each layer)."""
+        vlm, c = self.vlm, self.action_expert.config
+        llm = vlm.llm.config
+        S = c.n_frames + c.chunk_size + (c.conditioning == "action_token")
+        n_expert = sum(p.numel() for p in self.action_expert.parameters() if p.dim() == 2)
+        attend = prefix_len + S if c.conditioning == "prefix" else S
+        expert = S * (6 * n_expert + 12 * c.n_layer * c.n_head * c.head_dim * attend)
+        return vlm.estimate_flops(prefix_len, n_images) - 6 * prefix_len * llm.vocab_size * llm.n_embd + noise_repeats * expert
+
     @staticmethod
     def repeat_prefix(prefix, repeats):
         """Each prefix row repeated `repeats` times (several noise draws per VLM pass)."""
@@ -774,3 +786,17 @@ def sample_flow_time(batch_size, device=None, generator=None):
     """t ~ Beta(1.5, 1) by inverting its CDF t^1.5, squeezed into [0.001, 1] as in pi0."""
     u = torch.rand(batch_size, device=device, generator=generator)
     return u.pow(1 / 1.5) * 0.999 + 0.001
+
+
+def load_vla(ckpt_dir, map_location="cpu", weights="ema"):
+    """A stage-3 policy from a checkpoint directory -> (VLA, config dict). The checkpoint's
+    model.safetensors holds the trained weights as policy.* and their EMA as ema.*; weights='ema'
+    takes the EMA when the checkpoint has one (what evaluation uses), 'policy' the trained weights."""
+    with open(os.path.join(ckpt_dir, "config.json")) as f:
+        cfg = json.load(f)
+    parts = {"policy": VLA(VLM.from_config(cfg), config_from_dict(ExpertConfig, cfg["action_expert"]))}
+    if cfg.get("policy", {}).get("ema"):
+        parts["ema"] = VLA(VLM.from_config(cfg), config_from_dict(ExpertConfig, cfg["action_expert"]))
+    holder = nn.ModuleDict(parts)
+    load_weights(holder, os.path.join(ckpt_dir, "model.safetensors"))
+    return holder["ema" if weights == "ema" and "ema" in parts else "policy"].to(map_location), cfg

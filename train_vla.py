@@ -1,0 +1,398 @@
+"""
+Stage 3: the vision-language-action policy. The stage-2 VLM grows an action expert (model.py,
+flow matching over action chunks), learns from the built-in world's expert demonstrations, and is
+scored closed-loop in that world at the end.
+
+    python train_vla.py                                 # from out/vlm; demos collected; CPU ~9 min with eval
+    python train_vla.py --init=scratch                  # the same budget from a random VLM of the same shape
+    python train_vla.py --conditioning=action_token     # the VLA Foundry paper's conditioning
+    python train_vla.py --bench                         # latency of one action chunk (prefix reuse vs not)
+    torchrun --standalone --nproc_per_node=8 train_vla.py --demos=my_robot_dataset
+
+Reads top to bottom: config, demonstrations, model, optimizer, loop (with EMA weights), checkpoint,
+closed-loop evaluation. The plumbing (config CLI, DDP, schedule, checkpoints) is train_llm.py's.
+"""
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import data as D
+import eval_sim
+import model as M
+from train_llm import (all_reduce_mean, autocast_context, barrier, find_checkpoint, load_checkpoint,
+                       lr_multiplier, make_optimizer, parse_config, peak_flops, resolve_dtype, run,
+                       save_checkpoint, setup_distributed, teardown_distributed, MetricsLog)
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out/vla"            # checkpoints, metrics.jsonl, eval/ (results.json + GIFs)
+    init: str = "out/vlm"               # stage-2 checkpoint to grow from, or 'scratch' (random VLM, same shape)
+    shape_from: str = "out/vlm"         # with init=scratch: the checkpoint whose architecture and tokenizer are copied
+    demos: str = ""                     # an episode dataset directory; '' = collect the built-in world's expert demos
+    demos_cache: str = "out/demos"      # where collected demos are kept (one subdirectory per setting)
+    episodes_per_task: int = 100        # demos collected per task (seen split) when demos=''
+    val_fraction: float = 0.02          # share of episodes held out for the validation loss
+    # policy
+    conditioning: str = "prefix"        # 'prefix': expert attends to every VLM layer's prefix K/V | 'action_token'
+    cameras: str = "scene,wrist"        # cameras the policy sees, comma-separated
+    n_frames: int = 1                   # frames of history per camera (and state tokens)
+    chunk_size: int = 8                 # H: actions predicted per chunk
+    execute_steps: int = 4              # k: actions of each chunk executed open-loop before re-planning
+    flow_steps: int = 10                # K: Euler steps of the sampler at evaluation
+    expert_n_embd: int = 128            # action expert width (its heads, and in prefix mode its depth, are the VLM's)
+    expert_mlp_hidden: int = 384
+    cond_layers: int = 4                # action_token: last N VLM layers whose hidden states condition the expert
+    state_norm: str = "meanstd"         # normalization of the proprio state: meanstd | minmax | quantile
+    action_norm: str = "minmax"         # of the actions (minmax: dataset range -> [-1, 1])
+    # optimization
+    batch_size: int = 32                # global batch in samples = micro_batch * world_size * grad_accum
+    micro_batch: int = 32               # samples per forward pass per process
+    noise_repeats: int = 2              # noise draws per sample sharing one VLM pass (cheap extra expert samples)
+    max_steps: int = 500
+    lr: float = 1e-3                    # peak learning rate of the action expert
+    lr_vision: float = 0.1              # learning-rate multipliers per part (x lr)
+    lr_projector: float = 0.3
+    lr_llm: float = 0.3
+    freeze_vision: bool = False         # no gradients into the vision tower (it still runs)
+    ema_decay: float = 0.99             # EMA of the weights, used for evaluation; 0 = off
+    min_lr_frac: float = 0.1
+    warmup_steps: int = 30
+    schedule: str = "cosine"            # 'cosine' | 'wsd' | 'constant'
+    weight_decay: float = 0.01          # on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # evaluation and logging
+    val_every: int = 100                # steps between validation losses (and at the end)
+    eval_every: int = 0                 # steps between closed-loop evaluations; 0 = only at the end
+    eval_episodes: int = 25             # closed-loop episodes per task and split (fixed seeds); 0 = no evaluation
+    eval_splits: str = "seen,heldout"
+    num_envs: int = 48                  # environments stepped in lockstep (one batched policy call)
+    gifs_per_task: int = 1
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    # system
+    device: str = "auto"
+    dtype: str = "auto"                 # 'auto' = bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False               # torch.compile the training model (CPU: ~no gain at this size)
+    seed: int = 1337
+    resume: bool = False
+    bench: bool = False                 # instead of training: latency of one action chunk, prefix reuse vs recompute
+
+
+def main(argv=None):
+    cfg = parse_config(TrainConfig, argv)
+    check_config(cfg)
+    if cfg.bench:
+        return bench_latency(cfg)
+    dist = setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed + dist.rank)
+    cfg.dtype = resolve_dtype(dist.device, cfg.dtype)
+    ckpt = find_checkpoint(cfg.out_dir) if cfg.resume else None
+    cameras = tuple(cfg.cameras.split(","))
+
+    # --- demonstrations: collected once by rank 0 into the cache, then read by every rank
+    demos = cfg.demos or os.path.join(cfg.demos_cache, f"seen_{cfg.episodes_per_task}ep")
+    if not cfg.demos and dist.is_master and not os.path.isfile(os.path.join(demos, "meta.json")):
+        collect_demos(demos, cfg.episodes_per_task)
+    barrier(dist)
+    meta = D._read_json(os.path.join(demos, "meta.json"), "dataset metadata file")
+    n_episodes = meta.get("num_episodes", 0)
+    every = max(2, round(1 / cfg.val_fraction)) if cfg.val_fraction > 0 else n_episodes + 1
+    val_ids = [e for e in range(n_episodes) if e % every == every - 1]
+    train_ids = [e for e in range(n_episodes) if e % every != every - 1]
+    frame_stride = cfg.execute_steps  # past frames spaced as the policy sees them: one per re-plan
+    dataset = D.EpisodeDataset(demos, cfg.n_frames, cfg.chunk_size, cameras, train_ids, frame_stride)
+    val_set = D.EpisodeDataset(demos, cfg.n_frames, cfg.chunk_size, cameras, val_ids, frame_stride) if val_ids else None
+    state_norm = D.Normalizer(dataset.stats["state"], cfg.state_norm)
+    action_norm = D.Normalizer(dataset.stats["action"], cfg.action_norm)
+    normalization = {"state": state_norm.to_dict(), "action": action_norm.to_dict(),
+                     "state_names": meta["state_names"], "action_names": meta["action_names"]}
+
+    # --- model: the stage-2 VLM (or a random one of its shape) + a new action expert
+    vlm, vlm_cfg, tokenizer = load_stage2(ckpt or (cfg.shape_from if cfg.init == "scratch" else cfg.init),
+                                          random_init=cfg.init == "scratch" and not ckpt)
+    llm_c = vlm.llm.config
+    expert_cfg = M.ExpertConfig(
+        conditioning=cfg.conditioning, n_layer=llm_c.n_layer, n_embd=cfg.expert_n_embd,
+        mlp_hidden=cfg.expert_mlp_hidden, n_head=llm_c.n_head, n_kv_head=llm_c.n_kv_head,
+        head_dim=llm_c.head_dim, state_dim=len(meta["state_names"]), action_dim=len(meta["action_names"]),
+        n_frames=cfg.n_frames, chunk_size=cfg.chunk_size, vlm_n_embd=llm_c.n_embd,
+        cond_layers=min(cfg.cond_layers, llm_c.n_layer), rope_theta=llm_c.rope_theta, qk_norm=llm_c.qk_norm)
+    if ckpt:
+        expert_cfg = M.config_from_dict(M.ExpertConfig, json.load(open(os.path.join(ckpt, "config.json")))["action_expert"])
+    vla = M.VLA(vlm, expert_cfg).to(dist.device)
+    for p in vla.unused_parameters():
+        p.requires_grad_(False)
+    if cfg.freeze_vision:
+        vla.vlm.vision.requires_grad_(False)
+    parts = {"policy": vla}
+    if cfg.ema_decay > 0:
+        parts["ema"] = copy.deepcopy(vla).requires_grad_(False)
+    weights = nn.ModuleDict(parts)  # what a checkpoint holds: policy.* (trained) and ema.* weights
+    optimizer = make_optimizer({
+        "vision": (vla.vlm.vision.parameters(), cfg.lr * cfg.lr_vision),
+        "projector": (vla.vlm.projector.parameters(), cfg.lr * cfg.lr_projector),
+        "llm": (vla.vlm.llm.parameters(), cfg.lr * cfg.lr_llm),
+        "expert": (vla.action_expert.parameters(), cfg.lr)}, cfg, dist.device)
+
+    if cfg.batch_size % (cfg.micro_batch * dist.world_size):
+        raise D.UserError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch * world_size = "
+                          f"{cfg.micro_batch * dist.world_size}")
+    grad_accum = cfg.batch_size // (cfg.micro_batch * dist.world_size)
+    loader = D.WindowLoader(dataset, cfg.micro_batch, cfg.seed, dist.rank, dist.world_size)
+    step = load_checkpoint(ckpt, weights, optimizer, loader) if ckpt else 0
+    model = torch.compile(vla) if cfg.compile else vla
+    if dist.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    autocast = autocast_context(dist.device, cfg.dtype)
+    n_vis = vlm.n_visual_tokens
+    image_size = vlm.vision_config.image_size
+    make_batch = lambda items: {k: v.to(dist.device) for k, v in D.vla_batch(
+        items, tokenizer, n_vis, image_size, state_norm, action_norm, cfg.conditioning == "action_token").items()}
+    policy_settings = {"cameras": list(cameras), "n_frames": cfg.n_frames, "chunk_size": cfg.chunk_size,
+                       "execute_steps": cfg.execute_steps, "flow_steps": cfg.flow_steps,
+                       "image_size": meta["image_size"][0], "ema": cfg.ema_decay > 0}
+    prompt_len = len(D.vla_prompt(tokenizer, dataset.episodes[0]["instruction"], len(cameras) * cfg.n_frames * n_vis,
+                                  cfg.conditioning == "action_token"))
+    flops_per_step = vla.estimate_flops(prompt_len, len(cameras) * cfg.n_frames, cfg.noise_repeats) * cfg.batch_size
+    peak = peak_flops(dist.device, cfg.dtype) * dist.world_size
+    if dist.is_master:
+        counts = {**vlm.param_counts(), "expert": sum(p.numel() for p in vla.action_expert.parameters())}
+        print(f"policy: {', '.join(f'{k} {v:,}' for k, v in counts.items())} params | conditioning {cfg.conditioning} | "
+              f"init {cfg.init if not ckpt else ckpt} | trainable {sum(p.numel() for p in vla.parameters() if p.requires_grad):,}")
+        print(f"action chunk: chunk_size H = {cfg.chunk_size} predicted, execute_steps k = {cfg.execute_steps} executed, "
+              f"flow_steps K = {cfg.flow_steps} | cameras {','.join(cameras)} x {cfg.n_frames} frame(s), "
+              f"{n_vis} visual tokens each, prompt ~{prompt_len} tokens")
+        print(f"data: {len(dataset):,} windows from {len(train_ids)} episodes ({len(val_ids)} held out for val) in {demos} | "
+              f"{dist.world_size} process(es) on {dist.device}, grad_accum {grad_accum}, {cfg.batch_size} samples/step "
+              f"x {cfg.noise_repeats} noise draws | {cfg.max_steps} steps")
+
+    def validation_loss():
+        """Mean flow loss on the held-out episodes, with fixed noise and times: comparable across steps."""
+        model.eval()
+        g = torch.Generator().manual_seed(cfg.seed)
+        losses = []
+        with torch.no_grad():
+            for start in range(0, len(val_set), cfg.micro_batch):
+                batch = make_batch([val_set[i] for i in range(start, min(start + cfg.micro_batch, len(val_set)))])
+                B, H, A = batch["actions"].shape
+                noise = torch.randn(B, H, A, generator=g).to(dist.device)
+                t = M.sample_flow_time(B, generator=g).to(dist.device)
+                with autocast:
+                    losses.append(vla(**batch, noise=noise, t=t).float())
+        model.train()
+        return torch.stack(losses).mean().item()
+
+    def closed_loop(tag):
+        policy_model = weights["ema"] if cfg.ema_decay > 0 else vla
+        policy = eval_sim.VLAPolicy(policy_model.eval(), tokenizer, policy_settings, normalization,
+                                    seed=cfg.seed, autocast=autocast)
+        out = os.path.join(cfg.out_dir, tag)
+        results = run_evaluation(policy, cfg, out, meta["image_size"][0], f"vla step {step}")
+        policy_model.train()
+        return results
+
+    # --- the loop
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), dist.is_master, resume_step=step)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_master, dynamic_ncols=True)
+    t_start = time.time()
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        lr_scale = lr_multiplier(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_scale
+        loss_sum = torch.zeros((), device=dist.device)
+        for micro_step in range(grad_accum):
+            batch = make_batch(loader.next_batch())
+            B, H, A = batch["actions"].shape
+            noise = torch.randn(B * cfg.noise_repeats, H, A, device=dist.device)
+            t = M.sample_flow_time(B * cfg.noise_repeats, device=dist.device)
+            if dist.world_size > 1:  # all-reduce gradients only on the last micro-step (set before forward)
+                model.require_backward_grad_sync = micro_step == grad_accum - 1
+            with autocast:
+                loss = model(**batch, noise=noise, t=t)
+            (loss / grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(vla.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.ema_decay > 0:  # warm-up of the decay: early EMA follows the fast-moving weights
+            update_ema(weights["ema"], vla, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        train_loss = all_reduce_mean(loss_sum / grad_accum, dist).item()
+        dt = time.perf_counter() - t0
+        step += 1
+        record = {"step": step, "loss": round(train_loss, 6), "lr": optimizer.param_groups[0]["lr"],
+                  "samples_per_s": round(cfg.batch_size / dt, 2), "mfu": round(flops_per_step / dt / peak, 4)}
+        if grad_norm is not None:
+            record["grad_norm"] = round(grad_norm.item(), 4)
+        if val_set is not None and dist.is_master and (step % cfg.val_every == 0 or step == cfg.max_steps):
+            record["val_loss"] = round(validation_loss(), 6)
+        if dist.is_master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and cfg.eval_episodes:
+            record["success"] = closed_loop(f"eval_step_{step:06d}")["overall"]["all"]["rate"]
+        log.write(record)
+        bar.set_postfix(loss=f"{train_loss:.3f}", smp_s=f"{record['samples_per_s']:.1f}",
+                        **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+        bar.update(1)
+        if dist.is_master and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            save_checkpoint(cfg.out_dir, step, weights, optimizer, loader, tokenizer, cfg.keep_checkpoints,
+                            model=llm_c, vision=vlm.vision_config, action_expert=expert_cfg, policy=policy_settings,
+                            normalization=normalization, train=cfg, stage="vla")
+    bar.close()
+    if dist.is_master:
+        print(f"trained {step} steps in {time.time() - t_start:.0f}s; checkpoint in {cfg.out_dir}")
+        if cfg.eval_episodes:
+            closed_loop("eval")
+    teardown_distributed(dist)
+
+
+def check_config(cfg):
+    if cfg.conditioning not in ("prefix", "action_token"):
+        raise D.UserError(f"--conditioning={cfg.conditioning}: expected 'prefix' or 'action_token'")
+    if not 1 <= cfg.execute_steps <= cfg.chunk_size:
+        raise D.UserError(f"--execute_steps={cfg.execute_steps} must be between 1 and --chunk_size={cfg.chunk_size}")
+    if cfg.noise_repeats < 1 or cfg.flow_steps < 1 or cfg.n_frames < 1:
+        raise D.UserError("--noise_repeats, --flow_steps and --n_frames must be at least 1")
+    cams = cfg.cameras.split(",")
+    if not all(cams) or len(set(cams)) != len(cams):
+        raise D.UserError(f"--cameras={cfg.cameras}: expected distinct names, comma-separated, e.g. scene,wrist")
+    for s in cfg.eval_splits.split(","):
+        if s not in ("seen", "heldout"):
+            raise D.UserError(f"--eval_splits={cfg.eval_splits}: expected seen and/or heldout, comma-separated")
+
+
+def collect_demos(path, episodes_per_task):
+    """The built-in world's expert demonstrations (seen split), written under a temporary name and
+    renamed when complete, so a killed collection is never mistaken for a dataset."""
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.time()
+    n = eval_sim.collect(tmp, episodes_per_task, progress=False)
+    os.rename(tmp, path)
+    print(f"collected {n} expert demonstrations -> {path} ({time.time() - t0:.1f}s)")
+
+
+def load_stage2(path, random_init=False):
+    """(VLM, its config.json dict, tokenizer) from a stage-2 (or stage-3, on resume) checkpoint.
+    random_init: the same architecture and tokenizer, fresh weights (the --init=scratch baseline)."""
+    if not os.path.exists(path):
+        raise D.UserError(f"no stage-2 checkpoint at {path}: train one with `python train_vlm.py` "
+                          f"(or pass --init=<checkpoint dir> or --init=scratch)")
+    path = find_checkpoint(path)
+    cfg = D._read_json(os.path.join(path, "config.json"), "checkpoint config")
+    if "vision" not in cfg or "model" not in cfg or "tokenizer" not in cfg:
+        raise D.UserError(f"{path} is a stage-'{cfg.get('stage', '?')}' checkpoint without a vision tower: "
+                          f"stage 3 needs a stage-2 VLM checkpoint (config.json with model, vision and tokenizer "
+                          f"sections); train one with `python train_vlm.py`")
+    tokenizer = D.Tokenizer.load(os.path.join(path, "tokenizer.json"))
+    for name in ("<|image|>", "<|user|>", "<|assistant|>", "<|pad|>", "<|action|>"):
+        tokenizer.special(name)  # a UserError naming the missing special token
+    vlm = M.VLM.from_config(cfg)
+    if not random_init and cfg.get("stage") != "vla":
+        try:
+            M.load_weights(vlm, os.path.join(path, "model.safetensors"))
+        except (ValueError, RuntimeError) as e:  # missing/unexpected names, or shapes
+            raise D.UserError(f"{path}: weights do not match its config.json: {first_detail(e)}") from None
+    return vlm, cfg, tokenizer
+
+
+def first_detail(error):
+    """The informative line of a load_state_dict error (the first size mismatch), for a one-line message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "size mismatch" in line), lines[-1])[:300]
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, over the trained parameters."""
+    pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
+    torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - decay)
+
+
+def run_evaluation(policy, cfg, out, image_size, name):
+    """eval_sim's closed-loop evaluation on the fixed evaluation seeds: results.json, GIFs, a table."""
+    splits = tuple(cfg.eval_splits.split(","))
+    t0 = time.time()
+    records = eval_sim.evaluate(policy, eval_sim.TASKS, cfg.eval_episodes, splits, image_size, cfg.num_envs,
+                                os.path.join(out, "gifs"), cfg.gifs_per_task, progress=True)
+    per_task, overall = eval_sim.summarize(records)
+    result = {"policy": cfg.out_dir, "image_size": image_size, "episodes_per_task": cfg.eval_episodes,
+              "splits": list(splits), "seconds": round(time.time() - t0, 2), "tasks": per_task,
+              "overall": overall, "episodes": records}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(eval_sim.format_table(per_task, overall, name))
+    print(f"closed-loop evaluation: {out}/results.json, GIFs in {out}/gifs ({result['seconds']} s)")
+    return result
+
+
+def bench_latency(cfg, repeats=20):
+    """Latency of one action chunk (batch 1, CPU threads as set) for the default policy: the VLM
+    prefix computed once and reused by the K Euler steps, vs recomputed at every step."""
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    ckpt = None
+    try:
+        ckpt = find_checkpoint(cfg.out_dir)
+    except D.UserError:
+        pass
+    if ckpt:  # the trained policy
+        policy = eval_sim.load_policy(ckpt, device=device)
+    else:  # a random policy of the default shape: latency does not depend on the weights
+        vlm, _, tokenizer = load_stage2(cfg.shape_from if cfg.init == "scratch" else cfg.init, random_init=True)
+        c = vlm.llm.config
+        vla = M.VLA(vlm, M.ExpertConfig(n_layer=c.n_layer, n_embd=cfg.expert_n_embd, mlp_hidden=cfg.expert_mlp_hidden,
+                                        n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim,
+                                        chunk_size=cfg.chunk_size, vlm_n_embd=c.n_embd, conditioning=cfg.conditioning,
+                                        rope_theta=c.rope_theta, qk_norm=c.qk_norm)).to(device).eval()
+        identity = lambda dims, mode: D.Normalizer(D.episode_stats(np.zeros((2, dims))), mode).to_dict()
+        policy = eval_sim.VLAPolicy(vla, tokenizer, {"cameras": cfg.cameras.split(","), "n_frames": 1,
+                                    "chunk_size": cfg.chunk_size, "execute_steps": cfg.execute_steps,
+                                    "flow_steps": cfg.flow_steps, "image_size": 64},
+                                    {"state": identity(4, "meanstd"), "action": identity(3, "minmax")})
+    env = eval_sim.TabletopEnv("pick_place", policy.settings["image_size"])
+    obs, _ = env.reset(eval_sim.EVAL_SEED)
+    batch = policy.inputs([obs])
+    vla = policy.vla
+    noise = torch.randn(1, vla.action_expert.config.chunk_size, vla.action_expert.config.action_dim, device=device)
+
+    def timed(reuse):
+        times = []
+        for i in range(repeats + 3):
+            t0 = time.perf_counter()
+            out = vla.sample_actions(**batch, noise=noise, flow_steps=cfg.flow_steps, reuse_prefix=reuse)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 3:  # warm-up excluded
+                times.append(time.perf_counter() - t0)
+        return out, float(np.median(times))
+
+    a_reuse, t_reuse = timed(True)
+    a_full, t_full = timed(False)
+    t_act = float(np.median([(lambda t0: (policy.act([obs]), time.perf_counter() - t0)[1])(time.perf_counter())
+                             for _ in range(repeats)]))
+    diff = (a_reuse - a_full).abs().max().item()
+    print(f"device: {device} x{torch.get_num_threads()} threads | torch {torch.__version__} | "
+          f"{'checkpoint ' + ckpt if ckpt else 'random weights, default shape'}")
+    print(f"one action chunk (batch 1, H = {vla.action_expert.config.chunk_size}, K = {cfg.flow_steps} Euler steps), median of {repeats}:")
+    print(f"  prefix computed once, reused: {t_reuse * 1000:8.1f} ms")
+    print(f"  prefix recomputed every step: {t_full * 1000:8.1f} ms   ({t_full / t_reuse:.1f}x slower)")
+    print(f"  policy.act incl. preprocessing: {t_act * 1000:6.1f} ms")
+    print(f"  max |reuse - recompute| = {diff:.2e}")
+    return {"reuse_ms": t_reuse * 1000, "recompute_ms": t_full * 1000, "max_abs_diff": diff}
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,341 @@
+"""
+Stage 2: the stage-1 language model grows eyes and becomes a vision-language model.
+
+    python train_llm.py && python train_vlm.py           # built-in world scenes, CPU, ~5 min
+    python train_vlm.py --blank_images                    # the control: same run, every image zeroed
+    python train_vlm.py --data=pairs.jsonl,shards/*.tar   # your image-text data (see data.py)
+    torchrun --standalone --nproc_per_node=8 train_vlm.py --init=out/llm --out_dir=out/vlm
+
+Loads a stage-1 checkpoint (weights and tokenizer), adds a ViT and a pixel-shuffle projector
+(model.py: VLM) and trains on chat sequences whose <|image|> placeholders carry the image, with
+the loss on answer tokens only (data.py: encode_chat). Validation: loss, exact-match accuracy of
+greedy answers to questions about held-out scenes (per question type, beside the most-common-answer
+baseline), and a few captions. The loop and its plumbing are stage 1's (train_llm.py).
+"""
+import functools
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+from tqdm import tqdm
+
+import data as D
+import model as M
+from train_llm import (MetricsLog, all_reduce_mean, autocast_context, barrier, find_checkpoint, load_checkpoint,
+                       lr_multiplier, make_optimizer, parse_config, peak_flops, resolve_dtype, round_up, run,
+                       save_checkpoint, setup_distributed, teardown_distributed)
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    init: str = "out/llm"               # stage-1 checkpoint: a run directory (its 'latest') or a step_* directory
+    out_dir: str = "out/vlm"            # checkpoints (step_XXXXXX/ + 'latest'), metrics.jsonl
+    data: str = "world"                 # 'world' = scenes rendered by eval_sim.py, else .jsonl/.tar paths or globs, comma-separated
+    world_train: int = 100000           # training scenes for data=world, rendered on demand (~3 ms each)
+    world_val: int = 64                 # held-out scenes for data=world (about 10 questions each)
+    val_fraction: float = 0.02          # held-out share of user data
+    skip_bad: bool = False              # skip and count unreadable images instead of stopping with an error
+    augment: bool = False               # light brightness/contrast jitter (no flips: answers say left and right)
+    blank_images: bool = False          # the text-only control: every image zeroed, in training and validation
+    # model: the new parts (the LLM's shape comes from --init)
+    image_size: int = 64
+    patch_size: int = 8
+    vision_layers: int = 2
+    vision_embd: int = 128
+    vision_heads: int = 4
+    vision_head_dim: int = 32
+    vision_mlp_hidden: int = 384
+    pixel_shuffle: int = 2              # visual tokens per image = (image_size / patch_size / pixel_shuffle)^2
+    projector_hidden: int = 512
+    seq_len: int = 0                    # max tokens per sample (longer conversations lose turns); 0 = the LLM's max_seq_len
+    # optimization
+    batch_size: int = 32                # global batch in samples = micro_batch * world_size * grad_accum
+    micro_batch: int = 16               # samples per forward pass per process
+    max_steps: int = 200
+    lr: float = 1e-3                    # the LLM's peak learning rate (pretrained: gentler than the new parts)
+    vision_lr: float = 3e-3
+    projector_lr: float = 3e-3
+    freeze_llm: bool = False            # train only the vision tower and projector
+    projector_warmup_steps: int = 0     # the first steps train only the projector (vision and LLM at LR 0)
+    min_lr_frac: float = 0.1            # final LR as a fraction of the peak
+    warmup_steps: int = 20
+    schedule: str = "cosine"            # 'cosine' | 'wsd' | 'constant' (see train_llm.lr_multiplier)
+    weight_decay: float = 0.1           # on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0              # max global grad norm; 0 = off
+    # evaluation and logging
+    eval_every: int = 100               # steps between validations (loss + question accuracy) and at the end
+    eval_batches: int = 4               # validation-loss micro-batches per process
+    show_captions: int = 3              # captions of held-out images printed at the end
+    save_every: int = 100               # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2
+    # system
+    device: str = "auto"                # 'auto' | 'cpu' | 'cuda'
+    dtype: str = "auto"                 # 'bfloat16' autocast | 'float32' | 'auto' = bf16 on CUDA, fp32 on CPU
+    compile: bool = True                # torch.compile the training model
+    seed: int = 1337
+    resume: bool = False                # continue exactly from out_dir's latest checkpoint
+
+
+def main(argv=None):
+    cfg = parse_config(TrainConfig, argv)
+    dist = setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed + dist.rank)
+    cfg.dtype = resolve_dtype(dist.device, cfg.dtype)
+    resume_ckpt = find_checkpoint(cfg.out_dir) if cfg.resume else None
+
+    # --- model: the stage-1 LLM + a new vision tower and projector (on resume: the saved VLM)
+    raw_model, _, tokenizer = load_vlm(resume_ckpt) if resume_ckpt else vlm_from_llm(cfg)
+    raw_model.to(dist.device)
+    seq_len = cfg.seq_len or raw_model.config.max_seq_len
+    if seq_len > raw_model.config.max_seq_len:
+        raise D.UserError(f"--seq_len={seq_len} exceeds the LLM's max_seq_len {raw_model.config.max_seq_len}")
+
+    # --- data
+    if cfg.data == "world":
+        train_examples, n_train = functools.partial(world_example, split="train", image_size=cfg.image_size), cfg.world_train
+        val_examples = [world_example(i, "val", cfg.image_size) for i in range(cfg.world_val)]
+    else:
+        examples = D.read_image_text(D.expand_paths(cfg.data))
+        n_val = max(1, int(len(examples) * cfg.val_fraction))
+        if len(examples) <= n_val:
+            raise D.UserError(f"{cfg.data} holds {len(examples)} example(s): too few to hold out {n_val} for validation")
+        train_examples, val_examples, n_train = examples[:-n_val], examples[-n_val:], len(examples) - n_val
+    loader_args = dict(tokenizer=tokenizer, seq_len=seq_len, image_size=cfg.image_size, rank=dist.rank,
+                       world_size=dist.world_size, n_visual_tokens=raw_model.n_visual_tokens, skip_bad=cfg.skip_bad)
+    train_loader = D.ImageTextLoader(train_examples, batch_size=cfg.micro_batch, num_examples=n_train, seed=cfg.seed,
+                                     augment=cfg.augment, **loader_args)
+    val_loader = D.ImageTextLoader(val_examples, batch_size=max(1, min(cfg.micro_batch, len(val_examples) // dist.world_size)),
+                                   shuffle=False, **loader_args)
+    if cfg.batch_size % (cfg.micro_batch * dist.world_size):
+        raise D.UserError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch * world_size = "
+                          f"{cfg.micro_batch * dist.world_size}")
+    grad_accum = cfg.batch_size // (cfg.micro_batch * dist.world_size)
+
+    # --- optimizer: a learning rate per part; a frozen LLM gets no gradients at all
+    parts = {"vision": (raw_model.vision.parameters(), cfg.vision_lr),
+             "projector": (raw_model.projector.parameters(), cfg.projector_lr)}
+    if cfg.freeze_llm:
+        raw_model.llm.requires_grad_(False)
+    else:
+        parts["llm"] = (raw_model.llm.parameters(), cfg.lr)
+    optimizer = make_optimizer(parts, cfg, dist.device)
+    step = load_checkpoint(resume_ckpt, raw_model, optimizer, train_loader) if resume_ckpt else 0
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if dist.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    autocast = autocast_context(dist.device, cfg.dtype)
+    peak = peak_flops(dist.device, cfg.dtype) * dist.world_size
+    if dist.is_master:
+        counts = raw_model.param_counts()
+        print(f"model: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" params; {raw_model.n_visual_tokens} "
+              f"visual tokens per image | {dist.world_size} process(es) on {dist.device}, grad_accum {grad_accum}, "
+              f"{cfg.batch_size} samples/step | peak {peak / 1e12:.2f} TFLOP/s" + (" | CONTROL: images blanked" if cfg.blank_images else ""))
+
+    def to_device(batch):
+        idx, targets, images = (t.to(dist.device, non_blocking=True) for t in batch)
+        return idx, targets, images.zero_() if cfg.blank_images else images
+
+    def evaluate():
+        model.eval()
+        val_loader.load_state_dict({"epoch": 0, "pos": 0, "bad": []})  # the same batches every time
+        losses = []
+        with torch.no_grad():
+            for _ in range(cfg.eval_batches):
+                idx, targets, images = to_device(val_loader.next_batch())
+                with autocast:
+                    losses.append(model(idx, images, targets)[1].float())
+        model.train()
+        return all_reduce_mean(torch.stack(losses).mean(), dist).item()
+
+    questions = val_questions(val_examples, cfg.image_size)
+    answer = functools.partial(answer_questions, raw_model, tokenizer, autocast=autocast, blank=cfg.blank_images)
+
+    # --- the loop
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), dist.is_master, resume_step=step)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_master, dynamic_ncols=True)
+    t_start, record, accuracy = time.perf_counter(), {}, None
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        lr_scale = lr_multiplier(step, cfg)
+        for group in optimizer.param_groups:
+            only_projector = step < cfg.projector_warmup_steps and group["name"] != "projector"
+            group["lr"] = 0.0 if only_projector else group["base_lr"] * lr_scale
+        loss_sum, flops = torch.zeros((), device=dist.device), 0
+        for micro_step in range(grad_accum):
+            idx, targets, images = to_device(train_loader.next_batch())
+            if dist.world_size > 1:  # all-reduce gradients only on the last micro-step (set before forward)
+                model.require_backward_grad_sync = micro_step == grad_accum - 1
+            with autocast:
+                _, loss = model(idx, images, targets)
+            (loss / grad_accum).backward()
+            loss_sum += loss.detach()
+            flops += raw_model.estimate_flops(idx.size(1), images.size(1)) * idx.size(0) * dist.world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad],
+                                                   cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = all_reduce_mean(loss_sum / grad_accum, dist).item()  # .item() syncs: honest timing
+        dt = time.perf_counter() - t0
+        step += 1
+        record = {"step": step, "loss": round(train_loss, 6), "lr": optimizer.param_groups[0]["lr"],
+                  "samples_per_s": round(cfg.batch_size / dt, 2), "mfu": round(flops / dt / peak, 4)}
+        if grad_norm is not None:
+            record["grad_norm"] = round(grad_norm.item(), 4)
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            record["val_loss"] = round(evaluate(), 6)
+            accuracy = question_accuracy(answer, questions, dist)
+            record["val_accuracy"] = round(accuracy["all"][0] / max(1, accuracy["all"][1]), 4)
+        log.write(record)
+        bar.set_postfix(loss=f"{train_loss:.3f}", samples_s=f"{record['samples_per_s']:.1f}", mfu=f"{record['mfu']:.1%}",
+                        **({"val": f"{record['val_loss']:.3f}", "acc": f"{record['val_accuracy']:.1%}"}
+                           if "val_loss" in record else {}))
+        bar.update(1)
+        if dist.is_master and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            save_checkpoint(cfg.out_dir, step, raw_model, optimizer, train_loader, tokenizer, cfg.keep_checkpoints,
+                            model=raw_model.config, vision=raw_model.vision_config, train=cfg, stage="vlm")
+    bar.close()
+    if dist.is_master and accuracy is not None:
+        print_report(accuracy, questions, cfg, time.perf_counter() - t_start, record, train_loader.skipped)
+        show_captions(answer, val_examples[:cfg.show_captions], cfg.image_size)
+    teardown_distributed(dist)
+
+
+def vlm_from_llm(cfg):
+    """A new VLM around the stage-1 LLM of cfg.init: (model, None, tokenizer)."""
+    if not os.path.exists(cfg.init):
+        raise D.UserError(f"no stage-1 checkpoint at --init={cfg.init}: run `python train_llm.py` first "
+                          f"(or point --init at its out_dir)")
+    path = find_checkpoint(cfg.init)
+    llm, llm_cfg = M.load_llm(path)
+    if llm_cfg.get("stage", "llm") != "llm":
+        raise D.UserError(f"--init={cfg.init} is a {llm_cfg['stage']} checkpoint; stage 2 starts from a stage-1 (llm) one")
+    tokenizer = D.add_special_tokens(D.Tokenizer.load(os.path.join(path, "tokenizer.json")), D.CHAT_TOKENS)
+    M.grow_embeddings(llm, round_up(tokenizer.n_vocab, 64))  # a no-op unless tokens were added
+    vision = M.VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.vision_layers,
+                            n_embd=cfg.vision_embd, n_head=cfg.vision_heads, head_dim=cfg.vision_head_dim,
+                            mlp_hidden=cfg.vision_mlp_hidden, pixel_shuffle=cfg.pixel_shuffle,
+                            projector_hidden=cfg.projector_hidden)
+    try:
+        model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm)
+    except ValueError as e:  # an impossible patch grid
+        raise D.UserError(str(e)) from None
+    return model, None, tokenizer
+
+
+def load_vlm(ckpt_dir, map_location="cpu"):
+    """A stage-2 checkpoint (a run directory or a step_* directory) -> (VLM, config dict, tokenizer)."""
+    path = find_checkpoint(ckpt_dir)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("stage") != "vlm":
+        raise D.UserError(f"{path} is a {cfg.get('stage')} checkpoint, not a stage-2 (vlm) one")
+    model = M.VLM.from_config(cfg)
+    M.load_weights(model, os.path.join(path, "model.safetensors"))
+    return model.to(map_location), cfg, D.Tokenizer.load(os.path.join(path, "tokenizer.json"))
+
+
+# -----------------------------------------------------------------------------------------------
+# The built-in world's data and the validation of answers
+
+def world_example(index, split, image_size):
+    """A rendered scene with its questions (eval_sim.scene_questions, shuffled) as one conversation."""
+    from eval_sim import vlm_sample
+    image, caption, qa = vlm_sample(index, image_size, split)
+    return {"images": [image], "turns": list(qa), "caption": caption}
+
+
+# question families of eval_sim.scene_questions, first match wins
+QUESTION_TYPES = [("where is", "position"), ("what colour is the bowl", "bowl colour"),
+                  ("nearest the gripper", "nearest colour"), ("how many", "count"), ("what shape", "shape"),
+                  ("holding", "holding"), ("open or closed", "gripper"), ("left of", "left/above"),
+                  ("above the", "left/above"), (" in the ", "in bowl")]
+TYPE_NAMES = list(dict.fromkeys(t for _, t in QUESTION_TYPES)) + ["other"]
+
+
+def question_type(question):
+    return next((t for key, t in QUESTION_TYPES if key in question), "other")
+
+
+def val_questions(examples, image_size):
+    """Every turn of every held-out example as a question on its own: (images, question, answer, type)."""
+    out = []
+    for ex in examples:
+        images = torch.stack([D.preprocess_image(D.load_image(im), image_size) for im in ex["images"]])
+        out += [(images, q, a.strip(), question_type(q)) for q, a in ex["turns"] if q != D.CAPTION_PROMPT]
+    return out
+
+
+@torch.no_grad()
+def answer_questions(model, tokenizer, items, max_new_tokens=12, autocast=None, blank=False):
+    """Greedy answers to [(images, question)]: prompts of equal length share one cached generation."""
+    device, eot = next(model.parameters()).device, tokenizer.eot_id
+    prompts = [D.encode_chat(tokenizer, [(q, None)], images.size(0) * model.n_visual_tokens)[0] for images, q in items]
+    answers = [None] * len(items)
+    by_length = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    for rows in by_length.values():
+        for chunk in (rows[k:k + 64] for k in range(0, len(rows), 64)):
+            idx = torch.tensor([prompts[i] for i in chunk], device=device)
+            images = torch.stack([items[i][0] for i in chunk]).to(device)
+            if blank:
+                images.zero_()
+            with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
+                out = model.generate(idx, images, max_new_tokens, temperature=0, stop_token=eot,
+                                     valid_vocab=tokenizer.n_vocab)
+            for i, row in zip(chunk, out[:, idx.size(1):].tolist()):
+                answers[i] = tokenizer.decode(row[:row.index(eot)] if eot in row else row).strip()
+    return answers
+
+
+def question_accuracy(answer, questions, dist):
+    """{type: (correct, total)} over the held-out questions, each process answering a disjoint share."""
+    mine = questions[dist.rank::dist.world_size]
+    predicted = answer([(images, q) for images, q, _, _ in mine])
+    counts = torch.zeros(len(TYPE_NAMES), 2)
+    for (_, _, truth, kind), guess in zip(mine, predicted):
+        counts[TYPE_NAMES.index(kind)] += torch.tensor([float(guess == truth), 1.0])
+    if dist.world_size > 1:
+        torch_dist.all_reduce(counts)
+    result = {t: (int(c), int(n)) for t, (c, n) in zip(TYPE_NAMES, counts.tolist()) if n}
+    result["all"] = tuple(int(x) for x in counts.sum(0).tolist())
+    return result
+
+
+def print_report(accuracy, questions, cfg, seconds, record, skipped):
+    """Accuracy per question type beside the most-common-answer baseline (what a model that
+    ignores the image can reach from the question text alone)."""
+    answers_by_type = {}
+    for _, _, truth, kind in questions:
+        answers_by_type.setdefault(kind, []).append(truth)
+    print(f"\nheld-out questions{' (CONTROL: images blanked)' if cfg.blank_images else ''}: "
+          f"{'type':<15}{'n':>5}{'accuracy':>10}{'most common answer':>21}")
+    for kind in list(accuracy):
+        correct, n = accuracy[kind]
+        base = (max(Counter(answers_by_type[kind]).values()) / n if kind != "all" else
+                sum(max(Counter(a).values()) for a in answers_by_type.values()) / n)
+        print(f"{'':<20}{kind:<15}{n:>5}{correct / n:>10.1%}{base:>21.1%}")
+    print(f"stage 2 done in {seconds:.0f}s: val loss {record['val_loss']:.4f}, held-out question accuracy "
+          f"{record['val_accuracy']:.1%}" + (f", {skipped} unreadable images skipped" if skipped else "") +
+          f"; checkpoint in {cfg.out_dir}")
+
+
+def show_captions(answer, examples, image_size):
+    if not examples:
+        return
+    items = [(torch.stack([D.preprocess_image(D.load_image(im), image_size) for im in ex["images"]]), D.CAPTION_PROMPT)
+             for ex in examples]
+    for ex, caption in zip(examples, answer(items, max_new_tokens=96)):
+        print(f"caption: {caption!r}" + (f"\n  truth: {ex['caption']!r}" if "caption" in ex else ""))
+
+
+if __name__ == "__main__":
+    run(main)

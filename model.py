@@ -556,11 +556,11 @@ def grow_embeddings(llm, vocab_size):
 # Token layout (prefix mode, the default; pi0 / SmolVLA style):
 #
 #   prefix: run once per control step by the VLM (causal, as it was trained)
-#   ┌──────────┬──────────────────┬──────────────────┬───────────────┬─────────────┬─────────┐
-#   │ <|user|> │ scene img tokens │ wrist img tokens │ instruction   │<|assistant|>│ pad ... │
-#   └──────────┴──────────────────┴──────────────────┴───────────────┴─────────────┴─────────┘
-#        keys/values of VLM layer i ────────────────────────────────────┐  (pad keys masked)
-#   suffix: run by the action expert at each of K denoising steps       ▼
+#   ┌────────────────────────┬──────────────────┬──────────────────┬─────────────┬─────────────┬─────────┐
+#   │ <|endoftext|> <|user|> │ scene img tokens │ wrist img tokens │ instruction │<|assistant|>│ pad ... │
+#   └────────────────────────┴──────────────────┴──────────────────┴─────────────┴─────────────┴─────────┘
+#        keys/values of VLM layer i ───────────────────────────────────────────┐  (pad keys masked)
+#   suffix: run by the action expert at each of K denoising steps              ▼
 #   ┌─────────────────────┬───────────┬───────────┬─────┬───────────┐  expert layer i attends to
 #   │ state x n_frames    │ a_1 (+ t) │ a_2 (+ t) │ ... │ a_H (+ t) │  [prefix K/V of VLM layer i,
 #   └─────────────────────┴───────────┴───────────┴─────┴───────────┘   its own suffix K/V]

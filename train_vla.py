@@ -121,7 +121,8 @@ def main(argv=None):
 
     # --- model: the stage-2 VLM (or a random one of its shape) + a new action expert
     vlm, vlm_cfg, tokenizer = load_stage2(ckpt or (cfg.shape_from if cfg.init == "scratch" else cfg.init),
-                                          random_init=cfg.init == "scratch" and not ckpt)
+                                          random_init=cfg.init == "scratch" and not ckpt,
+                                          action_token=cfg.conditioning == "action_token")
     llm_c = vlm.llm.config
     expert_cfg = M.ExpertConfig(
         conditioning=cfg.conditioning, n_layer=llm_c.n_layer, n_embd=cfg.expert_n_embd,
@@ -244,7 +245,7 @@ def main(argv=None):
         bar.set_postfix(loss=f"{train_loss:.3f}", smp_s=f"{record['samples_per_s']:.1f}",
                         **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
         bar.update(1)
-        if dist.is_master and (step % cfg.save_every == 0 or step == cfg.max_steps):
+        if step % cfg.save_every == 0 or step == cfg.max_steps:  # every rank: their RNG states are gathered
             save_checkpoint(cfg.out_dir, step, weights, optimizer, loader, tokenizer, cfg.keep_checkpoints,
                             model=llm_c, vision=vlm.vision_config, action_expert=expert_cfg, policy=policy_settings,
                             normalization=normalization, train=cfg, stage="vla")
@@ -282,7 +283,7 @@ def collect_demos(path, episodes_per_task):
     print(f"collected {n} expert demonstrations -> {path} ({time.time() - t0:.1f}s)")
 
 
-def load_stage2(path, random_init=False):
+def load_stage2(path, random_init=False, action_token=False):
     """(VLM, its config.json dict, tokenizer) from a stage-2 (or stage-3, on resume) checkpoint.
     random_init: the same architecture and tokenizer, fresh weights (the --init=scratch baseline)."""
     if not os.path.exists(path):
@@ -295,7 +296,7 @@ def load_stage2(path, random_init=False):
                           f"stage 3 needs a stage-2 VLM checkpoint (config.json with model, vision and tokenizer "
                           f"sections); train one with `python train_vlm.py`")
     tokenizer = D.Tokenizer.load(os.path.join(path, "tokenizer.json"))
-    for name in ("<|image|>", "<|user|>", "<|assistant|>", "<|pad|>", "<|action|>"):
+    for name in ("<|image|>", "<|user|>", "<|assistant|>", "<|pad|>") + (("<|action|>",) if action_token else ()):
         tokenizer.special(name)  # a UserError naming the missing special token
     vlm = M.VLM.from_config(cfg)
     if not random_init and cfg.get("stage") != "vla":

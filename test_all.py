@@ -546,3 +546,200 @@ def test_cli_prints_one_error_line_and_exits_2_on_bad_input(tmp_path):
                            cwd=__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ----- stage 3: vision-language-action policy -----
+
+import train_vla  # noqa: E402
+
+
+def tiny_vlm(tokenizer, image_size=16):
+    llm = M.GPTConfig(vocab_size=train_llm.round_up(tokenizer.n_vocab, 64), n_layer=2, n_embd=32, n_head=2,
+                      n_kv_head=1, head_dim=16, mlp_hidden=64, max_seq_len=128)
+    vision = M.VisionConfig(image_size=image_size, patch_size=8, n_layer=1, n_embd=16, n_head=2, head_dim=8,
+                            mlp_hidden=32, pixel_shuffle=1, projector_hidden=32)
+    return M.VLM(llm, vision, tokenizer.special("<|image|>"))
+
+
+def tiny_vla(tokenizer, conditioning="prefix", chunk_size=4, n_frames=1):
+    vlm = tiny_vlm(tokenizer)
+    c = vlm.llm.config
+    return M.VLA(vlm, M.ExpertConfig(conditioning=conditioning, n_layer=2, n_embd=24, mlp_hidden=48, n_head=2,
+                                     n_kv_head=1, head_dim=16, n_frames=n_frames, chunk_size=chunk_size,
+                                     vlm_n_embd=c.n_embd, cond_layers=2))
+
+
+@pytest.fixture(scope="module")
+def vla_world(tmp_path_factory):
+    """A tiny stage-2 checkpoint (random weights, the format train_vlm.py writes) and 3 expert demos per task."""
+    from types import SimpleNamespace
+    root = tmp_path_factory.mktemp("vla")
+    tokenizer = data.Tokenizer.train(eval_sim.language_corpus(60), 300)
+    vlm = tiny_vlm(tokenizer)
+    opt = torch.optim.AdamW(vlm.parameters())
+    train_llm.save_checkpoint(str(root / "vlm"), 1, vlm, opt, SimpleNamespace(state_dict=lambda: {}), tokenizer, 1,
+                              model=vlm.llm.config, vision=vlm.vision_config, stage="vlm")
+    eval_sim.collect(str(root / "demos"), episodes_per_task=3, image_size=16, progress=False)
+    return SimpleNamespace(root=root, tokenizer=tokenizer, vlm=str(root / "vlm"), demos=str(root / "demos"))
+
+
+def vla_args(world, out, *extra):
+    return [f"--init={world.vlm}", f"--demos={world.demos}", f"--out_dir={out}", "--max_steps=4", "--batch_size=4",
+            "--micro_batch=2", "--expert_n_embd=24", "--expert_mlp_hidden=48", "--chunk_size=4", "--execute_steps=2",
+            "--eval_episodes=0", "--val_every=2", "--val_fraction=0.2", "--warmup_steps=1", "--save_every=2",
+            "--keep_checkpoints=5", "--dtype=float32", "--device=cpu", *extra]
+
+
+def fake_batch(tokenizer, vla, B=3, seed=0):
+    """Random observations of different instruction lengths, through the policy's own batching."""
+    rng = np.random.default_rng(seed)
+    n_img = vla.vlm.vision_config.image_size
+    items = [{"images": rng.integers(0, 256, (2, 1, n_img, n_img, 3), dtype=np.uint8), "state": rng.random((1, 4)),
+              "instruction": "put the red block in the blue bowl." + " now" * b,
+              "actions": torch.randn(vla.action_expert.config.chunk_size, 3),
+              "action_mask": torch.ones(vla.action_expert.config.chunk_size, dtype=torch.bool)} for b in range(B)]
+    state_norm = data.Normalizer(data.episode_stats(rng.random((10, 4))))
+    action_norm = data.Normalizer(data.episode_stats(rng.random((10, 3))))
+    return data.vla_batch(items, tokenizer, vla.vlm.n_visual_tokens, n_img, state_norm, action_norm,
+                          vla.action_expert.config.conditioning == "action_token")
+
+
+@pytest.mark.parametrize("conditioning", ["prefix", "action_token"])
+def test_flow_matching_loss_sends_gradients_to_every_trainable_part(vla_world, conditioning):
+    torch.manual_seed(0)
+    vla = tiny_vla(vla_world.tokenizer, conditioning)
+    unused = {id(p) for p in vla.unused_parameters()}
+    for p in vla.unused_parameters():
+        p.requires_grad_(False)
+    torch.nn.init.normal_(vla.action_expert.action_out.weight, std=0.02)  # zero at init: no gradient behind it
+    batch = fake_batch(vla_world.tokenizer, vla)
+    noise = torch.randn(6, 4, 3)  # 2 noise draws per sample
+    loss = vla(**batch, noise=noise, t=M.sample_flow_time(6))
+    assert loss.item() > 0
+    loss.backward()
+    for name, p in vla.named_parameters():
+        if id(p) not in unused:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_loss_ignores_actions_past_the_episode_end(vla_world):
+    torch.manual_seed(0)
+    vla = tiny_vla(vla_world.tokenizer)
+    batch = fake_batch(vla_world.tokenizer, vla)
+    batch["action_mask"][:, 2:] = False
+    noise, t = torch.randn(3, 4, 3), M.sample_flow_time(3)
+    changed = dict(batch, actions=batch["actions"].clone())
+    changed["actions"][:, 2:] += 5.0
+    assert torch.equal(vla(**batch, noise=noise, t=t), vla(**changed, noise=noise, t=t))
+
+
+def test_prefix_reuse_equals_recomputing_the_prefix_at_every_denoising_step(vla_world):
+    torch.manual_seed(0)
+    for conditioning in ("prefix", "action_token"):
+        vla = tiny_vla(vla_world.tokenizer, conditioning).eval()
+        batch = fake_batch(vla_world.tokenizer, vla)
+        batch.pop("actions"), batch.pop("action_mask")
+        noise = torch.randn(3, 4, 3)
+        reuse = vla.sample_actions(**batch, noise=noise, flow_steps=10)
+        full = vla.sample_actions(**batch, noise=noise, flow_steps=10, reuse_prefix=False)
+        assert (reuse - full).abs().max() < 1e-5
+        # padding is invisible: the shortest prompt alone gives the same chunk as inside the padded batch
+        alone = vla.sample_actions(**{k: v[:1, :int(batch["prefix_mask"][0].sum())] if k in ("idx", "prefix_mask")
+                                      else v[:1] for k, v in batch.items()}, noise=noise[:1], flow_steps=10)
+        assert (alone - reuse[:1]).abs().max() < 1e-5
+
+
+def test_sampling_is_deterministic_for_a_fixed_noise_seed(vla_world):
+    torch.manual_seed(0)
+    vla = tiny_vla(vla_world.tokenizer).eval()
+    norm = {k: data.Normalizer(data.episode_stats(np.random.default_rng(0).uniform(-1, 1, (20, d))), "minmax").to_dict()
+            for k, d in (("state", 4), ("action", 3))}
+    settings = {"cameras": ["scene", "wrist"], "n_frames": 1, "chunk_size": 4, "execute_steps": 2, "flow_steps": 5,
+                "image_size": 16}
+    env = eval_sim.TabletopEnv("reach", 16)
+    obs = [env.reset(s)[0] for s in (1, 2)]
+    a = eval_sim.VLAPolicy(vla, vla_world.tokenizer, settings, norm, seed=7).act(obs)
+    b = eval_sim.VLAPolicy(vla, vla_world.tokenizer, settings, norm, seed=7).act(obs)
+    c = eval_sim.VLAPolicy(vla, vla_world.tokenizer, settings, norm, seed=8).act(obs)
+    assert a.shape == (2, 2, 3) and np.array_equal(a, b) and not np.array_equal(a, c)
+    lo, hi = norm["action"]["stats"]["min"], norm["action"]["stats"]["max"]
+    assert (a >= np.array(lo) - 1e-6).all() and (a <= np.array(hi) + 1e-6).all()  # clamped to the demos' range
+    # bad observations: one line naming what was expected
+    policy = eval_sim.VLAPolicy(vla, vla_world.tokenizer, settings, norm)
+    no_wrist = dict(obs[0], images={"scene": obs[0]["images"]["scene"]})
+    with pytest.raises(data.UserError, match=r"lacks camera\(s\) \['wrist'\]"):
+        policy.act([no_wrist])
+    with pytest.raises(data.UserError, match=r"state has shape \(5,\), the policy expects \(4,\)"):
+        policy.act([dict(obs[0], state=np.zeros(5, np.float32))])
+
+
+def test_episode_windows_pad_past_frames_with_stride_and_mask_the_end(vla_world):
+    ds = data.EpisodeDataset(vla_world.demos, n_frames=3, chunk_size=6, episode_ids=[3], frame_stride=2)
+    ep = ds.episodes[0]  # a pick_place episode: long enough
+    T = ep["length"]
+    assert T >= 6
+    item = ds[4]  # frames 0, 2, 4
+    assert torch.equal(item["state"], torch.from_numpy(ep["state"][[0, 2, 4]]))
+    assert torch.equal(ds[1]["images"][:, 0], ds[1]["images"][:, 1])  # before the start: frame 0 repeated
+    last = ds[T - 2]
+    assert last["action_mask"].tolist() == [True, True] + [False] * 4
+    stats = json.load(open(f"{vla_world.demos}/stats.json"))
+    for mode in ("meanstd", "minmax", "quantile"):
+        norm = data.Normalizer.from_dict(json.loads(json.dumps(data.Normalizer(stats["state"], mode).to_dict())))
+        x = torch.from_numpy(ep["state"])
+        assert torch.allclose(norm.unnormalize(norm.normalize(x)), x, atol=1e-6)
+
+
+def test_vla_training_resumes_exactly_and_its_checkpoint_is_an_eval_policy(vla_world, tmp_path):
+    out = str(tmp_path / "run")
+    train_vla.main(vla_args(vla_world, out))
+    straight = load_tensors(f"{out}/step_000004/model.safetensors")
+    assert any(k.startswith("ema.") for k in straight) and any(k.startswith("policy.") for k in straight)
+    import shutil
+    shutil.rmtree(f"{out}/step_000004")
+    open(f"{out}/latest", "w").write("step_000002\n")
+    train_vla.main(vla_args(vla_world, out, "--resume"))
+    resumed = load_tensors(f"{out}/step_000004/model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    log = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and "val_loss" in log[-1]
+    cfg = json.load(open(f"{out}/step_000004/config.json"))
+    assert cfg["policy"]["chunk_size"] == 4 and cfg["policy"]["execute_steps"] == 2
+    assert set(cfg["normalization"]) >= {"state", "action"} and cfg["action_expert"]["chunk_size"] == 4
+    policy = eval_sim.load_policy(out)  # the run directory: its latest checkpoint, EMA weights
+    records = eval_sim.evaluate(policy, tasks=["reach"], episodes_per_task=2, splits=("seen",), image_size=16)
+    assert len(records) == 2
+
+
+def test_bad_stage2_checkpoints_and_options_are_one_line_errors(vla_world, tmp_path, capsys):
+    def cli(argv):
+        with pytest.raises(SystemExit) as e:
+            train_llm.run(lambda: train_vla.main(argv))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        return err
+    base = vla_args(vla_world, tmp_path / "out")
+    assert "train one with `python train_vlm.py`" in cli(base + [f"--init={tmp_path}/missing"])
+    llm_dir = tmp_path / "llm"  # a stage-1 checkpoint where a stage-2 one belongs
+    import shutil
+    shutil.copytree(vla_world.vlm, llm_dir)
+    ckpt = train_llm.find_checkpoint(str(llm_dir))
+    cfg = json.load(open(f"{ckpt}/config.json"))
+    json.dump({k: v for k, v in cfg.items() if k != "vision"} | {"stage": "llm"}, open(f"{ckpt}/config.json", "w"))
+    assert "without a vision tower" in cli(base + [f"--init={llm_dir}"])
+    json.dump(cfg | {"vision": cfg["vision"] | {"n_embd": 24}}, open(f"{ckpt}/config.json", "w"))
+    assert "do not match its config.json" in cli(base + [f"--init={llm_dir}"])
+    assert "--execute_steps=9" in cli(base + ["--execute_steps=9"])
+    assert "--conditioning=cross" in cli(base + ["--conditioning=cross"])
+
+
+def test_torchrun_two_processes_train_the_vla(vla_world, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train_vla.py"] + vla_args(vla_world, tmp_path / "ddp", "--micro_batch=1", "--max_steps=2"),
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)

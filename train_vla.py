@@ -179,11 +179,14 @@ def main(argv=None):
               f"{dist.world_size} process(es) on {dist.device}, grad_accum {grad_accum}, {cfg.batch_size} samples/step "
               f"x {cfg.noise_repeats} noise draws | {cfg.max_steps} steps")
 
-    def validation_loss():
-        """Mean flow loss on the held-out episodes, with fixed noise and times: comparable across steps."""
-        model.eval()
+    def validation():
+        """On the held-out episodes, with the evaluated weights (EMA if on) and fixed noise and times,
+        so values are comparable across steps: the flow loss, and the mean absolute error of sampled
+        chunks' first execute_steps actions (normalized units): does the policy know where to go?"""
+        policy_model = weights["ema"] if cfg.ema_decay > 0 else vla
+        policy_model.eval()
         g = torch.Generator().manual_seed(cfg.seed)
-        losses = []
+        losses, errors = [], []
         with torch.no_grad():
             for start in range(0, len(val_set), cfg.micro_batch):
                 batch = make_batch([val_set[i] for i in range(start, min(start + cfg.micro_batch, len(val_set)))])
@@ -191,9 +194,14 @@ def main(argv=None):
                 noise = torch.randn(B, H, A, generator=g).to(dist.device)
                 t = M.sample_flow_time(B, generator=g).to(dist.device)
                 with autocast:
-                    losses.append(vla(**batch, noise=noise, t=t).float())
-        model.train()
-        return torch.stack(losses).mean().item()
+                    losses.append(policy_model(**batch, noise=noise, t=t).float())
+                    inputs = {k: batch[k] for k in ("idx", "images", "prefix_mask", "state")}
+                    chunk = policy_model.sample_actions(**inputs, noise=noise, flow_steps=cfg.flow_steps).float()
+                k = cfg.execute_steps
+                mask = batch["action_mask"][:, :k, None].float()
+                errors.append(((chunk[:, :k] - batch["actions"][:, :k]).abs() * mask).sum() / (mask.sum() * A))
+        policy_model.train()
+        return torch.stack(losses).mean().item(), torch.stack(errors).mean().item()
 
     def closed_loop(tag):
         policy_model = weights["ema"] if cfg.ema_decay > 0 else vla
@@ -238,12 +246,13 @@ def main(argv=None):
         if grad_norm is not None:
             record["grad_norm"] = round(grad_norm.item(), 4)
         if val_set is not None and dist.is_master and (step % cfg.val_every == 0 or step == cfg.max_steps):
-            record["val_loss"] = round(validation_loss(), 6)
+            record["val_loss"], record["val_action_err"] = (round(x, 6) for x in validation())
         if dist.is_master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and cfg.eval_episodes:
             record["success"] = closed_loop(f"eval_step_{step:06d}")["overall"]["all"]["rate"]
         log.write(record)
         bar.set_postfix(loss=f"{train_loss:.3f}", smp_s=f"{record['samples_per_s']:.1f}",
-                        **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+                        **({"val": f"{record['val_loss']:.3f}", "act_err": f"{record['val_action_err']:.3f}"}
+                           if "val_loss" in record else {}))
         bar.update(1)
         if step % cfg.save_every == 0 or step == cfg.max_steps:  # every rank: their RNG states are gathered
             save_checkpoint(cfg.out_dir, step, weights, optimizer, loader, tokenizer, cfg.keep_checkpoints,

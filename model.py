@@ -648,14 +648,18 @@ class ActionExpert(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Blocks as in Transformer.init_weights (normal 0.02, residual writes / sqrt(2 n_layer));
-        input/time/conditioning projections normal(0, 0.02), biases zero; action_out zero, so the
-        untrained expert predicts zero velocity."""
+        """Every tensor's initialisation:
+          o_proj                      normal(0, 0.1): the attention output (the only path from the
+                                      VLM into the expert) starts loud; with GPT-2's 0.02/sqrt(2L)
+                                      the expert ignores the prefix for ~100 steps (measured)
+          down_proj                   normal(0, 0.02 / sqrt(2 * n_layer))
+          other matrices              normal(0, 0.02)
+          biases zeros, RMSNorm weights ones"""
         for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
+            if name.endswith("o_proj.weight"):
+                nn.init.normal_(p, 0.0, 0.1)
+            elif name.endswith("down_proj.weight"):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
-            elif name.startswith("action_out"):
-                nn.init.zeros_(p)
             elif p.dim() >= 2:
                 nn.init.normal_(p, 0.0, 0.02)
             elif name.endswith("bias"):

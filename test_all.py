@@ -628,9 +628,14 @@ def test_loss_ignores_actions_past_the_episode_end(vla_world):
     batch = fake_batch(vla_world.tokenizer, vla)
     batch["action_mask"][:, 2:] = False
     noise, t = torch.randn(3, 4, 3), M.sample_flow_time(3)
-    changed = dict(batch, actions=batch["actions"].clone())
-    changed["actions"][:, 2:] += 5.0
-    assert torch.equal(vla(**batch, noise=noise, t=t), vla(**changed, noise=noise, t=t))
+    # other targets past the end, the same noisy input x_t = (1 - t) a + t e everywhere
+    d = torch.zeros(3, 4, 3)
+    d[:, 2:] = 5.0
+    tt = t[:, None, None]
+    changed = dict(batch, actions=batch["actions"] + d)
+    same = vla(**batch, noise=noise, t=t)
+    assert torch.allclose(same, vla(**changed, noise=noise - d * (1 - tt) / tt, t=t), atol=1e-5)
+    assert not torch.allclose(same, vla(**changed, noise=noise, t=t), atol=1e-6)
 
 
 def test_prefix_reuse_equals_recomputing_the_prefix_at_every_denoising_step(vla_world):
@@ -743,3 +748,208 @@ def test_torchrun_two_processes_train_the_vla(vla_world, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
     assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+
+
+# ----- stage 2: vision-language model -----
+import tarfile  # noqa: E402
+
+import train_vlm  # noqa: E402
+
+
+def small_vlm(image_token_id=60):
+    torch.manual_seed(0)
+    llm = M.GPTConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=8, mlp_hidden=64, max_seq_len=64)
+    vision = M.VisionConfig(image_size=16, patch_size=4, n_layer=1, n_embd=16, n_head=2, head_dim=8, mlp_hidden=32,
+                            pixel_shuffle=2, projector_hidden=32)
+    return M.VLM(llm, vision, image_token_id).eval()
+
+
+def test_image_embeddings_land_exactly_on_their_placeholders_for_several_images_and_mixed_lengths():
+    vlm, P = small_vlm(), 60
+    n = vlm.n_visual_tokens  # 4
+    # row 0: short text, 2 images, long padding; row 1: longer text before the images, text between them
+    row0 = [1, 2] + [P] * n + [P] * n + [3, 4] + [0] * 5
+    row1 = [1, 2, 5, 6, 7] + [P] * n + [8, 9, 10] + [P] * n + [11]
+    assert len(row0) == len(row1)
+    idx, images = torch.tensor([row0, row1]), torch.randn(2, 2, 3, 16, 16)
+    x = vlm.embed(idx, images)
+    per_image = vlm.projector(vlm.vision(images.flatten(0, 1))).view(2, 2, n, -1)  # (B, n_images, n, C)
+    for b, row in enumerate([row0, row1]):
+        slots = [t for t, tok in enumerate(row) if tok == P]
+        torch.testing.assert_close(x[b, slots[:n]], per_image[b, 0])
+        torch.testing.assert_close(x[b, slots[n:]], per_image[b, 1])
+        text = [t for t, tok in enumerate(row) if tok != P]
+        torch.testing.assert_close(x[b, text], vlm.llm.embed_tokens(idx[b, text]))
+    one_missing = [t if i != 5 else 0 for i, t in enumerate(row1)]
+    with pytest.raises(ValueError, match="row 1 has 7 <\\|image\\|> placeholders, expected 2 image"):
+        vlm.embed(torch.tensor([row0, one_missing]), images)
+
+
+class CharTokenizer(data.Tokenizer):
+    """The data.Tokenizer interface over single bytes: fast to build for tests."""
+
+    def __init__(self):
+        super().__init__({bytes([i]): i for i in range(256)})
+
+
+def test_loss_counts_only_answer_tokens_and_their_end_token():
+    tok = CharTokenizer()
+    turns = [("what colour?", "red"), ("where?", "top left")]
+    ids, mask = data.encode_chat(tok, turns, n_image_tokens=4)
+    answers = [tok.decode([i]) for i, m in zip(ids, mask) if m]
+    assert "".join(answers) == " red<|endoftext|> top left<|endoftext|>"
+    assert ids.count(tok.special("<|image|>")) == 4
+    loader = data.ImageTextLoader([{"images": [np.zeros((16, 16, 3), np.uint8)], "turns": turns}], tok, 1, 128, 16, 4,
+                                  shuffle=False)
+    idx, targets, images = loader.next_batch()
+    assert torch.equal(idx[0, :len(ids) - 1], torch.tensor(ids[:-1]))
+    assert (targets[0] != -1).sum() == sum(mask)
+    torch.manual_seed(0)
+    llm = M.GPTConfig(vocab_size=tok.n_vocab, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, head_dim=16, mlp_hidden=64,
+                      max_seq_len=128)
+    vision = M.VisionConfig(image_size=16, patch_size=4, n_layer=1, n_embd=16, n_head=2, head_dim=8, mlp_hidden=32,
+                            projector_hidden=32)
+    vlm = M.VLM(llm, vision, tok.special("<|image|>"))
+    logits, loss = vlm(idx, images, targets)
+    keep = targets[0] != -1
+    assert torch.allclose(loss, F.cross_entropy(logits[0, keep], targets[0, keep]))
+    # what the prompt positions would predict is irrelevant: give them any targets, masked, same loss
+    other = torch.where(keep, targets[0], torch.randint(0, 256, keep.shape)).unsqueeze(0)
+    assert torch.equal(vlm(idx, images, other.masked_fill(~keep, -1))[1], loss)
+    assert not torch.allclose(vlm(idx, images, other)[1], loss)  # unmasked prompt targets would count
+
+
+def test_cached_vlm_generation_equals_recomputing_the_whole_sequence():
+    vlm = small_vlm()
+    idx = torch.tensor([[1, 2] + [60] * 4 + [3, 4], [5] + [60] * 4 + [6, 7, 8]])
+    images = torch.randn(2, 1, 3, 16, 16)
+    got = vlm.generate(idx, images, 10, temperature=0, valid_vocab=60)
+    seq = idx
+    for _ in range(10):
+        logits, _ = vlm(seq, images)
+        seq = torch.cat([seq, logits[:, -1, :60].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, seq)
+
+
+def test_vlm_flops_and_parameter_counts_by_part():
+    vlm = small_vlm()
+    counts = vlm.param_counts()
+    assert sum(counts.values()) == sum(p.numel() for p in vlm.parameters())
+    assert counts["llm"] == vlm.llm.num_params()
+    assert vlm.estimate_flops(20, n_images=2) > 20 * vlm.llm.estimate_flops(20)
+
+
+def test_growing_the_embedding_keeps_old_rows_and_ties():
+    llm = tiny_model()
+    old = llm.embed_tokens.weight.detach().clone()
+    M.grow_embeddings(llm, 128)
+    assert llm.embed_tokens.weight.shape == (128, 32) and llm.lm_head.weight is llm.embed_tokens.weight
+    assert torch.equal(llm.embed_tokens.weight[:64], old) and llm.config.vocab_size == 128
+    tok = data.add_special_tokens(data.Tokenizer({bytes([i]): i for i in range(256)}, special_tokens={"<|endoftext|>": 256}),
+                                  data.CHAT_TOKENS)
+    assert tok.special("<|endoftext|>") == 256 and tok.special("<|assistant|>") == 260 and tok.n_vocab == 261
+
+
+def write_png(path, colour, size=(20, 12)):
+    from PIL import Image
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_jsonl_and_tar_readers_and_a_corrupt_image_is_named_or_skipped(tmp_path):
+    write_png(tmp_path / "a.png", (255, 0, 0))
+    write_png(tmp_path / "b.png", (0, 0, 255))
+    (tmp_path / "bad.png").write_bytes(b"not a png at all")
+    conv = [{"from": "human", "value": "<image>\nwhat colour?"}, {"from": "gpt", "value": "blue"},
+            {"from": "human", "value": "sure?"}, {"from": "gpt", "value": "yes"}]
+    lines = [{"image": "a.png", "text": "a red square"}, {"image": "b.png", "conversations": conv},
+             {"image": "bad.png", "text": "broken"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    jsonl = data.read_image_text_jsonl(str(tmp_path / "d.jsonl"))
+    assert jsonl[0]["turns"] == [(data.CAPTION_PROMPT, "a red square")]
+    assert jsonl[1]["turns"] == [("what colour?", "blue"), ("sure?", "yes")]
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        tar.add(tmp_path / "a.png", "x/s0.png")
+        (tmp_path / "s0.json").write_text(json.dumps({"conversations": conv[:2]}))
+        tar.add(tmp_path / "s0.json", "x/s0.json")
+        tar.add(tmp_path / "b.png", "x/s1.png")
+        (tmp_path / "s1.txt").write_text("a blue square\n")
+        tar.add(tmp_path / "s1.txt", "x/s1.txt")
+    shard = data.read_image_text_tar(str(tmp_path / "s.tar"))
+    assert [ex["turns"] for ex in shard] == [[("what colour?", "blue")], [(data.CAPTION_PROMPT, "a blue square")]]
+    pixels = data.load_image(shard[1]["images"][0])
+    assert pixels.shape == (12, 20, 3) and tuple(pixels[0, 0]) == (0, 0, 255)
+    x = data.preprocess_image(pixels, 16)  # 20 x 12 -> 16 x 10, centred on zero padding
+    assert x.shape == (3, 16, 16) and x[:, :3].abs().max() == 0 and x[2, 8, 8] == 1.0 and x[0, 8, 8] == -1.0
+    examples = jsonl + shard
+    tok = CharTokenizer()
+    make = lambda **kw: data.ImageTextLoader(examples, tok, 5, 64, 16, 4, shuffle=False, **kw)
+    with pytest.raises(data.UserError, match="cannot read image .*bad.png"):
+        make().next_batch()
+    loader = make(skip_bad=True)
+    idx, targets, images = loader.next_batch()
+    assert images.shape == (5, 1, 3, 16, 16) and loader.skipped == 1
+    with pytest.raises(data.UserError, match=r"d2.jsonl:1: expected a string 'text'"):
+        (tmp_path / "d2.jsonl").write_text('{"image": "a.png", "conversations": [{"from": "gpt"}]}\n')
+        data.read_image_text_jsonl(str(tmp_path / "d2.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vlm") / "llm"
+    train_llm.main(TINY + ["--seq_len=64", "--batch_tokens=256", f"--out_dir={out}", "--max_steps=1"])
+    return str(out)
+
+
+def tiny_vlm_args(init, out):
+    return [f"--init={init}", f"--out_dir={out}", "--image_size=16", "--patch_size=4", "--vision_layers=1",
+            "--vision_embd=16", "--vision_heads=2", "--vision_head_dim=8", "--vision_mlp_hidden=32",
+            "--projector_hidden=32", "--seq_len=48", "--batch_size=4", "--micro_batch=2", "--world_val=4",
+            "--compile=False", "--dtype=float32", "--eval_every=100", "--eval_batches=1", "--show_captions=1",
+            "--warmup_steps=2", "--lr=1e-2"]
+
+
+def test_vlm_resume_continues_exactly(tiny_llm_checkpoint, tmp_path):
+    out = str(tmp_path / "vlm")
+    args = tiny_vlm_args(tiny_llm_checkpoint, out) + ["--max_steps=6", "--save_every=3", "--keep_checkpoints=5"]
+    train_vlm.main(args)
+    straight = load_tensors(f"{out}/step_000006/model.safetensors")
+    import shutil
+    shutil.rmtree(f"{out}/step_000006")
+    open(f"{out}/latest", "w").write("step_000003\n")
+    train_vlm.main(args + ["--resume"])
+    resumed = load_tensors(f"{out}/step_000006/model.safetensors")
+    assert straight.keys() == resumed.keys() and any(k.startswith("vision.") for k in straight)
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    assert [json.loads(line)["step"] for line in open(f"{out}/metrics.jsonl")] == list(range(1, 7))
+    model, cfg, tok = train_vlm.load_vlm(out)
+    assert cfg["stage"] == "vlm" and model.image_token_id == tok.special("<|image|>")
+
+
+def test_vlm_torchrun_two_processes_give_the_loss_curve_of_one_process(tiny_llm_checkpoint, tmp_path):
+    common = tiny_vlm_args(tiny_llm_checkpoint, "") + ["--max_steps=3", "--show_captions=0"]
+    train_vlm.main(common + [f"--out_dir={tmp_path}/one"])  # one process, grad_accum 2
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train_vlm.py"] + common + [f"--out_dir={tmp_path}/two"],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = lambda d: [json.loads(line)["loss"] for line in open(f"{tmp_path}/{d}/metrics.jsonl")]
+    one, two = losses("one"), losses("two")
+    assert len(one) == len(two) == 3
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-3, (one, two)
+
+
+def test_vlm_bad_input_is_one_clear_line_and_exit_code_2(tiny_llm_checkpoint, tmp_path, capsys):
+    def run(argv):
+        with pytest.raises(SystemExit) as e:
+            train_llm.run(lambda: train_vlm.main(argv))
+        return e.value.code, capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "out")
+    for argv, msg in [([f"--init={tmp_path}/nope"], "run `python train_llm.py` first"),
+                      (["--vision_layer=2"], "unknown option --vision_layer"),
+                      (args + [f"--data={tmp_path}/bad.jsonl"], "bad.jsonl:1: not valid JSON"),
+                      (args + ["--patch_size=5"], "must be a multiple of patch_size")]:
+        code, err = run(argv)
+        assert code == 2 and msg in err and err.count("\n") == 1, err

@@ -198,7 +198,7 @@ def main(argv=None):
                         **({"val": f"{record['val_loss']:.3f}", "acc": f"{record['val_accuracy']:.1%}"}
                            if "val_loss" in record else {}))
         bar.update(1)
-        if dist.is_master and (step % cfg.save_every == 0 or step == cfg.max_steps):
+        if step % cfg.save_every == 0 or step == cfg.max_steps:  # every rank: their RNG states are gathered
             save_checkpoint(cfg.out_dir, step, raw_model, optimizer, train_loader, tokenizer, cfg.keep_checkpoints,
                             model=raw_model.config, vision=raw_model.vision_config, train=cfg, stage="vlm")
     bar.close()

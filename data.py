@@ -495,8 +495,8 @@ def load_image(image):
 
 
 def preprocess_image(image, size, rng=None):
-    """uint8 (H, W, 3) -> float (3, size, size) in [-1, 1] (SigLIP's normalization): resized so its
-    longer side is `size` (aspect kept) and centred on a square of 0 (mid grey). rng: light
+    """uint8 (H, W, 3) -> float (3, size, size) in [0, 1] (the vision tower standardizes): resized
+    so its longer side is `size` (aspect kept) and centred on a mid-grey square. rng: light
     augmentation, brightness and contrast jitter of up to 10%; no flips or crops, because left/right
     and positions are what the questions ask about."""
     h, w = image.shape[:2]
@@ -505,14 +505,20 @@ def preprocess_image(image, size, rng=None):
         scale = size / max(h, w)
         h, w = max(1, round(h * scale)), max(1, round(w * scale))
         image = np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
-    x = torch.from_numpy(np.array(image, np.uint8)).permute(2, 0, 1).float() / 255  # (3, h, w) in [0, 1]
+    x = torch.from_numpy(np.array(image, np.uint8)).permute(2, 0, 1).float() / 255  # (3, h, w)
     if rng is not None:
         brightness, contrast = rng.uniform(0.9, 1.1, size=2)
         x = ((x - x.mean()) * contrast + x.mean() * brightness).clamp(0, 1)
-    out = torch.zeros(3, size, size)
+    out = torch.full((3, size, size), 0.5)
     top, left = (size - h) // 2, (size - w) // 2
-    out[:, top:top + h, left:left + w] = (x - 0.5) / 0.5
+    out[:, top:top + h, left:left + w] = x
     return out
+
+
+def image_channel_stats(images):
+    """Per-channel mean and std of preprocessed images [(3, H, W)]: the vision tower's standardization."""
+    x = torch.stack(list(images)).transpose(0, 1).reshape(3, -1)
+    return x.mean(1).tolist(), x.std(1).clamp_min(1e-3).tolist()
 
 
 def encode_chat(tokenizer, turns, n_image_tokens, max_len=None):

@@ -357,6 +357,8 @@ def load_llm(ckpt_dir, map_location="cpu"):
 class VisionConfig:
     image_size: int = 64          # square input resolution (data.py resizes and pads to it)
     patch_size: int = 8           # (image_size / patch_size)^2 patches per image
+    stem_channels: int = 0        # > 0: a convolutional stem (two 3x3 stride-2 convs, this many then twice
+                                  # as many channels) before the patch embedding; 0: plain patches
     n_layer: int = 2
     n_embd: int = 128
     n_head: int = 4
@@ -366,6 +368,8 @@ class VisionConfig:
     projector_hidden: int = 512   # projector MLP width
     qk_norm: bool = True
     norm_eps: float = 1e-6
+    pixel_mean: tuple = (0.5, 0.5, 0.5)  # per-channel statistics of the training images (train_vlm.py
+    pixel_std: tuple = (0.5, 0.5, 0.5)   # measures them): inputs are standardized inside the tower
 
     @property
     def grid(self):  # patches per side
@@ -377,11 +381,14 @@ class VisionConfig:
 
 
 class VisionTower(nn.Module):
-    """ViT without a CLS token: images (B, 3, H, W) -> patch features (B, n_patches, n_embd).
+    """ViT without a CLS token: images (B, 3, H, W) in [0, 1] -> patch features (B, n_patches, n_embd).
 
-    Patch embedding is a stride-patch convolution (a linear map of each patch, as in SigLIP), plus
-    learned absolute positions; the blocks are the LLM's Block run bidirectionally (causal=False,
-    no RoPE, no mask: SDPA's fastest path)."""
+    Pixels are standardized with the training images' channel statistics (from scratch this
+    matters: on a uniform tabletop, SigLIP's fixed (x - 0.5) / 0.5 leaves a large constant offset and
+    a small object contrast, and the tower barely learns in a few hundred steps). Patch embedding
+    is a stride-patch convolution (a linear map of each patch, as in SigLIP), plus learned absolute
+    positions; the blocks are the LLM's Block run bidirectionally (causal=False, no RoPE, no mask:
+    SDPA's fastest path)."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -389,14 +396,25 @@ class VisionTower(nn.Module):
         if c.image_size % c.patch_size or c.grid % c.pixel_shuffle:
             raise ValueError(f"image_size {c.image_size} must be a multiple of patch_size {c.patch_size}, and the "
                              f"{c.grid} x {c.grid} patch grid a multiple of pixel_shuffle {c.pixel_shuffle}")
-        self.patch_embedding = nn.Conv2d(3, c.n_embd, c.patch_size, stride=c.patch_size)
+        if c.stem_channels:
+            if c.patch_size % 4:
+                raise ValueError(f"a convolutional stem needs patch_size divisible by 4, got {c.patch_size}")
+            self.stem = nn.Sequential(nn.Conv2d(3, c.stem_channels, 3, 2, 1), nn.GELU(),
+                                      nn.Conv2d(c.stem_channels, 2 * c.stem_channels, 3, 2, 1), nn.GELU())
+        k = c.patch_size // 4 if c.stem_channels else c.patch_size  # the stem already strides 4
+        self.patch_embedding = nn.Conv2d(2 * c.stem_channels or 3, c.n_embd, k, stride=k)
         self.position_embedding = nn.Parameter(torch.zeros(c.grid * c.grid, c.n_embd))
         self.layers = nn.ModuleList(
             Block(c.n_embd, c.n_head, c.n_head, c.head_dim, c.mlp_hidden, c.qk_norm, c.norm_eps)
             for _ in range(c.n_layer))
         self.post_layernorm = RMSNorm(c.n_embd, c.norm_eps)
+        self.register_buffer("pixel_mean", torch.tensor(c.pixel_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(c.pixel_std).view(3, 1, 1), persistent=False)
 
     def forward(self, images):
+        images = (images - self.pixel_mean) / self.pixel_std
+        if self.config.stem_channels:
+            images = self.stem(images)
         x = self.patch_embedding(images).flatten(2).transpose(1, 2)  # (B, grid*grid, C), row-major patches
         x = x + self.position_embedding
         for block in self.layers:
@@ -456,6 +474,7 @@ class VLM(nn.Module):
     @torch.no_grad()
     def init_vision_weights(self):
         """The new parts only (the LLM comes pretrained):
+          stem convs (if any)                                   kaiming normal (fan-in)
           patch_embedding, q/k/v, gate/up, projector linears   normal(0, 0.02)
           o_proj, down_proj                                     normal(0, 0.02 / sqrt(2 * vision n_layer))
           position_embedding                                    normal(0, 0.02)
@@ -465,6 +484,8 @@ class VLM(nn.Module):
         for name, p in [*self.vision.named_parameters(), *self.projector.named_parameters(prefix="projector")]:
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.vision.config.n_layer))
+            elif name.startswith("stem.") and p.dim() >= 2:  # GELU convs: keep the activations' scale
+                nn.init.kaiming_normal_(p)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
             elif p.dim() >= 2:
@@ -586,7 +607,18 @@ class ExpertConfig:
     state_dim: int = 4            # proprio state size
     action_dim: int = 3
     n_frames: int = 1             # state tokens (one per frame of history)
+    n_images: int = 2             # images in the prefix (cameras x frames)
+    image_grid: int = 4           # visual tokens per image side (raster order)
+    image_coords: bool = True     # prefix mode: each image token's (x, y) in its image, projected, added to
+                                  # the values the expert reads: attention then returns a spatial soft-argmax
+    keypoints: int = 0            # prefix mode: spatial-softmax keypoints per image read off the vision tower's
+                                  # patches (before the projector folds them 4 to 1), given to the state
+                                  # token; 0 = off. See keypoint_features
+    patch_grid: int = 8           # the vision tower's patches per side, and their width
+    patch_dim: int = 128
     chunk_size: int = 8           # H: actions predicted per chunk (the policy executes the first k)
+    predict: str = "velocity"     # what the expert outputs: 'velocity' v = noise - actions (pi0), or 'actions':
+                                  # the clean chunk, v = (x_t - actions) / t (the same flow, see VLA.forward)
     vlm_n_embd: int = 256         # action_token mode: width of the VLM hidden states
     cond_layers: int = 4          # action_token mode: last N VLM layers concatenated
     suffix_start: int = 128       # RoPE position of the first suffix token, whatever the prefix's
@@ -628,6 +660,8 @@ class ActionExpert(nn.Module):
         self.config = c = config
         if c.conditioning not in ("prefix", "action_token"):
             raise ValueError(f"conditioning must be 'prefix' or 'action_token', got {c.conditioning!r}")
+        if c.predict not in ("velocity", "actions"):
+            raise ValueError(f"predict must be 'velocity' or 'actions', got {c.predict!r}")
         self.state_in = nn.Linear(c.state_dim, c.n_embd)
         self.action_in = nn.Linear(c.action_dim, c.n_embd)
         # pi0: MLP over [action embedding, time embedding] per action token
@@ -641,6 +675,12 @@ class ActionExpert(nn.Module):
             for _ in range(c.n_layer))
         self.norm = RMSNorm(c.n_embd, c.norm_eps)
         self.action_out = nn.Linear(c.n_embd, c.action_dim)
+        if c.conditioning == "prefix" and c.image_coords:  # per layer: (x, y, 1) of image m -> value channels
+            self.coord_proj = nn.ModuleList(nn.Linear(3 * c.n_images, c.n_kv_head * c.head_dim, bias=False)
+                                            for _ in range(c.n_layer))
+        if c.conditioning == "prefix" and c.keypoints:
+            self.keypoint_logits = nn.Linear(c.patch_dim, c.keypoints)
+            self.keypoint_in = nn.Linear(2 * c.keypoints * c.n_images, c.n_embd)
         cos, sin = rope_table(c.suffix_start + c.n_frames + c.chunk_size + 1, c.head_dim, c.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -674,7 +714,10 @@ class ActionExpert(nn.Module):
         time_emb = flow_time_embedding(t, c.n_embd).to(noisy_actions.dtype)[:, None].expand(B, H, -1)
         a = self.action_in(noisy_actions)
         a = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([a, time_emb], dim=-1))))
-        x = torch.cat([self.state_in(state), a], dim=1)  # (B, n_frames + H, n_embd)
+        s = self.state_in(state)
+        if c.conditioning == "prefix" and c.keypoints:
+            s = s + self.keypoint_in(self.keypoint_features(prefix["patches"]))[:, None]
+        x = torch.cat([s, a], dim=1)  # (B, n_frames + H, n_embd)
         if c.conditioning == "action_token":
             cond = self.cond_proj(self.cond_norm(prefix["cond"]))[:, None]  # (B, 1, n_embd)
             x = torch.cat([cond, x], dim=1)
@@ -689,9 +732,46 @@ class ActionExpert(nn.Module):
             rope = (self.rope_cos[c.suffix_start:c.suffix_start + S], self.rope_sin[c.suffix_start:c.suffix_start + S])
             attn_mask = torch.cat([mask[:, None, None, :].expand(B, 1, S, T_prefix),
                                    mask.new_ones(B, 1, S, S)], dim=-1)  # (B, 1, S, T_prefix + S)
+            coords = self.image_coordinates(prefix["is_image"]) if c.image_coords else None  # (B, T_prefix, 3 n_images)
             for i, block in enumerate(self.layers):
-                x = block(x, rope, mask=attn_mask, prefix_kv=(prefix["k"][i], prefix["v"][i]))
+                v = prefix["v"][i]
+                if coords is not None:  # values of image tokens += where they are
+                    v = v + self.coord_proj[i](coords).view(B, T_prefix, c.n_kv_head, c.head_dim).transpose(1, 2).to(v.dtype)
+                x = block(x, rope, mask=attn_mask, prefix_kv=(prefix["k"][i], v))
         return self.action_out(self.norm(x[:, -H:]))
+
+    def keypoint_features(self, patches):
+        """(B, n_images * P, patch_dim) -> (B, n_images * keypoints * 2): per image and channel k, the
+        (x, y) expected under a softmax over the patches of a learned score (a spatial soft-argmax,
+        as in deep spatial autoencoders). A channel that scores "red" returns where the red thing is,
+        and its gradient needs no query to find it first: the scene camera's small objects are located
+        quickly this way, where attention from the action tokens learned to ignore that camera."""
+        c = self.config
+        B, P = patches.size(0), c.patch_grid ** 2
+        weights = self.keypoint_logits(patches).view(B, c.n_images, P, c.keypoints).float().softmax(dim=2)
+        xy = self.grid_coordinates(c.patch_grid, patches.device)[:P, :2]  # (P, 2), one image's patches
+        return torch.einsum("bmpk,pc->bmkc", weights, xy).flatten(1).to(patches.dtype)
+
+    def grid_coordinates(self, g, device=None):
+        """(n_images * g * g, 3 n_images): token k of image m (raster order on a g x g grid) holds its
+        (x, y, 1), x and y in [-1, 1], in channels 3m..3m+2, zeros elsewhere."""
+        n, m = g * g, self.config.n_images
+        k = torch.arange(n * m, device=device)
+        xy = torch.stack([k % g, (k % n) // g], -1).float() / max(g - 1, 1) * 2 - 1
+        feats = torch.zeros(n * m, 3 * m, device=device)
+        for i in range(m):
+            feats[i * n:(i + 1) * n, 3 * i:3 * i + 2] = xy[i * n:(i + 1) * n]
+            feats[i * n:(i + 1) * n, 3 * i + 2] = 1.0
+        return feats
+
+    def image_coordinates(self, is_image):
+        """is_image (B, T) bool, n_images runs of image_grid^2 visual tokens in raster order ->
+        (B, T, 3 n_images): each visual token's grid_coordinates, 0 for text. Visual features say
+        what is there, hardly where; a value that is linear in (x, y) makes attention to the tokens
+        of an object return its position."""
+        feats = self.grid_coordinates(self.config.image_grid, is_image.device)
+        index = (is_image.long().cumsum(1) - 1).clamp(min=0)  # which visual token each position is
+        return feats[index] * is_image[..., None]
 
 
 class VLA(nn.Module):
@@ -707,6 +787,11 @@ class VLA(nn.Module):
         if c.conditioning == "prefix" and (c.n_layer, c.n_kv_head, c.head_dim) != (llm.n_layer, llm.n_kv_head, llm.head_dim):
             raise ValueError(f"prefix conditioning needs expert n_layer, n_kv_head, head_dim = VLM's "
                              f"{(llm.n_layer, llm.n_kv_head, llm.head_dim)}, got {(c.n_layer, c.n_kv_head, c.head_dim)}")
+        if c.conditioning == "prefix" and c.image_coords and c.image_grid ** 2 != vlm.n_visual_tokens:
+            raise ValueError(f"image_grid {c.image_grid} does not match the VLM's {vlm.n_visual_tokens} visual tokens per image")
+        if c.conditioning == "prefix" and c.keypoints and (c.patch_grid, c.patch_dim) != (vlm.vision_config.grid, vlm.vision_config.n_embd):
+            raise ValueError(f"patch_grid, patch_dim = {(c.patch_grid, c.patch_dim)}, the vision tower's are "
+                             f"{(vlm.vision_config.grid, vlm.vision_config.n_embd)}")
         if c.conditioning == "action_token" and (c.vlm_n_embd != llm.n_embd or c.cond_layers > llm.n_layer):
             raise ValueError(f"action_token conditioning needs vlm_n_embd = {llm.n_embd} and cond_layers <= {llm.n_layer}")
 
@@ -726,14 +811,24 @@ class VLA(nn.Module):
         """One VLM pass over the prefix. idx (B, T), images (B, n_images, 3, H, W), prefix_mask
         (B, T) bool (False on padding, which is at the end, so causal attention never reads it)."""
         llm = self.vlm.llm
-        x = self.vlm.embed(idx, images)  # (B, T, C), image embeddings at the <|image|> positions
+        if images.size(1) != self.action_expert.config.n_images:
+            raise ValueError(f"{images.size(1)} images per sample, the expert expects n_images = {self.action_expert.config.n_images}")
+        c = self.action_expert.config
+        if c.conditioning == "prefix" and c.keypoints:  # VLM.embed, keeping the vision tower's patches
+            patches = self.vlm.vision(images.flatten(0, 1))  # (B * n_images, P, C_vit)
+            x = self.vlm.llm.embed_tokens(idx)
+            x = x.masked_scatter((idx == self.vlm.image_token_id).unsqueeze(-1), self.vlm.projector(patches).to(x.dtype))
+            patches = patches.reshape(idx.size(0), -1, patches.size(-1))  # (B, n_images * P, C_vit)
+        else:
+            x = self.vlm.embed(idx, images)  # (B, T, C), image embeddings at the <|image|> positions
         kv, hidden = PrefixKV(), []
         rope = llm.rope(0, x.size(1))
         for i, block in enumerate(llm.layers):
             x = block(x, rope, causal=True, kv_cache=kv, layer=i)
             hidden.append(x)
         if self.action_expert.config.conditioning == "prefix":
-            return {"k": kv.k, "v": kv.v, "mask": prefix_mask}
+            prefix = {"k": kv.k, "v": kv.v, "mask": prefix_mask, "is_image": idx == self.vlm.image_token_id}
+            return {**prefix, "patches": patches} if c.keypoints else prefix
         last = prefix_mask.sum(1) - 1  # the <|action|> token ends each prompt
         n = self.action_expert.config.cond_layers
         rows = torch.arange(idx.size(0), device=idx.device)
@@ -768,8 +863,12 @@ class VLA(nn.Module):
         state, actions, action_mask = (x.repeat_interleave(r, dim=0) for x in (state, actions, action_mask))
         tt = t.to(actions.dtype)[:, None, None]
         x_t = (1 - tt) * actions + tt * noise
-        v = self.action_expert(x_t, t, state, prefix)
-        err = (v.float() - (noise - actions).float()).pow(2).mean(-1)  # (B*r, H)
+        out = self.action_expert(x_t, t, state, prefix)
+        # 'actions': the target is the clean chunk, not noise - actions; the velocity (x_t - out) / t
+        # is the same flow, but the loss weights each t by t^2 and carries no noise in its target,
+        # so early training is a plain regression instead of first learning to echo the noise
+        target = actions if self.action_expert.config.predict == "actions" else noise - actions
+        err = (out.float() - target.float()).pow(2).mean(-1)  # (B*r, H)
         w = action_mask.float()
         return (err * w).sum() / w.sum().clamp(min=1)
 
@@ -781,7 +880,8 @@ class VLA(nn.Module):
         x, dt = noise, -1.0 / flow_steps
         for k in range(flow_steps):
             t = torch.full((x.size(0),), 1.0 + k * dt, device=x.device)
-            v = self.action_expert(x, t, state, prefix if reuse_prefix else self.encode_prefix(idx, images, prefix_mask))
+            out = self.action_expert(x, t, state, prefix if reuse_prefix else self.encode_prefix(idx, images, prefix_mask))
+            v = (x - out) / t[:, None, None] if self.action_expert.config.predict == "actions" else out
             x = x + dt * v
         return x
 

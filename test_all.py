@@ -561,12 +561,15 @@ def tiny_vlm(tokenizer, image_size=16):
     return M.VLM(llm, vision, tokenizer.special("<|image|>"))
 
 
-def tiny_vla(tokenizer, conditioning="prefix", chunk_size=4, n_frames=1):
+def tiny_vla(tokenizer, conditioning="prefix", chunk_size=4, n_frames=1, **expert):
     vlm = tiny_vlm(tokenizer)
     c = vlm.llm.config
     return M.VLA(vlm, M.ExpertConfig(conditioning=conditioning, n_layer=2, n_embd=24, mlp_hidden=48, n_head=2,
                                      n_kv_head=1, head_dim=16, n_frames=n_frames, chunk_size=chunk_size,
-                                     vlm_n_embd=c.n_embd, cond_layers=2))
+                                     n_images=2 * n_frames, image_grid=2, vlm_n_embd=c.n_embd, cond_layers=2, **expert))
+
+
+KEYPOINTS_ACTIONS = {"keypoints": 3, "patch_grid": 2, "patch_dim": 16, "predict": "actions"}  # train_vla's options
 
 
 @pytest.fixture(scope="module")
@@ -604,10 +607,10 @@ def fake_batch(tokenizer, vla, B=3, seed=0):
                           vla.action_expert.config.conditioning == "action_token")
 
 
-@pytest.mark.parametrize("conditioning", ["prefix", "action_token"])
-def test_flow_matching_loss_sends_gradients_to_every_trainable_part(vla_world, conditioning):
+@pytest.mark.parametrize("conditioning, expert", [("prefix", {}), ("action_token", {}), ("prefix", KEYPOINTS_ACTIONS)])
+def test_flow_matching_loss_sends_gradients_to_every_trainable_part(vla_world, conditioning, expert):
     torch.manual_seed(0)
-    vla = tiny_vla(vla_world.tokenizer, conditioning)
+    vla = tiny_vla(vla_world.tokenizer, conditioning, **expert)
     unused = {id(p) for p in vla.unused_parameters()}
     for p in vla.unused_parameters():
         p.requires_grad_(False)
@@ -640,8 +643,8 @@ def test_loss_ignores_actions_past_the_episode_end(vla_world):
 
 def test_prefix_reuse_equals_recomputing_the_prefix_at_every_denoising_step(vla_world):
     torch.manual_seed(0)
-    for conditioning in ("prefix", "action_token"):
-        vla = tiny_vla(vla_world.tokenizer, conditioning).eval()
+    for conditioning, expert in (("prefix", {}), ("action_token", {}), ("prefix", KEYPOINTS_ACTIONS)):
+        vla = tiny_vla(vla_world.tokenizer, conditioning, **expert).eval()
         batch = fake_batch(vla_world.tokenizer, vla)
         batch.pop("actions"), batch.pop("action_mask")
         noise = torch.randn(3, 4, 3)
@@ -878,8 +881,8 @@ def test_jsonl_and_tar_readers_and_a_corrupt_image_is_named_or_skipped(tmp_path)
     assert [ex["turns"] for ex in shard] == [[("what colour?", "blue")], [(data.CAPTION_PROMPT, "a blue square")]]
     pixels = data.load_image(shard[1]["images"][0])
     assert pixels.shape == (12, 20, 3) and tuple(pixels[0, 0]) == (0, 0, 255)
-    x = data.preprocess_image(pixels, 16)  # 20 x 12 -> 16 x 10, centred on zero padding
-    assert x.shape == (3, 16, 16) and x[:, :3].abs().max() == 0 and x[2, 8, 8] == 1.0 and x[0, 8, 8] == -1.0
+    x = data.preprocess_image(pixels, 16)  # 20 x 12 -> 16 x 10 in [0, 1], centred on mid-grey padding
+    assert x.shape == (3, 16, 16) and (x[:, :3] == 0.5).all() and x[2, 8, 8] == 1.0 and x[0, 8, 8] == 0.0
     examples = jsonl + shard
     tok = CharTokenizer()
     make = lambda **kw: data.ImageTextLoader(examples, tok, 5, 64, 16, 4, shuffle=False, **kw)

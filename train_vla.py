@@ -49,9 +49,12 @@ class TrainConfig:
     chunk_size: int = 8                 # H: actions predicted per chunk
     execute_steps: int = 4              # k: actions of each chunk executed open-loop before re-planning
     flow_steps: int = 10                # K: Euler steps of the sampler at evaluation
+    predict: str = "actions"            # expert output: 'actions' (the clean chunk) | 'velocity' (pi0's); model.py
     expert_n_embd: int = 128            # action expert width (its heads, and in prefix mode its depth, are the VLM's)
     expert_mlp_hidden: int = 384
     cond_layers: int = 4                # action_token: last N VLM layers whose hidden states condition the expert
+    image_coords: bool = True           # prefix: image tokens' (x, y) added to the values the expert reads (model.py)
+    keypoints: int = 16                 # prefix: spatial-softmax keypoints per image from the vision tower's patches; 0 = off
     state_norm: str = "meanstd"         # normalization of the proprio state: meanstd | minmax | quantile
     action_norm: str = "minmax"         # of the actions (minmax: dataset range -> [-1, 1])
     # optimization
@@ -128,7 +131,9 @@ def main(argv=None):
         conditioning=cfg.conditioning, n_layer=llm_c.n_layer, n_embd=cfg.expert_n_embd,
         mlp_hidden=cfg.expert_mlp_hidden, n_head=llm_c.n_head, n_kv_head=llm_c.n_kv_head,
         head_dim=llm_c.head_dim, state_dim=len(meta["state_names"]), action_dim=len(meta["action_names"]),
-        n_frames=cfg.n_frames, chunk_size=cfg.chunk_size, vlm_n_embd=llm_c.n_embd,
+        n_frames=cfg.n_frames, n_images=len(cameras) * cfg.n_frames, image_grid=round(vlm.n_visual_tokens ** 0.5),
+        image_coords=cfg.image_coords, keypoints=cfg.keypoints, patch_grid=vlm.vision_config.grid,
+        patch_dim=vlm.vision_config.n_embd, predict=cfg.predict, chunk_size=cfg.chunk_size, vlm_n_embd=llm_c.n_embd,
         cond_layers=min(cfg.cond_layers, llm_c.n_layer), rope_theta=llm_c.rope_theta, qk_norm=llm_c.qk_norm)
     if ckpt:
         expert_cfg = M.config_from_dict(M.ExpertConfig, json.load(open(os.path.join(ckpt, "config.json")))["action_expert"])
@@ -366,6 +371,9 @@ def bench_latency(cfg, repeats=20):
         vla = M.VLA(vlm, M.ExpertConfig(n_layer=c.n_layer, n_embd=cfg.expert_n_embd, mlp_hidden=cfg.expert_mlp_hidden,
                                         n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim,
                                         chunk_size=cfg.chunk_size, vlm_n_embd=c.n_embd, conditioning=cfg.conditioning,
+                                        n_images=len(cfg.cameras.split(",")), image_grid=round(vlm.n_visual_tokens ** 0.5),
+                                        image_coords=cfg.image_coords, keypoints=cfg.keypoints, predict=cfg.predict,
+                                        patch_grid=vlm.vision_config.grid, patch_dim=vlm.vision_config.n_embd,
                                         rope_theta=c.rope_theta, qk_norm=c.qk_norm)).to(device).eval()
         identity = lambda dims, mode: D.Normalizer(D.episode_stats(np.zeros((2, dims))), mode).to_dict()
         policy = eval_sim.VLAPolicy(vla, tokenizer, {"cameras": cfg.cameras.split(","), "n_frames": 1,

@@ -45,6 +45,7 @@ class TrainConfig:
     # model: the new parts (the LLM's shape comes from --init)
     image_size: int = 64
     patch_size: int = 8
+    vision_stem: int = 0                # > 0: convolutional stem channels before the patch embedding (model.py)
     vision_layers: int = 2
     vision_embd: int = 128
     vision_heads: int = 4
@@ -90,14 +91,7 @@ def main(argv=None):
     cfg.dtype = resolve_dtype(dist.device, cfg.dtype)
     resume_ckpt = find_checkpoint(cfg.out_dir) if cfg.resume else None
 
-    # --- model: the stage-1 LLM + a new vision tower and projector (on resume: the saved VLM)
-    raw_model, _, tokenizer = load_vlm(resume_ckpt) if resume_ckpt else vlm_from_llm(cfg)
-    raw_model.to(dist.device)
-    seq_len = cfg.seq_len or raw_model.config.max_seq_len
-    if seq_len > raw_model.config.max_seq_len:
-        raise D.UserError(f"--seq_len={seq_len} exceeds the LLM's max_seq_len {raw_model.config.max_seq_len}")
-
-    # --- data
+    # --- data: examples (rendered on demand for the built-in world), a held-out set
     if cfg.data == "world":
         train_examples, n_train = functools.partial(world_example, split="train", image_size=cfg.image_size), cfg.world_train
         val_examples = [world_example(i, "val", cfg.image_size) for i in range(cfg.world_val)]
@@ -107,6 +101,16 @@ def main(argv=None):
         if len(examples) <= n_val:
             raise D.UserError(f"{cfg.data} holds {len(examples)} example(s): too few to hold out {n_val} for validation")
         train_examples, val_examples, n_train = examples[:-n_val], examples[-n_val:], len(examples) - n_val
+
+    # --- model: the stage-1 LLM + a new vision tower and projector (on resume: the saved VLM)
+    if resume_ckpt:
+        raw_model, _, tokenizer = load_vlm(resume_ckpt)
+    else:
+        raw_model, tokenizer = vlm_from_llm(cfg, pixel_stats(train_examples, n_train, cfg))
+    raw_model.to(dist.device)
+    seq_len = cfg.seq_len or raw_model.config.max_seq_len
+    if seq_len > raw_model.config.max_seq_len:
+        raise D.UserError(f"--seq_len={seq_len} exceeds the LLM's max_seq_len {raw_model.config.max_seq_len}")
     loader_args = dict(tokenizer=tokenizer, seq_len=seq_len, image_size=cfg.image_size, rank=dist.rank,
                        world_size=dist.world_size, n_visual_tokens=raw_model.n_visual_tokens, skip_bad=cfg.skip_bad)
     train_loader = D.ImageTextLoader(train_examples, batch_size=cfg.micro_batch, num_examples=n_train, seed=cfg.seed,
@@ -208,8 +212,23 @@ def main(argv=None):
     teardown_distributed(dist)
 
 
-def vlm_from_llm(cfg):
-    """A new VLM around the stage-1 LLM of cfg.init: (model, None, tokenizer)."""
+def pixel_stats(examples, n_examples, cfg, n=256):
+    """Channel mean and std of the first n training images, for the vision tower's standardization."""
+    images = []
+    for i in range(min(n, n_examples)):
+        ex = examples(i) if callable(examples) else examples[i]
+        try:
+            images += [D.preprocess_image(D.load_image(im), cfg.image_size) for im in ex["images"]]
+        except D.UserError:
+            if not cfg.skip_bad:
+                raise
+    if not images:
+        raise D.UserError("no readable training image to measure pixel statistics on")
+    return D.image_channel_stats(images)
+
+
+def vlm_from_llm(cfg, pixel_stats):
+    """A new VLM around the stage-1 LLM of cfg.init: (model, tokenizer)."""
     if not os.path.exists(cfg.init):
         raise D.UserError(f"no stage-1 checkpoint at --init={cfg.init}: run `python train_llm.py` first "
                           f"(or point --init at its out_dir)")
@@ -219,15 +238,16 @@ def vlm_from_llm(cfg):
         raise D.UserError(f"--init={cfg.init} is a {llm_cfg['stage']} checkpoint; stage 2 starts from a stage-1 (llm) one")
     tokenizer = D.add_special_tokens(D.Tokenizer.load(os.path.join(path, "tokenizer.json")), D.CHAT_TOKENS)
     M.grow_embeddings(llm, round_up(tokenizer.n_vocab, 64))  # a no-op unless tokens were added
-    vision = M.VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.vision_layers,
+    vision = M.VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, stem_channels=cfg.vision_stem, n_layer=cfg.vision_layers,
                             n_embd=cfg.vision_embd, n_head=cfg.vision_heads, head_dim=cfg.vision_head_dim,
                             mlp_hidden=cfg.vision_mlp_hidden, pixel_shuffle=cfg.pixel_shuffle,
-                            projector_hidden=cfg.projector_hidden)
+                            projector_hidden=cfg.projector_hidden, pixel_mean=tuple(pixel_stats[0]),
+                            pixel_std=tuple(pixel_stats[1]))
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm)
     except ValueError as e:  # an impossible patch grid
         raise D.UserError(str(e)) from None
-    return model, None, tokenizer
+    return model, tokenizer
 
 
 def load_vlm(ckpt_dir, map_location="cpu"):
@@ -246,10 +266,14 @@ def load_vlm(ckpt_dir, map_location="cpu"):
 # The built-in world's data and the validation of answers
 
 def world_example(index, split, image_size):
-    """A rendered scene with its questions (eval_sim.scene_questions, shuffled) as one conversation."""
+    """A rendered scene as one conversation: every 4th scene its caption, the others their questions
+    (eval_sim.scene_questions, shuffled). Apart, because a caption in the same conversation would
+    give the answers away; a caption (~100 tokens) is about as long as the questions, so the batch
+    costs what questions alone cost."""
     from eval_sim import vlm_sample
     image, caption, qa = vlm_sample(index, image_size, split)
-    return {"images": [image], "turns": list(qa), "caption": caption}
+    turns = [(D.CAPTION_PROMPT, caption)] if index % 4 == 0 else list(qa)
+    return {"images": [image], "turns": turns, "caption": caption}
 
 
 # question families of eval_sim.scene_questions, first match wins

@@ -45,7 +45,6 @@ class TrainConfig:
     # model: the new parts (the LLM's shape comes from --init)
     image_size: int = 64
     patch_size: int = 8
-    vision_stem: int = 0                # > 0: convolutional stem channels before the patch embedding (model.py)
     vision_layers: int = 2
     vision_embd: int = 128
     vision_heads: int = 4
@@ -238,7 +237,7 @@ def vlm_from_llm(cfg, pixel_stats):
         raise D.UserError(f"--init={cfg.init} is a {llm_cfg['stage']} checkpoint; stage 2 starts from a stage-1 (llm) one")
     tokenizer = D.add_special_tokens(D.Tokenizer.load(os.path.join(path, "tokenizer.json")), D.CHAT_TOKENS)
     M.grow_embeddings(llm, round_up(tokenizer.n_vocab, 64))  # a no-op unless tokens were added
-    vision = M.VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, stem_channels=cfg.vision_stem, n_layer=cfg.vision_layers,
+    vision = M.VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.vision_layers,
                             n_embd=cfg.vision_embd, n_head=cfg.vision_heads, head_dim=cfg.vision_head_dim,
                             mlp_hidden=cfg.vision_mlp_hidden, pixel_shuffle=cfg.pixel_shuffle,
                             projector_hidden=cfg.projector_hidden, pixel_mean=tuple(pixel_stats[0]),

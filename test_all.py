@@ -607,7 +607,8 @@ def fake_batch(tokenizer, vla, B=3, seed=0):
                           vla.action_expert.config.conditioning == "action_token")
 
 
-@pytest.mark.parametrize("conditioning, expert", [("prefix", {}), ("action_token", {}), ("prefix", KEYPOINTS_ACTIONS)])
+@pytest.mark.parametrize("conditioning, expert", [("prefix", {}), ("action_token", {}), ("prefix", KEYPOINTS_ACTIONS),
+                                                  ("prefix", {"image_coords": True})])
 def test_flow_matching_loss_sends_gradients_to_every_trainable_part(vla_world, conditioning, expert):
     torch.manual_seed(0)
     vla = tiny_vla(vla_world.tokenizer, conditioning, **expert)
@@ -643,7 +644,8 @@ def test_loss_ignores_actions_past_the_episode_end(vla_world):
 
 def test_prefix_reuse_equals_recomputing_the_prefix_at_every_denoising_step(vla_world):
     torch.manual_seed(0)
-    for conditioning, expert in (("prefix", {}), ("action_token", {}), ("prefix", KEYPOINTS_ACTIONS)):
+    for conditioning, expert in (("prefix", {}), ("action_token", {}), ("prefix", KEYPOINTS_ACTIONS),
+                                 ("prefix", {"image_coords": True})):
         vla = tiny_vla(vla_world.tokenizer, conditioning, **expert).eval()
         batch = fake_batch(vla_world.tokenizer, vla)
         batch.pop("actions"), batch.pop("action_mask")

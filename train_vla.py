@@ -53,7 +53,8 @@ class TrainConfig:
     expert_n_embd: int = 128            # action expert width (its heads, and in prefix mode its depth, are the VLM's)
     expert_mlp_hidden: int = 384
     cond_layers: int = 4                # action_token: last N VLM layers whose hidden states condition the expert
-    image_coords: bool = True           # prefix: image tokens' (x, y) added to the values the expert reads (model.py)
+    image_coords: bool = False          # prefix: image tokens' (x, y) added to the values the expert reads (model.py;
+                                        # measured no gain once keypoints are on)
     keypoints: int = 16                 # prefix: spatial-softmax keypoints per image from the vision tower's patches; 0 = off
     state_norm: str = "meanstd"         # normalization of the proprio state: meanstd | minmax | quantile
     action_norm: str = "minmax"         # of the actions (minmax: dataset range -> [-1, 1])
@@ -63,7 +64,8 @@ class TrainConfig:
     noise_repeats: int = 2              # noise draws per sample sharing one VLM pass (cheap extra expert samples)
     max_steps: int = 500
     lr: float = 1e-3                    # peak learning rate of the action expert
-    lr_vision: float = 0.1              # learning-rate multipliers per part (x lr)
+    lr_vision: float = 1.0              # learning-rate multipliers per part (x lr); vision at the full rate: the
+                                        # keypoints read its patches, and stage 2 leaves them weak
     lr_projector: float = 0.3
     lr_llm: float = 0.3
     freeze_vision: bool = False         # no gradients into the vision tower (it still runs)

@@ -381,9 +381,9 @@ class VisionConfig:
 class VisionTower(nn.Module):
     """ViT without a CLS token: images (B, 3, H, W) in [0, 1] -> patch features (B, n_patches, n_embd).
 
-    Pixels are standardized with the training images' channel statistics (from scratch this
-    matters: on a uniform tabletop, SigLIP's fixed (x - 0.5) / 0.5 leaves a large constant offset and
-    a small object contrast, and the tower barely learns in a few hundred steps). Patch embedding
+    Pixels are standardized with the training images' channel statistics (train_vlm.py measures
+    them; the defaults give SigLIP's (x - 0.5) / 0.5), so a uniform tabletop does not leave a large
+    constant offset and a small object contrast. Patch embedding
     is a stride-patch convolution (a linear map of each patch, as in SigLIP), plus learned absolute
     positions; the blocks are the LLM's Block run bidirectionally (causal=False, no RoPE, no mask:
     SDPA's fastest path)."""

@@ -226,7 +226,7 @@ def pixel_stats(examples, n_examples, cfg, n=256):
     return D.image_channel_stats(images)
 
 
-def vlm_from_llm(cfg, pixel_stats):
+def vlm_from_llm(cfg, pixel_mean_std):
     """A new VLM around the stage-1 LLM of cfg.init: (model, tokenizer)."""
     if not os.path.exists(cfg.init):
         raise D.UserError(f"no stage-1 checkpoint at --init={cfg.init}: run `python train_llm.py` first "
@@ -240,8 +240,8 @@ def vlm_from_llm(cfg, pixel_stats):
     vision = M.VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.vision_layers,
                             n_embd=cfg.vision_embd, n_head=cfg.vision_heads, head_dim=cfg.vision_head_dim,
                             mlp_hidden=cfg.vision_mlp_hidden, pixel_shuffle=cfg.pixel_shuffle,
-                            projector_hidden=cfg.projector_hidden, pixel_mean=tuple(pixel_stats[0]),
-                            pixel_std=tuple(pixel_stats[1]))
+                            projector_hidden=cfg.projector_hidden, pixel_mean=tuple(pixel_mean_std[0]),
+                            pixel_std=tuple(pixel_mean_std[1]))
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm)
     except ValueError as e:  # an impossible patch grid

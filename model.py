@@ -480,10 +480,11 @@ class VLM(nn.Module):
             else:
                 nn.init.ones_(p)
 
-    def embed(self, idx, images):
+    def embed(self, idx, images, return_patches=False):
         """idx (B, T) with n_images * n_visual_tokens <|image|> placeholders per row, images
         (B, n_images, 3, H, W) float -> inputs (B, T, C): token embeddings, with each image's
-        projected embeddings at its placeholders (row by row, images in order)."""
+        projected embeddings at its placeholders (row by row, images in order). return_patches: also
+        the vision tower's patch features (B * n_images, n_patches, C_vit), which stage 3 reads."""
         x = self.llm.embed_tokens(idx)
         is_image = idx == self.image_token_id  # (B, T)
         n_images = 0 if images is None else images.size(1)
@@ -494,9 +495,10 @@ class VLM(nn.Module):
                 raise ValueError(f"row {bad[0]} has {counts[bad[0]]} <|image|> placeholders, expected {n_images} "
                                  f"image(s) x {self.n_visual_tokens} visual tokens = {want}")
         if n_images == 0:
-            return x
-        features = self.projector(self.vision(images.flatten(0, 1)))  # (B * n_images, n_visual_tokens, C)
-        return x.masked_scatter(is_image.unsqueeze(-1), features.to(x.dtype))
+            return (x, None) if return_patches else x
+        patches = self.vision(images.flatten(0, 1))  # (B * n_images, n_patches, C_vit)
+        x = x.masked_scatter(is_image.unsqueeze(-1), self.projector(patches).to(x.dtype))
+        return (x, patches) if return_patches else x
 
     def forward(self, idx, images, targets=None):
         """idx, targets (B, T) (targets -1 = no loss: data.py keeps only answer tokens);
@@ -599,10 +601,6 @@ class ExpertConfig:
     action_dim: int = 3
     n_frames: int = 1             # state tokens (one per frame of history)
     n_images: int = 2             # images in the prefix (cameras x frames)
-    image_grid: int = 4           # visual tokens per image side (raster order)
-    image_coords: bool = False    # prefix mode: each image token's (x, y) in its image, projected, added to
-                                  # the values the expert reads: attention then returns a spatial soft-argmax
-                                  # (measured with keypoints on, 500 steps: no gain, val_action_err 0.52 vs 0.49)
     keypoints: int = 0            # prefix mode: spatial-softmax keypoints per image read off the vision tower's
                                   # patches (before the projector folds them 4 to 1), given to the state
                                   # token; 0 = off. See keypoint_features
@@ -645,8 +643,7 @@ def flow_time_embedding(t, dim, min_period=4e-3, max_period=4.0):
 class ActionExpert(nn.Module):
     """A small transformer predicting, from a noisy action chunk, its flow velocity or its clean
     actions (ExpertConfig.predict; see the layout above). Reads the VLM only through `prefix`: a
-    dict {"k", "v": per-layer lists, "mask": (B, T_prefix) bool, "is_image", and "patches" with
-    keypoints} in prefix mode, {"cond": (B, cond_layers * vlm_n_embd)} in action_token mode."""
+    dict {"k", "v": per-layer lists, "mask": (B, T_prefix) bool, and "patches" with keypoints} in prefix mode, {"cond": (B, cond_layers * vlm_n_embd)} in action_token mode."""
 
     def __init__(self, config: ExpertConfig):
         super().__init__()
@@ -668,9 +665,6 @@ class ActionExpert(nn.Module):
             for _ in range(c.n_layer))
         self.norm = RMSNorm(c.n_embd, c.norm_eps)
         self.action_out = nn.Linear(c.n_embd, c.action_dim)
-        if c.conditioning == "prefix" and c.image_coords:  # per layer: (x, y, 1) of image m -> value channels
-            self.coord_proj = nn.ModuleList(nn.Linear(3 * c.n_images, c.n_kv_head * c.head_dim, bias=False)
-                                            for _ in range(c.n_layer))
         if c.conditioning == "prefix" and c.keypoints:
             self.keypoint_logits = nn.Linear(c.patch_dim, c.keypoints)
             self.keypoint_in = nn.Linear(2 * c.keypoints * c.n_images, c.n_embd)
@@ -725,12 +719,8 @@ class ActionExpert(nn.Module):
             rope = (self.rope_cos[c.suffix_start:c.suffix_start + S], self.rope_sin[c.suffix_start:c.suffix_start + S])
             attn_mask = torch.cat([mask[:, None, None, :].expand(B, 1, S, T_prefix),
                                    mask.new_ones(B, 1, S, S)], dim=-1)  # (B, 1, S, T_prefix + S)
-            coords = self.image_coordinates(prefix["is_image"]) if c.image_coords else None  # (B, T_prefix, 3 n_images)
             for i, block in enumerate(self.layers):
-                v = prefix["v"][i]
-                if coords is not None:  # values of image tokens += where they are
-                    v = v + self.coord_proj[i](coords).view(B, T_prefix, c.n_kv_head, c.head_dim).transpose(1, 2).to(v.dtype)
-                x = block(x, rope, mask=attn_mask, prefix_kv=(prefix["k"][i], v))
+                x = block(x, rope, mask=attn_mask, prefix_kv=(prefix["k"][i], prefix["v"][i]))
         return self.action_out(self.norm(x[:, -H:]))
 
     def keypoint_features(self, patches):
@@ -743,29 +733,9 @@ class ActionExpert(nn.Module):
         c = self.config
         B, P = patches.size(0), c.patch_grid ** 2
         weights = self.keypoint_logits(patches).view(B, c.n_images, P, c.keypoints).float().softmax(dim=2)
-        xy = self.grid_coordinates(c.patch_grid, patches.device)[:P, :2]  # (P, 2), one image's patches
+        k = torch.arange(P, device=patches.device)  # raster order: patch k is at column k % g, row k // g
+        xy = torch.stack([k % c.patch_grid, k // c.patch_grid], -1).float() / max(c.patch_grid - 1, 1) * 2 - 1
         return torch.einsum("bmpk,pc->bmkc", weights, xy).flatten(1).to(patches.dtype)
-
-    def grid_coordinates(self, g, device=None):
-        """(n_images * g * g, 3 n_images): token k of image m (raster order on a g x g grid) holds its
-        (x, y, 1), x and y in [-1, 1], in channels 3m..3m+2, zeros elsewhere."""
-        n, m = g * g, self.config.n_images
-        k = torch.arange(n * m, device=device)
-        xy = torch.stack([k % g, (k % n) // g], -1).float() / max(g - 1, 1) * 2 - 1
-        feats = torch.zeros(n * m, 3 * m, device=device)
-        for i in range(m):
-            feats[i * n:(i + 1) * n, 3 * i:3 * i + 2] = xy[i * n:(i + 1) * n]
-            feats[i * n:(i + 1) * n, 3 * i + 2] = 1.0
-        return feats
-
-    def image_coordinates(self, is_image):
-        """is_image (B, T) bool, n_images runs of image_grid^2 visual tokens in raster order ->
-        (B, T, 3 n_images): each visual token's grid_coordinates, 0 for text. Visual features say
-        what is there, hardly where; a value that is linear in (x, y) makes attention to the tokens
-        of an object return its position."""
-        feats = self.grid_coordinates(self.config.image_grid, is_image.device)
-        index = (is_image.long().cumsum(1) - 1).clamp(min=0)  # which visual token each position is
-        return feats[index] * is_image[..., None]
 
 
 class VLA(nn.Module):
@@ -781,8 +751,6 @@ class VLA(nn.Module):
         if c.conditioning == "prefix" and (c.n_layer, c.n_kv_head, c.head_dim) != (llm.n_layer, llm.n_kv_head, llm.head_dim):
             raise ValueError(f"prefix conditioning needs expert n_layer, n_kv_head, head_dim = VLM's "
                              f"{(llm.n_layer, llm.n_kv_head, llm.head_dim)}, got {(c.n_layer, c.n_kv_head, c.head_dim)}")
-        if c.conditioning == "prefix" and c.image_coords and c.image_grid ** 2 != vlm.n_visual_tokens:
-            raise ValueError(f"image_grid {c.image_grid} does not match the VLM's {vlm.n_visual_tokens} visual tokens per image")
         if c.conditioning == "prefix" and c.keypoints and (c.patch_grid, c.patch_dim) != (vlm.vision_config.grid, vlm.vision_config.n_embd):
             raise ValueError(f"patch_grid, patch_dim = {(c.patch_grid, c.patch_dim)}, the vision tower's are "
                              f"{(vlm.vision_config.grid, vlm.vision_config.n_embd)}")
@@ -804,25 +772,19 @@ class VLA(nn.Module):
     def encode_prefix(self, idx, images, prefix_mask):
         """One VLM pass over the prefix. idx (B, T), images (B, n_images, 3, H, W), prefix_mask
         (B, T) bool (False on padding, which is at the end, so causal attention never reads it)."""
-        llm = self.vlm.llm
-        if images.size(1) != self.action_expert.config.n_images:
-            raise ValueError(f"{images.size(1)} images per sample, the expert expects n_images = {self.action_expert.config.n_images}")
-        c = self.action_expert.config
-        if c.conditioning == "prefix" and c.keypoints:  # VLM.embed, keeping the vision tower's patches
-            patches = self.vlm.vision(images.flatten(0, 1))  # (B * n_images, P, C_vit)
-            x = self.vlm.llm.embed_tokens(idx)
-            x = x.masked_scatter((idx == self.vlm.image_token_id).unsqueeze(-1), self.vlm.projector(patches).to(x.dtype))
-            patches = patches.reshape(idx.size(0), -1, patches.size(-1))  # (B, n_images * P, C_vit)
-        else:
-            x = self.vlm.embed(idx, images)  # (B, T, C), image embeddings at the <|image|> positions
+        llm, c = self.vlm.llm, self.action_expert.config
+        if images.size(1) != c.n_images:
+            raise ValueError(f"{images.size(1)} images per sample, the expert expects n_images = {c.n_images}")
+        # (B, T, C) with image embeddings at the <|image|> positions; the tower's patches (B * n_images, P, C_vit)
+        x, patches = self.vlm.embed(idx, images, return_patches=True)
         kv, hidden = PrefixKV(), []
         rope = llm.rope(0, x.size(1))
         for i, block in enumerate(llm.layers):
             x = block(x, rope, causal=True, kv_cache=kv, layer=i)
             hidden.append(x)
         if self.action_expert.config.conditioning == "prefix":
-            prefix = {"k": kv.k, "v": kv.v, "mask": prefix_mask, "is_image": idx == self.vlm.image_token_id}
-            return {**prefix, "patches": patches} if c.keypoints else prefix
+            prefix = {"k": kv.k, "v": kv.v, "mask": prefix_mask}
+            return {**prefix, "patches": patches.reshape(idx.size(0), -1, patches.size(-1))} if c.keypoints else prefix
         last = prefix_mask.sum(1) - 1  # the <|action|> token ends each prompt
         n = self.action_expert.config.cond_layers
         rows = torch.arange(idx.size(0), device=idx.device)

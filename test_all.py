@@ -566,7 +566,7 @@ def tiny_vla(tokenizer, conditioning="prefix", chunk_size=4, n_frames=1, **exper
     c = vlm.llm.config
     return M.VLA(vlm, M.ExpertConfig(conditioning=conditioning, n_layer=2, n_embd=24, mlp_hidden=48, n_head=2,
                                      n_kv_head=1, head_dim=16, n_frames=n_frames, chunk_size=chunk_size,
-                                     n_images=2 * n_frames, image_grid=2, vlm_n_embd=c.n_embd, cond_layers=2, **expert))
+                                     n_images=2 * n_frames, vlm_n_embd=c.n_embd, cond_layers=2, **expert))
 
 
 KEYPOINTS_ACTIONS = {"keypoints": 3, "patch_grid": 2, "patch_dim": 16, "predict": "actions"}  # train_vla's options
@@ -607,8 +607,7 @@ def fake_batch(tokenizer, vla, B=3, seed=0):
                           vla.action_expert.config.conditioning == "action_token")
 
 
-@pytest.mark.parametrize("conditioning, expert", [("prefix", {}), ("action_token", {}), ("prefix", KEYPOINTS_ACTIONS),
-                                                  ("prefix", {"image_coords": True})])
+@pytest.mark.parametrize("conditioning, expert", [("prefix", {}), ("action_token", {}), ("prefix", KEYPOINTS_ACTIONS)])
 def test_flow_matching_loss_sends_gradients_to_every_trainable_part(vla_world, conditioning, expert):
     torch.manual_seed(0)
     vla = tiny_vla(vla_world.tokenizer, conditioning, **expert)
@@ -644,8 +643,7 @@ def test_loss_ignores_actions_past_the_episode_end(vla_world):
 
 def test_prefix_reuse_equals_recomputing_the_prefix_at_every_denoising_step(vla_world):
     torch.manual_seed(0)
-    for conditioning, expert in (("prefix", {}), ("action_token", {}), ("prefix", KEYPOINTS_ACTIONS),
-                                 ("prefix", {"image_coords": True})):
+    for conditioning, expert in (("prefix", {}), ("action_token", {}), ("prefix", KEYPOINTS_ACTIONS)):
         vla = tiny_vla(vla_world.tokenizer, conditioning, **expert).eval()
         batch = fake_batch(vla_world.tokenizer, vla)
         batch.pop("actions"), batch.pop("action_mask")

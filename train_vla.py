@@ -53,8 +53,6 @@ class TrainConfig:
     expert_n_embd: int = 128            # action expert width (its heads, and in prefix mode its depth, are the VLM's)
     expert_mlp_hidden: int = 384
     cond_layers: int = 4                # action_token: last N VLM layers whose hidden states condition the expert
-    image_coords: bool = False          # prefix: image tokens' (x, y) added to the values the expert reads (model.py;
-                                        # measured no gain once keypoints are on)
     keypoints: int = 16                 # prefix: spatial-softmax keypoints per image from the vision tower's patches; 0 = off
     state_norm: str = "meanstd"         # normalization of the proprio state: meanstd | minmax | quantile
     action_norm: str = "minmax"         # of the actions (minmax: dataset range -> [-1, 1])
@@ -133,8 +131,8 @@ def main(argv=None):
         conditioning=cfg.conditioning, n_layer=llm_c.n_layer, n_embd=cfg.expert_n_embd,
         mlp_hidden=cfg.expert_mlp_hidden, n_head=llm_c.n_head, n_kv_head=llm_c.n_kv_head,
         head_dim=llm_c.head_dim, state_dim=len(meta["state_names"]), action_dim=len(meta["action_names"]),
-        n_frames=cfg.n_frames, n_images=len(cameras) * cfg.n_frames, image_grid=round(vlm.n_visual_tokens ** 0.5),
-        image_coords=cfg.image_coords, keypoints=cfg.keypoints, patch_grid=vlm.vision_config.grid,
+        n_frames=cfg.n_frames, n_images=len(cameras) * cfg.n_frames,
+        keypoints=cfg.keypoints, patch_grid=vlm.vision_config.grid,
         patch_dim=vlm.vision_config.n_embd, predict=cfg.predict, chunk_size=cfg.chunk_size, vlm_n_embd=llm_c.n_embd,
         cond_layers=min(cfg.cond_layers, llm_c.n_layer), rope_theta=llm_c.rope_theta, qk_norm=llm_c.qk_norm)
     if ckpt:
@@ -373,8 +371,8 @@ def bench_latency(cfg, repeats=20):
         vla = M.VLA(vlm, M.ExpertConfig(n_layer=c.n_layer, n_embd=cfg.expert_n_embd, mlp_hidden=cfg.expert_mlp_hidden,
                                         n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim,
                                         chunk_size=cfg.chunk_size, vlm_n_embd=c.n_embd, conditioning=cfg.conditioning,
-                                        n_images=len(cfg.cameras.split(",")), image_grid=round(vlm.n_visual_tokens ** 0.5),
-                                        image_coords=cfg.image_coords, keypoints=cfg.keypoints, predict=cfg.predict,
+                                        n_images=len(cfg.cameras.split(",")),
+                                        keypoints=cfg.keypoints, predict=cfg.predict,
                                         patch_grid=vlm.vision_config.grid, patch_dim=vlm.vision_config.n_embd,
                                         rope_theta=c.rope_theta, qk_norm=c.qk_norm)).to(device).eval()
         identity = lambda dims, mode: D.Normalizer(D.episode_stats(np.zeros((2, dims))), mode).to_dict()
@@ -388,19 +386,20 @@ def bench_latency(cfg, repeats=20):
     vla = policy.vla
     noise = torch.randn(1, vla.action_expert.config.chunk_size, vla.action_expert.config.action_dim, device=device)
 
-    def timed(reuse):
-        times = []
-        for i in range(repeats + 3):
-            t0 = time.perf_counter()
-            out = vla.sample_actions(**batch, noise=noise, flow_steps=cfg.flow_steps, reuse_prefix=reuse)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 3:  # warm-up excluded
-                times.append(time.perf_counter() - t0)
-        return out, float(np.median(times))
+    def once(reuse):
+        t0 = time.perf_counter()
+        out = vla.sample_actions(**batch, noise=noise, flow_steps=cfg.flow_steps, reuse_prefix=reuse)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
 
-    a_reuse, t_reuse = timed(True)
-    a_full, t_full = timed(False)
+    # the two ways alternate, so a burst of load on a shared machine hits both: ratio = median of pairs
+    for _ in range(3):  # warm-up
+        once(True), once(False)
+    pairs = [(once(True), once(False)) for _ in range(repeats)]
+    (a_reuse, _), (a_full, _) = pairs[-1]
+    t_reuse, t_full = (float(np.median([p[k][1] for p in pairs])) for k in (0, 1))
+    ratio = float(np.median([full[1] / reuse[1] for reuse, full in pairs]))
     t_act = float(np.median([(lambda t0: (policy.act([obs]), time.perf_counter() - t0)[1])(time.perf_counter())
                              for _ in range(repeats)]))
     diff = (a_reuse - a_full).abs().max().item()
@@ -408,10 +407,10 @@ def bench_latency(cfg, repeats=20):
           f"{'checkpoint ' + ckpt if ckpt else 'random weights, default shape'}")
     print(f"one action chunk (batch 1, H = {vla.action_expert.config.chunk_size}, K = {cfg.flow_steps} Euler steps), median of {repeats}:")
     print(f"  prefix computed once, reused: {t_reuse * 1000:8.1f} ms")
-    print(f"  prefix recomputed every step: {t_full * 1000:8.1f} ms   ({t_full / t_reuse:.1f}x slower)")
+    print(f"  prefix recomputed every step: {t_full * 1000:8.1f} ms   ({ratio:.1f}x slower, median of paired runs)")
     print(f"  policy.act incl. preprocessing: {t_act * 1000:6.1f} ms")
     print(f"  max |reuse - recompute| = {diff:.2e}")
-    return {"reuse_ms": t_reuse * 1000, "recompute_ms": t_full * 1000, "max_abs_diff": diff}
+    return {"reuse_ms": t_reuse * 1000, "recompute_ms": t_full * 1000, "ratio": ratio, "max_abs_diff": diff}
 
 
 if __name__ == "__main__":

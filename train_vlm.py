@@ -36,7 +36,7 @@ class TrainConfig:
     init: str = "out/llm"               # stage-1 checkpoint: a run directory (its 'latest') or a step_* directory
     out_dir: str = "out/vlm"            # checkpoints (step_XXXXXX/ + 'latest'), metrics.jsonl
     data: str = "world"                 # 'world' = scenes rendered by eval_sim.py, else .jsonl/.tar paths or globs, comma-separated
-    world_train: int = 100000           # training scenes for data=world, rendered on demand (~3 ms each)
+    world_train: int = 100000           # training scenes for data=world, rendered on demand (~0.5 ms each)
     world_val: int = 64                 # held-out scenes for data=world (about 10 questions each)
     val_fraction: float = 0.02          # held-out share of user data
     skip_bad: bool = False              # skip and count unreadable images instead of stopping with an error

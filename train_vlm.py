@@ -1,7 +1,7 @@
 """
 Stage 2: the stage-1 language model grows eyes and becomes a vision-language model.
 
-    python train_llm.py && python train_vlm.py           # built-in world scenes, CPU, ~5 min
+    python train_llm.py && python train_vlm.py           # built-in world scenes, 2-core CPU ~3 min
     python train_vlm.py --blank_images                    # the control: same run, every image zeroed
     python train_vlm.py --data=pairs.jsonl,shards/*.tar   # your image-text data (see data.py)
     torchrun --standalone --nproc_per_node=8 train_vlm.py --init=out/llm --out_dir=out/vlm

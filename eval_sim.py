@@ -508,9 +508,12 @@ def draw_view(scene, size, cx, cy, zoom):
     return np.asarray(img)
 
 
+def scene_camera(scene, size):  # the whole table
+    return draw_view(scene, size, 0.5, 0.5, 1)
+
+
 def render_cameras(scene, size):
-    return {"scene": draw_view(scene, size, 0.5, 0.5, 1),
-            "wrist": draw_view(scene, size, scene.gx, scene.gy, WRIST_ZOOM)}
+    return {"scene": scene_camera(scene, size), "wrist": draw_view(scene, size, scene.gx, scene.gy, WRIST_ZOOM)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1015,8 +1018,7 @@ def vlm_sample(index, image_size=64, split="train"):
         _, _, terminated, truncated, _ = env.step(executed)
         if terminated or truncated:
             break
-    image = draw_view(env.scene, image_size, 0.5, 0.5, 1)  # the scene camera of render_cameras
-    return image, describe_scene(env), scene_questions(env, rng)
+    return scene_camera(env.scene, image_size), describe_scene(env), scene_questions(env, rng)
 
 
 def show(path, image_size=96, n_frames=6, seed=EVAL_SEED):

@@ -643,7 +643,8 @@ def flow_time_embedding(t, dim, min_period=4e-3, max_period=4.0):
 class ActionExpert(nn.Module):
     """A small transformer predicting, from a noisy action chunk, its flow velocity or its clean
     actions (ExpertConfig.predict; see the layout above). Reads the VLM only through `prefix`: a
-    dict {"k", "v": per-layer lists, "mask": (B, T_prefix) bool, and "patches" with keypoints} in prefix mode, {"cond": (B, cond_layers * vlm_n_embd)} in action_token mode."""
+    dict {"k", "v": per-layer lists, "mask": (B, T_prefix) bool, and "patches" with keypoints} in
+    prefix mode, {"cond": (B, cond_layers * vlm_n_embd)} in action_token mode."""
 
     def __init__(self, config: ExpertConfig):
         super().__init__()
@@ -782,13 +783,12 @@ class VLA(nn.Module):
         for i, block in enumerate(llm.layers):
             x = block(x, rope, causal=True, kv_cache=kv, layer=i)
             hidden.append(x)
-        if self.action_expert.config.conditioning == "prefix":
+        if c.conditioning == "prefix":
             prefix = {"k": kv.k, "v": kv.v, "mask": prefix_mask}
             return {**prefix, "patches": patches.reshape(idx.size(0), -1, patches.size(-1))} if c.keypoints else prefix
         last = prefix_mask.sum(1) - 1  # the <|action|> token ends each prompt
-        n = self.action_expert.config.cond_layers
         rows = torch.arange(idx.size(0), device=idx.device)
-        return {"cond": torch.cat([h[rows, last] for h in hidden[-n:]], dim=-1)}
+        return {"cond": torch.cat([h[rows, last] for h in hidden[-c.cond_layers:]], dim=-1)}
 
     def estimate_flops(self, prefix_len, n_images, noise_repeats=1):
         """Training FLOPs per sample: the VLM over the prefix (VLM.estimate_flops, less the LM head,

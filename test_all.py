@@ -566,10 +566,12 @@ def tiny_vla(tokenizer, conditioning="prefix", chunk_size=4, n_frames=1, **exper
     c = vlm.llm.config
     return M.VLA(vlm, M.ExpertConfig(conditioning=conditioning, n_layer=2, n_embd=24, mlp_hidden=48, n_head=2,
                                      n_kv_head=1, head_dim=16, n_frames=n_frames, chunk_size=chunk_size,
-                                     n_images=2 * n_frames, vlm_n_embd=c.n_embd, cond_layers=2, **expert))
+                                     n_images=2 * n_frames, vlm_n_embd=c.n_embd, vocab_size=c.vocab_size, cond_layers=2,
+                                     **expert))
 
 
-KEYPOINTS_ACTIONS = {"keypoints": 3, "patch_grid": 2, "patch_dim": 16, "predict": "actions"}  # train_vla's options
+KEYPOINTS_ACTIONS = {"keypoints": 3, "patch_grid": 2, "patch_dim": 16, "predict": "actions",  # train_vla's options
+                     "language_keypoints": True}
 
 
 @pytest.fixture(scope="module")
@@ -623,6 +625,26 @@ def test_flow_matching_loss_sends_gradients_to_every_trainable_part(vla_world, c
     for name, p in vla.named_parameters():
         if id(p) not in unused:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_language_keypoints_follow_the_instruction_and_ignore_padding(vla_world):
+    torch.manual_seed(0)
+    vla = tiny_vla(vla_world.tokenizer, **KEYPOINTS_ACTIONS).eval()
+    enc = vla_world.tokenizer.encode
+    batch = fake_batch(vla_world.tokenizer, vla, B=2)
+    with torch.no_grad():
+        base = vla.encode_prefix(batch["idx"], batch["images"], batch["prefix_mask"])["keypoints"]
+        # another colour word in row 0: its keypoints move, row 1's stay
+        idx = batch["idx"].clone()
+        red = (idx[0] == enc(" red")[0]).nonzero()[0, 0]
+        idx[0, red] = enc(" green")[0]
+        other = vla.encode_prefix(idx, batch["images"], batch["prefix_mask"])["keypoints"]
+        assert not torch.allclose(base[0], other[0], atol=1e-4) and torch.allclose(base[1], other[1])
+        # padding (after row 0's prompt) is never read: changing its ids changes nothing
+        idx = batch["idx"].clone()
+        idx[0, ~batch["prefix_mask"][0]] = enc(" blue")[0]
+        padded = vla.encode_prefix(idx, batch["images"], batch["prefix_mask"])["keypoints"]
+        assert torch.equal(base, padded)
 
 
 def test_loss_ignores_actions_past_the_episode_end(vla_world):

@@ -54,6 +54,7 @@ class TrainConfig:
     expert_mlp_hidden: int = 384
     cond_layers: int = 4                # action_token: last N VLM layers whose hidden states condition the expert
     keypoints: int = 16                 # prefix: spatial-softmax keypoints per image from the vision tower's patches; 0 = off
+    language_keypoints: bool = True     # keypoints match patches against queries read from the instruction (model.py)
     state_norm: str = "meanstd"         # normalization of the proprio state: meanstd | minmax | quantile
     action_norm: str = "minmax"         # of the actions (minmax: dataset range -> [-1, 1])
     # optimization
@@ -132,7 +133,8 @@ def main(argv=None):
         mlp_hidden=cfg.expert_mlp_hidden, n_head=llm_c.n_head, n_kv_head=llm_c.n_kv_head,
         head_dim=llm_c.head_dim, state_dim=len(meta["state_names"]), action_dim=len(meta["action_names"]),
         n_frames=cfg.n_frames, n_images=len(cameras) * cfg.n_frames,
-        keypoints=cfg.keypoints, patch_grid=vlm.vision_config.grid,
+        keypoints=cfg.keypoints, language_keypoints=cfg.language_keypoints, vocab_size=llm_c.vocab_size,
+        patch_grid=vlm.vision_config.grid,
         patch_dim=vlm.vision_config.n_embd, predict=cfg.predict, chunk_size=cfg.chunk_size, vlm_n_embd=llm_c.n_embd,
         cond_layers=min(cfg.cond_layers, llm_c.n_layer), rope_theta=llm_c.rope_theta, qk_norm=llm_c.qk_norm)
     if ckpt:
@@ -372,7 +374,8 @@ def bench_latency(cfg, repeats=20):
                                         n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim,
                                         chunk_size=cfg.chunk_size, vlm_n_embd=c.n_embd, conditioning=cfg.conditioning,
                                         n_images=len(cfg.cameras.split(",")),
-                                        keypoints=cfg.keypoints, predict=cfg.predict,
+                                        keypoints=cfg.keypoints, predict=cfg.predict, vocab_size=c.vocab_size,
+                                        language_keypoints=cfg.language_keypoints,
                                         patch_grid=vlm.vision_config.grid, patch_dim=vlm.vision_config.n_embd,
                                         rope_theta=c.rope_theta, qk_norm=c.qk_norm)).to(device).eval()
         identity = lambda dims, mode: D.Normalizer(D.episode_stats(np.zeros((2, dims))), mode).to_dict()

@@ -575,6 +575,9 @@ def grow_embeddings(llm, vocab_size):
 #   │ state x n_frames    │ a_1 (+ t) │ a_2 (+ t) │ ... │ a_H (+ t) │  [prefix K/V of VLM layer i,
 #   └─────────────────────┴───────────┴───────────┴─────┴───────────┘   its own suffix K/V]
 #   The prefix never sees the suffix; suffix tokens see the prefix (not its padding) and each other.
+#   With keypoints (train_vla's default) the state token also carries spatial-softmax keypoints of
+#   each image's vision-tower patches, scored against queries read from the instruction
+#   (ActionExpert.keypoint_features); like the K/V they are computed once per control step.
 #
 # action_token mode (the VLA Foundry paper): the prompt ends with a learned <|action|> token; its
 # hidden states from the last cond_layers VLM layers, concatenated and projected, form one

@@ -3,7 +3,7 @@ Stage 3: the vision-language-action policy. The stage-2 VLM grows an action expe
 flow matching over action chunks), learns from the built-in world's expert demonstrations, and is
 scored closed-loop in that world at the end.
 
-    python train_vla.py                                 # from out/vlm; demos collected; 2-core CPU ~8 min with eval
+    python train_vla.py                                 # from out/vlm; demos collected; 2-core CPU 9.3 min with eval
     python train_vla.py --init=scratch                  # the same budget from a random VLM of the same shape
     python train_vla.py --conditioning=action_token     # the VLA Foundry paper's conditioning
     python train_vla.py --bench                         # latency of one action chunk (prefix reuse vs not)

@@ -611,7 +611,7 @@ class ExpertConfig:
     patch_dim: int = 128
     language_keypoints: bool = False  # keypoints also match each patch against a query read from the
                                       # instruction, so a keypoint can follow "the red block" (keypoint_features)
-    vocab_size: int = 0           # language_keypoints: the tokenizer's size (one query row per token)
+    vocab_size: int = 0           # language_keypoints: the VLM's embedding rows (one query row per token)
     chunk_size: int = 8           # H: actions predicted per chunk (the policy executes the first k)
     predict: str = "velocity"     # what the expert outputs: 'velocity' v = noise - actions (pi0), or 'actions':
                                   # the clean chunk, v = (x_t - actions) / t (the same flow, see VLA.forward)
@@ -692,8 +692,8 @@ class ActionExpert(nn.Module):
                                       the expert ignores the prefix for ~100 steps (measured)
           down_proj                   normal(0, 0.02 / sqrt(2 * n_layer))
           keypoint_query_table        normal(0, 1): every token's query starts distinct and as loud as
-                                      the patch scores; at 0.02, or read off the LLM's embeddings (whose
-                                      colour words are 0.9 cosine-alike), a probe did not learn in 400 steps
+                                      the patch scores (see keypoint_features for what queries read
+                                      off the LLM's nearly alike colour embeddings did in a probe)
           other matrices              normal(0, 0.02)
           biases zeros, RMSNorm weights ones"""
         for name, p in self.named_parameters():
@@ -756,8 +756,9 @@ class ActionExpert(nn.Module):
         colour words after stage 1). In a probe (find the instruction's target object in the scene
         camera; a fresh vision tower, a frozen stage-1 LLM, batch 32) this reached a median error of
         0.04 table units in 200 steps, as fast as a one-hot colour query; plain keypoints with the
-        colour given beside them, or queries made from the LLM's embeddings or states, stayed at
-        0.24-0.27 (chance) for 400 steps."""
+        colour given beside them, or queries pooled from the instruction's LLM embeddings or states,
+        stayed at 0.24-0.27 (chance) for 400 steps, and the target colour word's own LLM embedding
+        as the query needed ~350 steps."""
         c = self.config
         B, P = patches.size(0), c.patch_grid ** 2
         patches = patches.view(B, c.n_images, P, c.patch_dim)

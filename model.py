@@ -604,7 +604,7 @@ class ExpertConfig:
     action_dim: int = 3
     n_frames: int = 1             # state tokens (one per frame of history)
     n_images: int = 2             # images in the prefix (cameras x frames)
-    keypoints: int = 0            # prefix mode: spatial-softmax keypoints per image read off the vision tower's
+    keypoints: int = 0            # spatial-softmax keypoints per image read off the vision tower's
                                   # patches (before the projector folds them 4 to 1), given to the state
                                   # token; 0 = off. See keypoint_features
     patch_grid: int = 8           # the vision tower's patches per side, and their width
@@ -649,9 +649,9 @@ def flow_time_embedding(t, dim, min_period=4e-3, max_period=4.0):
 class ActionExpert(nn.Module):
     """A small transformer predicting, from a noisy action chunk, its flow velocity or its clean
     actions (ExpertConfig.predict; see the layout above). Reads the VLM only through `prefix`:
-    {"k", "v": per-layer lists, "mask": (B, T_prefix) bool, and with keypoints "keypoints": their
-    features, see keypoint_features} in prefix mode, {"cond": (B, cond_layers * vlm_n_embd)} in
-    action_token mode."""
+    {"k", "v": per-layer lists, "mask": (B, T_prefix) bool} in prefix mode, {"cond": (B,
+    cond_layers * vlm_n_embd)} in action_token mode, and in both with keypoints "keypoints": their
+    features (keypoint_features)."""
 
     def __init__(self, config: ExpertConfig):
         super().__init__()
@@ -673,7 +673,7 @@ class ActionExpert(nn.Module):
             for _ in range(c.n_layer))
         self.norm = RMSNorm(c.n_embd, c.norm_eps)
         self.action_out = nn.Linear(c.n_embd, c.action_dim)
-        if c.conditioning == "prefix" and c.keypoints:
+        if c.keypoints:
             self.keypoint_logits = nn.Linear(c.patch_dim, c.keypoints)
             self.keypoint_in = nn.Linear(2 * c.keypoints * c.n_images, c.n_embd)
             if c.language_keypoints:  # which prompt tokens a keypoint reads, and what each token asks for
@@ -718,7 +718,7 @@ class ActionExpert(nn.Module):
         a = self.action_in(noisy_actions)
         a = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([a, time_emb], dim=-1))))
         s = self.state_in(state)
-        if c.conditioning == "prefix" and c.keypoints:
+        if c.keypoints:
             s = s + self.keypoint_in(prefix["keypoints"])[:, None]
         x = torch.cat([s, a], dim=1)  # (B, n_frames + H, n_embd)
         if c.conditioning == "action_token":
@@ -787,15 +787,16 @@ class VLA(nn.Module):
         if c.conditioning == "prefix" and (c.n_layer, c.n_kv_head, c.head_dim) != (llm.n_layer, llm.n_kv_head, llm.head_dim):
             raise ValueError(f"prefix conditioning needs expert n_layer, n_kv_head, head_dim = VLM's "
                              f"{(llm.n_layer, llm.n_kv_head, llm.head_dim)}, got {(c.n_layer, c.n_kv_head, c.head_dim)}")
-        if c.conditioning == "prefix" and c.keypoints and (c.patch_grid, c.patch_dim) != (vlm.vision_config.grid, vlm.vision_config.n_embd):
+        if c.keypoints and (c.patch_grid, c.patch_dim) != (vlm.vision_config.grid, vlm.vision_config.n_embd):
             raise ValueError(f"patch_grid, patch_dim = {(c.patch_grid, c.patch_dim)}, the vision tower's are "
                              f"{(vlm.vision_config.grid, vlm.vision_config.n_embd)}")
         if c.conditioning == "action_token" and (c.vlm_n_embd != llm.n_embd or c.cond_layers > llm.n_layer):
             raise ValueError(f"action_token conditioning needs vlm_n_embd = {llm.n_embd} and cond_layers <= {llm.n_layer}")
 
     def unused_parameters(self):
-        """Parameters the policy never uses; frozen so DDP does not wait for their gradients:
-        the LM head and final norm, and in prefix mode the last VLM block after its keys/values."""
+        """Parameters the policy does not train; frozen so DDP does not wait for their gradients:
+        the LM head and final norm, and in prefix mode the last VLM block after its keys/values.
+        Language keypoints read the last hidden states through these as stage 2 left them."""
         llm = self.vlm.llm
         unused = [llm.norm.weight] + ([] if llm.config.tie_embeddings else [llm.lm_head.weight])
         if self.action_expert.config.conditioning == "prefix":  # only k_proj, v_proj, k_norm of the last block are read
@@ -820,14 +821,15 @@ class VLA(nn.Module):
             hidden.append(x)
         if c.conditioning == "prefix":
             prefix = {"k": kv.k, "v": kv.v, "mask": prefix_mask}
-            if c.keypoints:  # they read only the prefix: computed once per control step, like its K/V
-                text_mask = prefix_mask & (idx != self.vlm.image_token_id)
-                prefix["keypoints"] = self.action_expert.keypoint_features(
-                    patches.reshape(idx.size(0), -1, patches.size(-1)), idx, llm.norm(x), text_mask)
-            return prefix
-        last = prefix_mask.sum(1) - 1  # the <|action|> token ends each prompt
-        rows = torch.arange(idx.size(0), device=idx.device)
-        return {"cond": torch.cat([h[rows, last] for h in hidden[-c.cond_layers:]], dim=-1)}
+        else:
+            last = prefix_mask.sum(1) - 1  # the <|action|> token ends each prompt
+            rows = torch.arange(idx.size(0), device=idx.device)
+            prefix = {"cond": torch.cat([h[rows, last] for h in hidden[-c.cond_layers:]], dim=-1)}
+        if c.keypoints:  # they read only the prefix: computed once per control step, like its K/V
+            text_mask = prefix_mask & (idx != self.vlm.image_token_id)
+            prefix["keypoints"] = self.action_expert.keypoint_features(
+                patches.reshape(idx.size(0), -1, patches.size(-1)), idx, llm.norm(x), text_mask)
+        return prefix
 
     def estimate_flops(self, prefix_len, n_images, noise_repeats=1):
         """Training FLOPs per sample: the VLM over the prefix (VLM.estimate_flops, less the LM head,

@@ -609,7 +609,8 @@ def fake_batch(tokenizer, vla, B=3, seed=0):
                           vla.action_expert.config.conditioning == "action_token")
 
 
-@pytest.mark.parametrize("conditioning, expert", [("prefix", {}), ("action_token", {}), ("prefix", KEYPOINTS_ACTIONS)])
+@pytest.mark.parametrize("conditioning, expert", [("prefix", {}), ("action_token", {}), ("prefix", KEYPOINTS_ACTIONS),
+                                                  ("action_token", KEYPOINTS_ACTIONS)])
 def test_flow_matching_loss_sends_gradients_to_every_trainable_part(vla_world, conditioning, expert):
     torch.manual_seed(0)
     vla = tiny_vla(vla_world.tokenizer, conditioning, **expert)

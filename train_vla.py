@@ -54,7 +54,7 @@ class TrainConfig:
     expert_n_embd: int = 128            # action expert width (its heads, and in prefix mode its depth, are the VLM's)
     expert_mlp_hidden: int = 384
     cond_layers: int = 4                # action_token: last N VLM layers whose hidden states condition the expert
-    keypoints: int = 16                 # prefix: spatial-softmax keypoints per image from the vision tower's patches; 0 = off
+    keypoints: int = 16                 # spatial-softmax keypoints per image from the vision tower's patches; 0 = off
     language_keypoints: bool = True     # keypoints match patches against queries read from the instruction (model.py)
     state_norm: str = "meanstd"         # normalization of the proprio state: meanstd | minmax | quantile
     action_norm: str = "minmax"         # of the actions (minmax: dataset range -> [-1, 1])

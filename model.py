@@ -676,6 +676,8 @@ class ActionExpert(nn.Module):
         if c.keypoints:
             self.keypoint_logits = nn.Linear(c.patch_dim, c.keypoints)
             self.keypoint_in = nn.Linear(2 * c.keypoints * c.n_images, c.n_embd)
+            if c.language_keypoints and c.vocab_size <= 0:
+                raise ValueError("language_keypoints needs vocab_size = the VLM's embedding rows, got 0")
             if c.language_keypoints:  # which prompt tokens a keypoint reads, and what each token asks for
                 self.keypoint_query_pool = nn.Linear(c.vlm_n_embd, c.keypoints)
                 self.keypoint_query_table = nn.Embedding(c.vocab_size, c.patch_dim * c.keypoints)
@@ -826,9 +828,9 @@ class VLA(nn.Module):
             rows = torch.arange(idx.size(0), device=idx.device)
             prefix = {"cond": torch.cat([h[rows, last] for h in hidden[-c.cond_layers:]], dim=-1)}
         if c.keypoints:  # they read only the prefix: computed once per control step, like its K/V
-            text_mask = prefix_mask & (idx != self.vlm.image_token_id)
-            prefix["keypoints"] = self.action_expert.keypoint_features(
-                patches.reshape(idx.size(0), -1, patches.size(-1)), idx, llm.norm(x), text_mask)
+            patches = patches.reshape(idx.size(0), -1, patches.size(-1))
+            text = (idx, llm.norm(x), prefix_mask & (idx != self.vlm.image_token_id)) if c.language_keypoints else ()
+            prefix["keypoints"] = self.action_expert.keypoint_features(patches, *text)
         return prefix
 
     def estimate_flops(self, prefix_len, n_images, noise_repeats=1):

@@ -128,16 +128,7 @@ def main(argv=None):
     vlm, vlm_cfg, tokenizer = load_stage2(ckpt or (cfg.shape_from if cfg.init == "scratch" else cfg.init),
                                           random_init=cfg.init == "scratch" and not ckpt,
                                           action_token=cfg.conditioning == "action_token")
-    llm_c = vlm.llm.config
-    expert_cfg = M.ExpertConfig(
-        conditioning=cfg.conditioning, n_layer=llm_c.n_layer, n_embd=cfg.expert_n_embd,
-        mlp_hidden=cfg.expert_mlp_hidden, n_head=llm_c.n_head, n_kv_head=llm_c.n_kv_head,
-        head_dim=llm_c.head_dim, state_dim=len(meta["state_names"]), action_dim=len(meta["action_names"]),
-        n_frames=cfg.n_frames, n_images=len(cameras) * cfg.n_frames,
-        keypoints=cfg.keypoints, language_keypoints=cfg.language_keypoints, vocab_size=llm_c.vocab_size,
-        patch_grid=vlm.vision_config.grid,
-        patch_dim=vlm.vision_config.n_embd, predict=cfg.predict, chunk_size=cfg.chunk_size, vlm_n_embd=llm_c.n_embd,
-        cond_layers=min(cfg.cond_layers, llm_c.n_layer), rope_theta=llm_c.rope_theta, qk_norm=llm_c.qk_norm)
+    expert_cfg = expert_config(cfg, vlm, cfg.n_frames, len(cameras), len(meta["state_names"]), len(meta["action_names"]))
     if ckpt:
         expert_cfg = M.config_from_dict(M.ExpertConfig, json.load(open(os.path.join(ckpt, "config.json")))["action_expert"])
     vla = M.VLA(vlm, expert_cfg).to(dist.device)
@@ -264,7 +255,7 @@ def main(argv=None):
         bar.update(1)
         if step % cfg.save_every == 0 or step == cfg.max_steps:  # every rank: their RNG states are gathered
             save_checkpoint(cfg.out_dir, step, weights, optimizer, loader, tokenizer, cfg.keep_checkpoints,
-                            model=llm_c, vision=vlm.vision_config, action_expert=expert_cfg, policy=policy_settings,
+                            model=vlm.llm.config, vision=vlm.vision_config, action_expert=expert_cfg, policy=policy_settings,
                             normalization=normalization, train=cfg, stage="vla")
     bar.close()
     if dist.is_master:
@@ -355,6 +346,18 @@ def run_evaluation(policy, cfg, out, image_size, name):
     return result
 
 
+def expert_config(cfg, vlm, n_frames, n_cameras, state_dim, action_dim):
+    """The action expert's shape: train_vla's settings, the VLM's layers, heads and vision grid."""
+    llm = vlm.llm.config
+    return M.ExpertConfig(
+        conditioning=cfg.conditioning, n_layer=llm.n_layer, n_embd=cfg.expert_n_embd, mlp_hidden=cfg.expert_mlp_hidden,
+        n_head=llm.n_head, n_kv_head=llm.n_kv_head, head_dim=llm.head_dim, state_dim=state_dim, action_dim=action_dim,
+        n_frames=n_frames, n_images=n_cameras * n_frames, keypoints=cfg.keypoints,
+        language_keypoints=cfg.language_keypoints, vocab_size=llm.vocab_size, patch_grid=vlm.vision_config.grid,
+        patch_dim=vlm.vision_config.n_embd, predict=cfg.predict, chunk_size=cfg.chunk_size, vlm_n_embd=llm.n_embd,
+        cond_layers=min(cfg.cond_layers, llm.n_layer), rope_theta=llm.rope_theta, qk_norm=llm.qk_norm)
+
+
 def bench_latency(cfg, repeats=20):
     """Latency of one action chunk (batch 1, CPU threads as set) for the default policy: the VLM
     prefix computed once and reused by the K Euler steps, vs recomputed at every step."""
@@ -370,15 +373,7 @@ def bench_latency(cfg, repeats=20):
         policy = eval_sim.load_policy(ckpt, device=device)
     else:  # a random policy of the default shape: latency does not depend on the weights
         vlm, _, tokenizer = load_stage2(cfg.shape_from if cfg.init == "scratch" else cfg.init, random_init=True)
-        c = vlm.llm.config
-        vla = M.VLA(vlm, M.ExpertConfig(n_layer=c.n_layer, n_embd=cfg.expert_n_embd, mlp_hidden=cfg.expert_mlp_hidden,
-                                        n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim,
-                                        chunk_size=cfg.chunk_size, vlm_n_embd=c.n_embd, conditioning=cfg.conditioning,
-                                        n_images=len(cfg.cameras.split(",")),
-                                        keypoints=cfg.keypoints, predict=cfg.predict, vocab_size=c.vocab_size,
-                                        language_keypoints=cfg.language_keypoints,
-                                        patch_grid=vlm.vision_config.grid, patch_dim=vlm.vision_config.n_embd,
-                                        rope_theta=c.rope_theta, qk_norm=c.qk_norm)).to(device).eval()
+        vla = M.VLA(vlm, expert_config(cfg, vlm, 1, len(cfg.cameras.split(",")), 4, 3)).to(device).eval()
         identity = lambda dims, mode: D.Normalizer(D.episode_stats(np.zeros((2, dims))), mode).to_dict()
         policy = eval_sim.VLAPolicy(vla, tokenizer, {"cameras": cfg.cameras.split(","), "n_frames": 1,
                                     "chunk_size": cfg.chunk_size, "execute_steps": cfg.execute_steps,

@@ -704,6 +704,20 @@ def test_sampling_is_deterministic_for_a_fixed_noise_seed(vla_world):
         policy.act([dict(obs[0], state=np.zeros(5, np.float32))])
 
 
+def test_keypoint_probe_scores_a_channel_that_tracks_the_target(vla_world, tmp_path):
+    rng = np.random.default_rng(0)
+    targets = rng.random((50, 2))
+    tracking = targets[:, ::-1] * [2, -3] + 1  # an affine image of the target (axes swapped, scaled)
+    points = np.stack([tracking, rng.random((50, 2)), tracking + rng.normal(0, 0.3, (50, 2))], 1)
+    r2 = train_vla.keypoint_r2(points, targets)
+    assert abs(r2[0] - 1) < 1e-9 and r2[1] < 0.2 and 0.2 < r2[2] < 0.9
+    # the probe of a trained policy: one R^2 per keypoint channel
+    out = str(tmp_path / "run")
+    train_vla.main(vla_args(vla_world, out, "--max_steps=2", "--keypoints=3", "--val_every=0"))
+    r2 = train_vla.probe_keypoints(train_vla.parse_config(train_vla.TrainConfig, [f"--out_dir={out}"]), scenes_per_task=2)
+    assert r2.shape == (3,) and np.all(r2 <= 1)
+
+
 def test_episode_windows_pad_past_frames_with_stride_and_mask_the_end(vla_world):
     ds = data.EpisodeDataset(vla_world.demos, n_frames=3, chunk_size=6, episode_ids=[3], frame_stride=2)
     ep = ds.episodes[0]  # a pick_place episode: long enough

@@ -64,10 +64,10 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0              # max global grad norm; 0 = off
     # evaluation and logging
-    eval_every: int = 50                # steps between validation losses (and at the end)
+    eval_every: int = 50                # steps between validation losses (and at the end; 0 = only there)
     eval_batches: int = 8               # validation micro-batches per process
     sample_every: int = 100             # steps between printed samples; 0 = only at the end
-    save_every: int = 100               # steps between checkpoints (and at the end)
+    save_every: int = 100               # steps between checkpoints (and at the end; 0 = only there)
     keep_checkpoints: int = 2           # older step_* directories are deleted
     # system
     device: str = "auto"                # 'auto' | 'cpu' | 'cuda'
@@ -166,15 +166,15 @@ def main(argv=None):
                   "tok_per_s": round(cfg.batch_tokens / dt), "mfu": round(flops_per_step / dt / peak, 4)}
         if grad_norm is not None:
             record["grad_norm"] = round(grad_norm.item(), 4)
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+        if due(step, cfg.eval_every, cfg.max_steps):
             record["val_loss"] = round(evaluate(), 6)
         log.write(record)
         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tok_per_s']:,}", mfu=f"{record['mfu']:.1%}",
                         **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
         bar.update(1)
-        if dist.is_master and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.max_steps):
+        if dist.is_master and due(step, cfg.sample_every, cfg.max_steps):
             tqdm.write(f"step {step} sample: {sample()!r}")
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
+        if due(step, cfg.save_every, cfg.max_steps):
             save_checkpoint(cfg.out_dir, step, raw_model, optimizer, train_loader, tokenizer, cfg.keep_checkpoints,
                             model=model_cfg, train=cfg, stage="llm")
     bar.close()
@@ -353,6 +353,12 @@ def lr_multiplier(step, cfg):
         progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)
         return 1.0 - (1 - cfg.min_lr_frac) * min(progress, 1.0)
     raise D.UserError(f"--schedule={cfg.schedule}: expected 'cosine', 'wsd' or 'constant'")
+
+
+def due(step, every, max_steps):
+    """Whether a periodic action (validation, checkpoint, sample) runs after this step: every
+    `every` steps and at the last one; every = 0 means only at the last."""
+    return (every > 0 and step % every == 0) or step == max_steps
 
 
 def make_optimizer(parts, cfg, device):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import data as D
 import model as M
-from train_llm import (MetricsLog, all_reduce_mean, autocast_context, barrier, find_checkpoint, load_checkpoint,
+from train_llm import (MetricsLog, all_reduce_mean, autocast_context, barrier, due, find_checkpoint, load_checkpoint,
                        lr_multiplier, make_optimizer, parse_config, peak_flops, resolve_dtype, round_up, run,
                        save_checkpoint, setup_distributed, teardown_distributed)
 
@@ -70,10 +70,10 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0              # max global grad norm; 0 = off
     # evaluation and logging
-    eval_every: int = 100               # steps between validations (loss + question accuracy) and at the end
+    eval_every: int = 100               # steps between validations (loss + question accuracy) and at the end (0 = only there)
     eval_batches: int = 4               # validation-loss micro-batches per process
     show_captions: int = 3              # captions of held-out images printed at the end
-    save_every: int = 100               # steps between checkpoints (and at the end)
+    save_every: int = 100               # steps between checkpoints (and at the end; 0 = only there)
     keep_checkpoints: int = 2
     # system
     device: str = "auto"                # 'auto' | 'cpu' | 'cuda'
@@ -192,7 +192,7 @@ def main(argv=None):
                   "samples_per_s": round(cfg.batch_size / dt, 2), "mfu": round(flops / dt / peak, 4)}
         if grad_norm is not None:
             record["grad_norm"] = round(grad_norm.item(), 4)
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+        if due(step, cfg.eval_every, cfg.max_steps):
             record["val_loss"] = round(evaluate(), 6)
             accuracy = question_accuracy(answer, questions, dist)
             record["val_accuracy"] = round(accuracy["all"][0] / max(1, accuracy["all"][1]), 4)
@@ -201,7 +201,7 @@ def main(argv=None):
                         **({"val": f"{record['val_loss']:.3f}", "acc": f"{record['val_accuracy']:.1%}"}
                            if "val_loss" in record else {}))
         bar.update(1)
-        if step % cfg.save_every == 0 or step == cfg.max_steps:  # every rank: their RNG states are gathered
+        if due(step, cfg.save_every, cfg.max_steps):  # every rank: their RNG states are gathered
             save_checkpoint(cfg.out_dir, step, raw_model, optimizer, train_loader, tokenizer, cfg.keep_checkpoints,
                             model=raw_model.config, vision=raw_model.vision_config, train=cfg, stage="vlm")
     bar.close()

@@ -7,6 +7,7 @@ scored closed-loop in that world at the end.
     python train_vla.py --init=scratch                  # the same budget from a random VLM of the same shape
     python train_vla.py --conditioning=action_token     # the VLA Foundry paper's conditioning
     python train_vla.py --bench                         # latency of one action chunk (prefix reuse vs not)
+    python train_vla.py --probe_keypoints               # does a keypoint of out/vla follow the instructed object?
     torchrun --standalone --nproc_per_node=8 train_vla.py --demos=my_robot_dataset
 
 Reads top to bottom: config, demonstrations, model, optimizer, loop (with EMA weights), checkpoint,

@@ -643,14 +643,10 @@ class ImageTextLoader:
 #   episodes.jsonl   one line per episode: {"file", "length", "task", "instruction", "success", ...}
 #   episodes/episode_000000.npz   images_<camera> (T, H, W, 3) uint8, state (T, S) float32,
 #                                 action (T, A) float32; frame t = what was seen before action t
-#                                 optional target_uv (T, 2) float32: where the instructed object is in
-#                                 the first camera's image at frame t, as fractions (u right, v down).
-#                                 A training-only label (train_vla --target_loss); the policy never
-#                                 sees it. The built-in world records it; a robot log usually doesn't.
 #   stats.json       {"state": {...}, "action": {...}}: mean, std, min, max, q01, q99 per dimension
 # From a real robot log: w = EpisodeWriter(root, cameras, image_size, state_names, action_names,
 # fps); per episode w.add({"scene": (T,H,W,3) uint8, ...}, states, actions, instruction, task);
-# w.close() writes the index, metadata (with "target_uv": whether every episode has it) and statistics.
+# w.close() writes the index, metadata and statistics.
 
 EPISODE_FORMAT = "nanofoundry-episodes-v1"
 
@@ -674,21 +670,14 @@ class EpisodeWriter:
                      "state_names": list(state_names), "action_names": list(action_names),
                      "fps": fps, **(extra or {})}
         self.lines, self.states, self.actions = [], [], []
-        self.all_have_target = True
 
     @property
     def num_episodes(self):
         return len(self.lines)
 
-    def add(self, images, state, action, instruction, task, success=True, target_uv=None, **extra):
+    def add(self, images, state, action, instruction, task, success=True, **extra):
         state, action = np.asarray(state, np.float32), np.asarray(action, np.float32)
         T = len(action)
-        arrays = {f"images_{cam}": images[cam] for cam in self.cameras}
-        if target_uv is not None:
-            arrays["target_uv"] = np.asarray(target_uv, np.float32)
-            if arrays["target_uv"].shape != (T, 2):
-                raise UserError(f"episode target_uv has shape {arrays['target_uv'].shape}, expected ({T}, 2)")
-        self.all_have_target &= target_uv is not None
         H, W = self.meta["image_size"]
         if state.shape != (T, len(self.meta["state_names"])) or action.shape != (T, len(self.meta["action_names"])):
             raise UserError(f"episode state {state.shape} / action {action.shape} do not match "
@@ -698,7 +687,8 @@ class EpisodeWriter:
                 raise UserError(f"camera {cam}: expected ({T}, {H}, {W}, 3) uint8, got "
                                 f"{images[cam].shape} {images[cam].dtype}")
         name = f"episodes/episode_{len(self.lines):06d}.npz"
-        np.savez_compressed(os.path.join(self.root, name), state=state, action=action, **arrays)
+        np.savez_compressed(os.path.join(self.root, name), state=state, action=action,
+                            **{f"images_{cam}": images[cam] for cam in self.cameras})
         self.lines.append({"file": name, "length": T, "task": task, "instruction": instruction,
                            "success": bool(success), **extra})
         self.states.append(state)
@@ -707,8 +697,7 @@ class EpisodeWriter:
     def close(self):
         with open(os.path.join(self.root, "episodes.jsonl"), "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in self.lines)
-        self.meta.update(num_episodes=len(self.lines), num_frames=sum(len(a) for a in self.actions),
-                         target_uv=bool(self.lines) and self.all_have_target)
+        self.meta.update(num_episodes=len(self.lines), num_frames=sum(len(a) for a in self.actions))
         with open(os.path.join(self.root, "meta.json"), "w") as f:
             json.dump(self.meta, f, indent=1)
         stats = {"state": episode_stats(np.concatenate(self.states)),
@@ -732,8 +721,7 @@ class EpisodeDataset:
 
     item = {"images": (n_cam, n_frames, H, W, 3) uint8, "state": (n_frames, S) float32,
             "actions": (chunk_size, A) float32, "action_mask": (chunk_size,) bool,
-            "instruction": str, "task": str, and where every episode has it "target_uv": (2,) float32
-            (the instructed object in the first camera's image at the current frame)}
+            "instruction": str, "task": str}
     Past frames before the episode start repeat the first frame; actions after the episode end
     repeat the last action with action_mask False. Episodes are small: all are held in memory."""
 
@@ -757,14 +745,12 @@ class EpisodeDataset:
             try:
                 with np.load(os.path.join(root, line["file"])) as z:
                     ep = {"images": np.stack([z[f"images_{c}"] for c in cameras]),  # (n_cam, T, H, W, 3)
-                          "state": z["state"], "action": z["action"],
-                          "target_uv": z["target_uv"] if "target_uv" in z.files else None}
+                          "state": z["state"], "action": z["action"]}
             except (OSError, KeyError, ValueError) as err:
                 raise UserError(f"episode {line.get('file')} in {root} is unreadable: {err}")
             ep.update(instruction=line["instruction"], task=line["task"], length=len(ep["action"]))
             self.index += [(len(self.episodes), t) for t in range(ep["length"])]
             self.episodes.append(ep)
-        self.has_target = bool(self.episodes) and all(ep["target_uv"] is not None for ep in self.episodes)
 
     def __len__(self):
         return len(self.index)
@@ -774,14 +760,11 @@ class EpisodeDataset:
         ep = self.episodes[e]
         past = np.clip(np.arange(t - (self.n_frames - 1) * self.frame_stride, t + 1, self.frame_stride), 0, None)
         future = np.arange(t, t + self.chunk_size)
-        item = {"images": torch.from_numpy(ep["images"][:, past]),
+        return {"images": torch.from_numpy(ep["images"][:, past]),
                 "state": torch.from_numpy(ep["state"][past]),
                 "actions": torch.from_numpy(ep["action"][np.minimum(future, ep["length"] - 1)]),
                 "action_mask": torch.from_numpy(future < ep["length"]),
                 "instruction": ep["instruction"], "task": ep["task"]}
-        if self.has_target:
-            item["target_uv"] = torch.from_numpy(ep["target_uv"][t])
-        return item
 
 
 class Normalizer:
@@ -839,8 +822,7 @@ def vla_batch(items, tokenizer, n_visual_tokens, image_size, state_norm, action_
     instruction only):
         idx (B, T) long: prompts right-padded with <|pad|> to the longest; prefix_mask (B, T) bool
         images (B, n_cam * n_frames, 3, S, S) in [-1, 1] (cameras outer, frames inner, prompt order)
-        state (B, n_frames, S) normalized; actions (B, H, A) normalized; action_mask (B, H) bool;
-        target_uv (B, 2) where the items have it (training only)
+        state (B, n_frames, S) normalized; actions (B, H, A) normalized; action_mask (B, H) bool
     Padding is at the end: a causal VLM never reads it, and the expert masks it out."""
     n_images = items[0]["images"].shape[0] * items[0]["images"].shape[1]
     prompts = [vla_prompt(tokenizer, it["instruction"], n_images * n_visual_tokens, action_token) for it in items]
@@ -855,8 +837,6 @@ def vla_batch(items, tokenizer, n_visual_tokens, image_size, state_norm, action_
     if action_norm is not None:
         batch["actions"] = action_norm.normalize(torch.stack([it["actions"] for it in items]))
         batch["action_mask"] = torch.stack([it["action_mask"] for it in items])
-    if "target_uv" in items[0]:
-        batch["target_uv"] = torch.stack([it["target_uv"] for it in items])
     return batch
 
 

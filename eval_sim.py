@@ -33,8 +33,6 @@ Episode format written by `collect` (read by data.EpisodeDataset):
     <root>/episodes/episode_000000.npz
         images_scene (T,H,W,3) uint8, images_wrist (T,H,W,3) uint8,
         state (T,S) float32, action (T,3) float32    (action[t] was taken after seeing frame t)
-        target_uv (T,2) float32: the instructed object's centre in the scene image (fractions, u right,
-                                 v down); a training-only label for train_vla's --target_loss
     <root>/stats.json           {"state": {...}, "action": {...}}: mean, std, min, max, q01, q99 per dim
 
 CLI:  python eval_sim.py {collect,eval,compare,bench,show} --help
@@ -963,23 +961,19 @@ def load_results(path):
 # Demonstrations, stage-2 samples, pictures
 
 def run_expert_episode(task, seed, split="seen", image_size=64, noise=0.2):
-    """One expert episode: frames and states seen before each action, the clean action labels, and
-    where the instructed object is in the scene camera's image at each frame (target_uv)."""
+    """One expert episode: frames and states seen before each action, the clean action labels."""
     env = TabletopEnv(task, image_size, split)
     obs, _ = env.reset(seed)
-    frames, states, actions, target_uv = [], [], [], []
+    frames, states, actions = [], [], []
     while True:
         rng = random.Random(f"expert/{task}/{split}/{seed}/{env.steps}")
         clean, executed = expert_action(env.scene, rng, noise)
         frames.append(obs["images"])
         states.append(obs["state"])
         actions.append(clean)
-        target = env.scene.objs[env.scene.goal["target"]]
-        target_uv.append((target.x, 1 - target.y))  # the scene camera shows the whole table, y up
         obs, _, terminated, truncated, info = env.step(executed)
         if terminated or truncated:
-            return (env, frames, np.array(states, np.float32), np.array(actions, np.float32), info["success"],
-                    np.array(target_uv, np.float32))
+            return env, frames, np.array(states, np.float32), np.array(actions, np.float32), info["success"]
 
 
 def collect(out, episodes_per_task=100, tasks=TASKS, image_size=64, noise=0.2, split="seen",
@@ -995,11 +989,11 @@ def collect(out, episodes_per_task=100, tasks=TASKS, image_size=64, noise=0.2, s
         while kept < episodes_per_task:
             if seed > 10 * episodes_per_task + 100:
                 raise RuntimeError(f"the expert keeps failing on {task}")
-            env, frames, states, actions, success, target_uv = run_expert_episode(task, seed, split, image_size, noise)
+            env, frames, states, actions, success = run_expert_episode(task, seed, split, image_size, noise)
             if success or keep_failures:
                 images = {cam: np.stack([f[cam] for f in frames]) for cam in ("scene", "wrist")}
                 writer.add(images, states, actions, instruction=env.scene.instruction, task=task,
-                           success=bool(success), target_uv=target_uv, split=split, seed=seed)
+                           success=bool(success), split=split, seed=seed)
                 kept += 1
             seed += 1
         if progress:
@@ -1033,7 +1027,7 @@ def show(path, image_size=96, n_frames=6, seed=EVAL_SEED):
     band = 14
     rows = []
     for task in TASKS:
-        env, frames, _, _, success, _ = run_expert_episode(task, seed, "seen", image_size)
+        env, frames, _, _, success = run_expert_episode(task, seed, "seen", image_size)
         frames.append(env._obs()["images"])
         picks = np.linspace(0, len(frames) - 1, n_frames).round().astype(int)
         gap = np.full((image_size, 3, 3), 255, np.uint8)

@@ -775,14 +775,6 @@ class ActionExpert(nn.Module):
         xy = torch.stack([k % c.patch_grid, k // c.patch_grid], -1).float() / max(c.patch_grid - 1, 1) * 2 - 1
         return torch.einsum("bmpk,pc->bmkc", weights, xy).flatten(1).to(patches.dtype)
 
-    def pointer_uv(self, keypoints):
-        """Keypoint 0 of the first image (of keypoint_features' output), as image fractions (u right,
-        v down; patch centres at (i + 0.5) / grid): the channel that train_vla's --target_loss
-        teaches to sit on the instructed object (VLA.forward)."""
-        g = self.config.patch_grid
-        xy = keypoints.float().view(keypoints.size(0), -1, 2)[:, 0]  # in [-1, 1] over patch centres
-        return ((xy + 1) / 2 * (g - 1) + 0.5) / g
-
 
 class VLA(nn.Module):
     """Vision-language-action policy: a stage-2 VLM (anything with .embed(idx, images) -> (B, T, C)
@@ -861,20 +853,13 @@ class VLA(nn.Module):
         rep = lambda x: x.repeat_interleave(repeats, dim=0)
         return {k: ([rep(x) for x in v] if isinstance(v, list) else rep(v)) for k, v in prefix.items()}
 
-    def forward(self, idx, images, prefix_mask, state, actions, action_mask, noise, t, target_uv=None, target_weight=0.0):
+    def forward(self, idx, images, prefix_mask, state, actions, action_mask, noise, t):
         """Flow-matching loss. state (B, n_frames, S), actions (B, H, A) normalized, action_mask
         (B, H) bool; noise (B*r, H, A) and t (B*r,) drawn by the caller (r noise draws per sample,
         the VLM pass shared by them). Returns the masked mean squared error of the expert's output:
-        velocity (noise - actions) or the clean actions, per ExpertConfig.predict.
-        With target_uv (B, 2) and target_weight > 0, plus target_weight x the squared distance
-        from keypoint 0 of the first image to the instructed object there (an auxiliary grounding
-        loss: it makes one keypoint lock onto the target in every run, see train_vla.py)."""
+        velocity (noise - actions) or the clean actions, per ExpertConfig.predict."""
         r = noise.size(0) // actions.size(0)
-        prefix = self.encode_prefix(idx, images, prefix_mask)
-        grounding = 0.0
-        if target_uv is not None and target_weight > 0:
-            grounding = target_weight * (self.action_expert.pointer_uv(prefix["keypoints"]) - target_uv.float()).pow(2).sum(-1).mean()
-        prefix = self.repeat_prefix(prefix, r)
+        prefix = self.repeat_prefix(self.encode_prefix(idx, images, prefix_mask), r)
         state, actions, action_mask = (x.repeat_interleave(r, dim=0) for x in (state, actions, action_mask))
         tt = t.to(actions.dtype)[:, None, None]
         x_t = (1 - tt) * actions + tt * noise
@@ -885,7 +870,7 @@ class VLA(nn.Module):
         target = actions if self.action_expert.config.predict == "actions" else noise - actions
         err = (out.float() - target.float()).pow(2).mean(-1)  # (B*r, H)
         w = action_mask.float()
-        return (err * w).sum() / w.sum().clamp(min=1) + grounding
+        return (err * w).sum() / w.sum().clamp(min=1)
 
     @torch.no_grad()
     def sample_actions(self, idx, images, prefix_mask, state, noise, flow_steps=10, reuse_prefix=True):

@@ -648,55 +648,6 @@ def test_language_keypoints_follow_the_instruction_and_ignore_padding(vla_world)
         assert torch.equal(base, padded)
 
 
-def test_grounding_loss_pulls_keypoint_zero_onto_the_instructed_object(vla_world):
-    torch.manual_seed(0)
-    vla = tiny_vla(vla_world.tokenizer, **KEYPOINTS_ACTIONS)
-    kp = torch.zeros(1, vla.action_expert.config.n_images * 3 * 2)  # grid 2: patch centres at 0.25 and 0.75
-    kp[0, :2] = torch.tensor([-1.0, 1.0])  # channel 0 of image 0 on the left column, bottom row
-    assert torch.allclose(vla.action_expert.pointer_uv(kp), torch.tensor([[0.25, 0.75]]))
-    batch = fake_batch(vla_world.tokenizer, vla)
-    noise, t = torch.randn(3, 4, 3), M.sample_flow_time(3)
-    flow = vla(**batch, noise=noise, t=t)
-    batch["target_uv"] = torch.tensor([[0.3, 0.7], [0.7, 0.3], [0.5, 0.6]])
-    assert torch.equal(vla(**batch, noise=noise, t=t), flow)  # weight 0: the label is ignored
-
-    def miss():
-        with torch.no_grad():
-            keypoints = vla.encode_prefix(batch["idx"], batch["images"], batch["prefix_mask"])["keypoints"]
-            return vla.action_expert.pointer_uv(keypoints) - batch["target_uv"]
-    assert torch.allclose(vla(**batch, noise=noise, t=t, target_weight=10.0),
-                          flow + 10 * miss().pow(2).sum(-1).mean(), atol=1e-6)
-    # trained with it, keypoint 0 moves onto each sample's own target
-    start = miss().norm(dim=-1).mean()
-    opt = torch.optim.Adam(vla.parameters(), lr=1e-2)
-    for _ in range(40):
-        opt.zero_grad()
-        vla(**batch, noise=noise, t=t, target_weight=10.0).backward()
-        opt.step()
-    assert miss().norm(dim=-1).mean() < start / 3
-
-
-def test_demos_record_where_the_instructed_object_is_and_old_datasets_still_load(vla_world, tmp_path):
-    for task in eval_sim.TASKS:
-        env, frames, _, _, _, target_uv = eval_sim.run_expert_episode(task, 0, image_size=64)
-        colour = eval_sim.COLOURS[env.scene.objs[env.scene.goal["target"]].colour]
-        assert target_uv.shape == (len(frames), 2)
-        u, v = target_uv[0]  # before the first action the gripper is away from every object
-        assert tuple(frames[0]["scene"][int(v * 64), int(u * 64)]) == colour, task
-    ds = data.EpisodeDataset(vla_world.demos)
-    assert ds.has_target and ds[5]["target_uv"].shape == (2,)
-    assert train_vla.has_target_labels(vla_world.demos)
-    # a dataset written without the label (a robot log) loads and batches without it
-    w = data.EpisodeWriter(str(tmp_path / "log"), ["scene", "wrist"], 16, eval_sim.STATE_NAMES, eval_sim.ACTION_NAMES, 10)
-    images = {cam: np.zeros((3, 16, 16, 3), np.uint8) for cam in ("scene", "wrist")}
-    w.add(images, np.zeros((3, 4)), np.zeros((3, 3)), "reach the red block", "reach")
-    w.close()
-    old = data.EpisodeDataset(str(tmp_path / "log"))
-    assert not old.has_target and "target_uv" not in old[0] and not train_vla.has_target_labels(str(tmp_path / "log"))
-    with pytest.raises(data.UserError, match="target_uv"):
-        w.add(images, np.zeros((3, 4)), np.zeros((3, 3)), "reach", "reach", target_uv=np.zeros((2, 2)))
-
-
 def test_loss_ignores_actions_past_the_episode_end(vla_world):
     torch.manual_seed(0)
     vla = tiny_vla(vla_world.tokenizer)
@@ -798,7 +749,7 @@ def test_vla_training_resumes_exactly_and_its_checkpoint_is_an_eval_policy(vla_w
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
     log = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
-    assert [r["step"] for r in log] == [1, 2, 3, 4] and "val_loss" in log[-1] and "val_target_err" in log[-1]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and "val_loss" in log[-1]
     cfg = json.load(open(f"{out}/step_000004/config.json"))
     assert cfg["policy"]["chunk_size"] == 4 and cfg["policy"]["execute_steps"] == 2
     assert set(cfg["normalization"]) >= {"state", "action"} and cfg["action_expert"]["chunk_size"] == 4
@@ -827,7 +778,6 @@ def test_bad_stage2_checkpoints_and_options_are_one_line_errors(vla_world, tmp_p
     assert "do not match its config.json" in cli(base + [f"--init={llm_dir}"])
     assert "--execute_steps=9" in cli(base + ["--execute_steps=9"])
     assert "--conditioning=cross" in cli(base + ["--conditioning=cross"])
-    assert "--target_loss=10.0" in cli(base + ["--keypoints=0"])
 
 
 def test_torchrun_two_processes_train_the_vla(vla_world, tmp_path):

@@ -57,9 +57,6 @@ class TrainConfig:
     cond_layers: int = 4                # action_token: last N VLM layers whose hidden states condition the expert
     keypoints: int = 16                 # spatial-softmax keypoints per image from the vision tower's patches; 0 = off
     language_keypoints: bool = True     # keypoints match patches against queries read from the instruction (model.py)
-    target_loss: float = 10.0           # weight of the auxiliary grounding loss: keypoint 0 of the first camera is
-                                        # pulled onto the instructed object, where the demos record it (target_uv; the
-                                        # built-in world's do). Training-only: the policy never sees the label. 0 = off
     state_norm: str = "meanstd"         # normalization of the proprio state: meanstd | minmax | quantile
     action_norm: str = "minmax"         # of the actions (minmax: dataset range -> [-1, 1])
     # optimization
@@ -115,7 +112,7 @@ def main(argv=None):
 
     # --- demonstrations: collected once by rank 0 into the cache, then read by every rank
     demos = cfg.demos or os.path.join(cfg.demos_cache, f"seen_{cfg.episodes_per_task}ep")
-    if not cfg.demos and dist.is_master and not has_target_labels(demos):  # absent, or cached before target_uv
+    if not cfg.demos and dist.is_master and not os.path.isfile(os.path.join(demos, "meta.json")):
         collect_demos(demos, cfg.episodes_per_task)
     barrier(dist)
     meta = D._read_json(os.path.join(demos, "meta.json"), "dataset metadata file")
@@ -126,7 +123,6 @@ def main(argv=None):
     frame_stride = cfg.execute_steps  # past frames spaced as the policy sees them: one per re-plan
     dataset = D.EpisodeDataset(demos, cfg.n_frames, cfg.chunk_size, cameras, train_ids, frame_stride)
     val_set = D.EpisodeDataset(demos, cfg.n_frames, cfg.chunk_size, cameras, val_ids, frame_stride) if val_ids else None
-    target_weight = cfg.target_loss if dataset.has_target else 0.0
     state_norm = D.Normalizer(dataset.stats["state"], cfg.state_norm)
     action_norm = D.Normalizer(dataset.stats["action"], cfg.action_norm)
     normalization = {"state": state_norm.to_dict(), "action": action_norm.to_dict(),
@@ -185,19 +181,15 @@ def main(argv=None):
         print(f"data: {len(dataset):,} windows from {len(train_ids)} episodes ({len(val_ids)} held out for val) in {demos} | "
               f"{dist.world_size} process(es) on {dist.device}, grad_accum {grad_accum}, {cfg.batch_size} samples/step "
               f"x {cfg.noise_repeats} noise draws | {cfg.max_steps} steps")
-        print(f"grounding loss: weight {target_weight} on keypoint 0's distance to the instructed object" if target_weight
-              else f"grounding loss: off ({'--target_loss=0' if dataset.has_target else 'the demos record no target_uv'})")
 
     def validation():
         """On the held-out episodes, with the evaluated weights (EMA if on) and fixed noise and times,
         so values are comparable across steps: the flow loss, and the mean absolute error of sampled
-        chunks' first execute_steps actions (normalized units): does the policy know where to go?
-        Where the demos record target_uv, also keypoint 0's mean distance to the instructed object
-        (image fractions; the scene camera's are table units)."""
+        chunks' first execute_steps actions (normalized units): does the policy know where to go?"""
         policy_model = weights["ema"] if cfg.ema_decay > 0 else vla
         policy_model.eval()
         g = torch.Generator().manual_seed(cfg.seed)
-        losses, errors, misses = [], [], []
+        losses, errors = [], []
         with torch.no_grad():
             for start in range(0, len(val_set), cfg.micro_batch):
                 batch = make_batch([val_set[i] for i in range(start, min(start + cfg.micro_batch, len(val_set)))])
@@ -211,16 +203,8 @@ def main(argv=None):
                 k = cfg.execute_steps
                 mask = batch["action_mask"][:, :k, None].float()
                 errors.append(((chunk[:, :k] - batch["actions"][:, :k]).abs() * mask).sum() / (mask.sum() * A))
-                if "target_uv" in batch and cfg.keypoints:
-                    with autocast:
-                        keypoints = policy_model.encode_prefix(batch["idx"], batch["images"], batch["prefix_mask"])["keypoints"]
-                    pointer = policy_model.action_expert.pointer_uv(keypoints)
-                    misses.append((pointer - batch["target_uv"]).norm(dim=-1).mean())
         policy_model.train()
-        record = {"val_loss": torch.stack(losses).mean().item(), "val_action_err": torch.stack(errors).mean().item()}
-        if misses:
-            record["val_target_err"] = torch.stack(misses).mean().item()
-        return {k: round(v, 6) for k, v in record.items()}
+        return torch.stack(losses).mean().item(), torch.stack(errors).mean().item()
 
     def closed_loop(tag):
         policy_model = weights["ema"] if cfg.ema_decay > 0 else vla
@@ -249,7 +233,7 @@ def main(argv=None):
             if dist.world_size > 1:  # all-reduce gradients only on the last micro-step (set before forward)
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with autocast:
-                loss = model(**batch, noise=noise, t=t, target_weight=target_weight)
+                loss = model(**batch, noise=noise, t=t)
             (loss / grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(vla.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
@@ -265,14 +249,13 @@ def main(argv=None):
         if grad_norm is not None:
             record["grad_norm"] = round(grad_norm.item(), 4)
         if val_set is not None and dist.is_master and due(step, cfg.val_every, cfg.max_steps):
-            record.update(validation())
+            record["val_loss"], record["val_action_err"] = (round(x, 6) for x in validation())
         if dist.is_master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and cfg.eval_episodes:
             record["success"] = closed_loop(f"eval_step_{step:06d}")["overall"]["all"]["rate"]
         log.write(record)
         bar.set_postfix(loss=f"{train_loss:.3f}", smp_s=f"{record['samples_per_s']:.1f}",
                         **({"val": f"{record['val_loss']:.3f}", "act_err": f"{record['val_action_err']:.3f}"}
-                           if "val_loss" in record else {}),
-                        **({"tgt_err": f"{record['val_target_err']:.3f}"} if "val_target_err" in record else {}))
+                           if "val_loss" in record else {}))
         bar.update(1)
         if due(step, cfg.save_every, cfg.max_steps):  # every rank: their RNG states are gathered
             save_checkpoint(cfg.out_dir, step, weights, optimizer, loader, tokenizer, cfg.keep_checkpoints,
@@ -291,9 +274,6 @@ def check_config(cfg):
         raise D.UserError(f"--conditioning={cfg.conditioning}: expected 'prefix' or 'action_token'")
     if not 1 <= cfg.execute_steps <= cfg.chunk_size:
         raise D.UserError(f"--execute_steps={cfg.execute_steps} must be between 1 and --chunk_size={cfg.chunk_size}")
-    if cfg.target_loss < 0 or (cfg.target_loss > 0 and cfg.keypoints < 1):
-        raise D.UserError(f"--target_loss={cfg.target_loss} acts on keypoint 0: it needs --keypoints >= 1 and a "
-                          f"weight >= 0 (--target_loss=0 turns it off)")
     if cfg.noise_repeats < 1 or cfg.flow_steps < 1 or cfg.n_frames < 1:
         raise D.UserError("--noise_repeats, --flow_steps and --n_frames must be at least 1")
     cams = cfg.cameras.split(",")
@@ -304,24 +284,13 @@ def check_config(cfg):
             raise D.UserError(f"--eval_splits={cfg.eval_splits}: expected seen and/or heldout, comma-separated")
 
 
-def has_target_labels(path):
-    """Is there a complete demo dataset at path whose episodes all record target_uv?"""
-    try:
-        with open(os.path.join(path, "meta.json")) as f:
-            return bool(json.load(f).get("target_uv"))
-    except (OSError, ValueError):
-        return False
-
-
 def collect_demos(path, episodes_per_task):
     """The built-in world's expert demonstrations (seen split), written under a temporary name and
-    renamed when complete, so a killed collection is never mistaken for a dataset. Replaces an
-    older cache (one without target_uv)."""
+    renamed when complete, so a killed collection is never mistaken for a dataset."""
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
     n = eval_sim.collect(tmp, episodes_per_task, progress=False)
-    shutil.rmtree(path, ignore_errors=True)
     os.rename(tmp, path)
     print(f"collected {n} expert demonstrations -> {path} ({time.time() - t0:.1f}s)")
 

@@ -3,7 +3,7 @@ Stage 3: the vision-language-action policy. The stage-2 VLM grows an action expe
 flow matching over action chunks), learns from the built-in world's expert demonstrations, and is
 scored closed-loop in that world at the end.
 
-    python train_vla.py                                 # from out/vlm; demos collected; 2-core CPU 9.3 min with eval
+    python train_vla.py                                 # from out/vlm; demos collected; 2-core CPU 6.8-9.3 min with eval
     python train_vla.py --init=scratch                  # the same budget from a random VLM of the same shape
     python train_vla.py --conditioning=action_token     # the VLA Foundry paper's conditioning
     python train_vla.py --bench                         # latency of one action chunk (prefix reuse vs not)
@@ -63,7 +63,7 @@ class TrainConfig:
     batch_size: int = 32                # global batch in samples = micro_batch * world_size * grad_accum
     micro_batch: int = 32               # samples per forward pass per process
     noise_repeats: int = 2              # noise draws per sample sharing one VLM pass (cheap extra expert samples)
-    max_steps: int = 1000               # ~3 epochs of the demo windows; the whole pipeline then takes ~15 min (README)
+    max_steps: int = 1000               # ~3 epochs of the demo windows; the whole pipeline then takes 11-15 min (README)
     lr: float = 1e-3                    # peak learning rate of the action expert
     lr_vision: float = 1.0              # learning-rate multipliers per part (x lr); vision at the full rate: the
                                         # keypoints read its patches, and stage 2 leaves them weak

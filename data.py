@@ -706,7 +706,7 @@ class EpisodeWriter:
             json.dump(stats, f, indent=1)
 
 
-def _read_json(path, what):
+def read_json(path, what):
     try:
         with open(path) as f:
             return json.load(f)
@@ -726,8 +726,8 @@ class EpisodeDataset:
     repeat the last action with action_mask False. Episodes are small: all are held in memory."""
 
     def __init__(self, root, n_frames=1, chunk_size=8, cameras=("scene", "wrist"), episode_ids=None, frame_stride=1):
-        self.meta = _read_json(os.path.join(root, "meta.json"), "dataset metadata file")
-        self.stats = _read_json(os.path.join(root, "stats.json"), "statistics file")
+        self.meta = read_json(os.path.join(root, "meta.json"), "dataset metadata file")
+        self.stats = read_json(os.path.join(root, "stats.json"), "statistics file")
         missing = [c for c in cameras if c not in self.meta.get("cameras", [])]
         if missing:
             raise UserError(f"{root} has cameras {self.meta.get('cameras')}, not {missing}")

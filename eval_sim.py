@@ -665,112 +665,6 @@ class NoopPolicy:
         return np.zeros((len(obs_list), 3), np.float32)
 
 
-def load_policy(path, device=None, weights="ema"):
-    """A trained VLA checkpoint directory (or a run directory with a 'latest' file) -> VLAPolicy."""
-    if os.path.isfile(os.path.join(path, "latest")):
-        with open(os.path.join(path, "latest")) as f:
-            path = os.path.join(path, f.read().strip())
-    if not (os.path.isfile(os.path.join(path, "config.json"))
-            and os.path.isfile(os.path.join(path, "model.safetensors"))):
-        raise UserError(f"{path} is not a checkpoint directory (expected config.json and model.safetensors)")
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}/config.json: {e}")
-    if "action_expert" not in config:
-        raise UserError(f"checkpoint at {path} has no action expert; train one with train_vla.py")
-    import torch
-    import model
-    from data import Tokenizer
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        vla, config = model.load_vla(path, map_location=device, weights=weights)
-    except (ValueError, KeyError, RuntimeError) as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise UserError(f"cannot load the policy in {path}: {next((l for l in lines if 'size mismatch' in l), lines[-1])[:300]}")
-    return VLAPolicy(vla.eval(), Tokenizer.load(os.path.join(path, "tokenizer.json")), config["policy"],
-                     config["normalization"])
-
-
-class VLAPolicy:
-    """A stage-3 policy (model.VLA) for evaluate(): per call it checks each observation, tokenizes
-    the instruction, preprocesses the camera images, normalizes the state, runs one batched chunk
-    prediction for all environments, un-normalizes and clamps the actions to the demonstrations'
-    range, and returns the first execute_steps of each chunk: act(obs_list) -> (N, k, 3).
-
-    settings: cameras, n_frames, chunk_size, execute_steps, flow_steps, image_size (config.json's
-    "policy" section); normalization: {"state", "action": Normalizer dicts, "state_names", ...}.
-    With n_frames > 1 it keeps each environment's past observations (one per call, so one every
-    execute_steps steps, as in training); environments are identified through bind()."""
-    name = "vla"
-
-    def __init__(self, vla, tokenizer, settings, normalization, seed=0, autocast=None):
-        import contextlib
-        import torch
-        from data import Normalizer
-        self.vla, self.tokenizer, self.settings = vla, tokenizer, settings
-        self.state_norm = Normalizer.from_dict(normalization["state"])
-        self.action_norm = Normalizer.from_dict(normalization["action"])
-        self.state_names = normalization.get("state_names", [f"s{i}" for i in range(len(self.state_norm.offset))])
-        self.device = next(vla.parameters()).device
-        self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.autocast = autocast or contextlib.nullcontext()
-        self.envs, self.history = None, {}
-
-    def bind(self, envs):
-        self.envs = envs
-
-    def _item(self, obs, env):
-        """One observation -> {"images": (n_cam, n_frames, H, W, 3), "state": (n_frames, S), "instruction"}."""
-        cams, n_frames = self.settings["cameras"], self.settings["n_frames"]
-        missing = [c for c in cams if c not in obs.get("images", {})]
-        if missing:
-            raise UserError(f"observation lacks camera(s) {missing}: the policy needs images from {cams}")
-        state = np.asarray(obs["state"], np.float32)
-        if state.shape != (len(self.state_names),):
-            raise UserError(f"observation state has shape {state.shape}, the policy expects "
-                            f"({len(self.state_names)},) = {self.state_names}")
-        frame = (np.stack([obs["images"][c] for c in cams]), state)
-        past = [frame]
-        if n_frames > 1 and env is not None:  # history per environment, restarted with each episode
-            key = (id(env), env.task, env.split, env.seed)
-            if env.steps == 0 or key not in self.history:
-                self.history[key] = []
-            self.history[key] = (self.history[key] + [frame])[-n_frames:]
-            past = self.history[key]
-        past = [past[0]] * (n_frames - len(past)) + past  # before the episode start: the first frame
-        return {"images": np.stack([p[0] for p in past], axis=1), "state": np.stack([p[1] for p in past]),
-                "instruction": obs["instruction"]}
-
-    def inputs(self, obs_list):
-        """The model's input tensors for a batch of observations."""
-        from data import vla_batch
-        envs = self.envs if self.envs is not None and len(self.envs) == len(obs_list) else [None] * len(obs_list)
-        items = [self._item(obs, env) for obs, env in zip(obs_list, envs)]
-        vlm = self.vla.vlm
-        batch = vla_batch(items, self.tokenizer, vlm.n_visual_tokens, vlm.vision_config.image_size, self.state_norm,
-                          action_token=self.vla.action_expert.config.conditioning == "action_token")
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-    def predict_actions(self, obs_list, noise=None):
-        """(N, chunk_size, action_dim) float32 actions, un-normalized and clamped. noise: the sampler's
-        starting point (N, H, A) in normalized space; default drawn from the policy's generator."""
-        import torch
-        batch = self.inputs(obs_list)
-        c = self.vla.action_expert.config
-        if noise is None:
-            noise = torch.randn(len(obs_list), c.chunk_size, c.action_dim, device=self.device, generator=self.generator)
-        with torch.no_grad(), self.autocast:
-            chunk = self.vla.sample_actions(**batch, noise=noise.to(self.device), flow_steps=self.settings["flow_steps"])
-        lo, hi = self.action_norm.stats["min"], self.action_norm.stats["max"]
-        actions = self.action_norm.unnormalize(chunk.float().cpu().numpy())
-        return np.clip(actions, lo, hi).astype(np.float32)
-
-    def act(self, obs_list):
-        return self.predict_actions(obs_list)[:, :self.settings["execute_steps"]]
-
-
 def make_policy(spec):
     if spec == "expert":
         return ExpertPolicy()
@@ -780,6 +674,7 @@ def make_policy(spec):
         return NoopPolicy()
     if not os.path.isdir(spec):
         raise UserError(f"--policy must be a checkpoint directory or expert|random|noop, got {spec!r}")
+    from train_vla import load_policy  # the model and tokenizer are the stage-3 side's; imported only here
     return load_policy(spec)
 
 

@@ -779,7 +779,7 @@ class ActionExpert(nn.Module):
 class VLA(nn.Module):
     """Vision-language-action policy: a stage-2 VLM (anything with .embed(idx, images) -> (B, T, C)
     and .llm, a Transformer) plus an ActionExpert. Works in normalized state/action space; the
-    deployment wrapper (eval_sim.VLAPolicy) normalizes inputs and un-normalizes the chunk."""
+    deployment wrapper (train_vla.VLAPolicy) normalizes inputs and un-normalizes the chunk."""
 
     def __init__(self, vlm, expert_config: ExpertConfig):
         super().__init__()

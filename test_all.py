@@ -529,7 +529,7 @@ def test_bad_inputs_give_clear_user_errors(tmp_path):
         eval_sim.load_results(str(tmp_path / "bad.json"))
     with pytest.raises(data.UserError, match="not valid JSON"):
         eval_sim.load_results(str(tmp_path / "broken.json"))
-    with pytest.raises(data.UserError, match="not a checkpoint directory"):
+    with pytest.raises(data.UserError, match="is not a checkpoint"):
         eval_sim.make_policy(str(tmp_path))
     (tmp_path / "config.json").write_text('{"n_layer": 2}')
     (tmp_path / "model.safetensors").write_bytes(b"")
@@ -689,14 +689,14 @@ def test_sampling_is_deterministic_for_a_fixed_noise_seed(vla_world):
                 "image_size": 16}
     env = eval_sim.TabletopEnv("reach", 16)
     obs = [env.reset(s)[0] for s in (1, 2)]
-    a = eval_sim.VLAPolicy(vla, vla_world.tokenizer, settings, norm, seed=7).act(obs)
-    b = eval_sim.VLAPolicy(vla, vla_world.tokenizer, settings, norm, seed=7).act(obs)
-    c = eval_sim.VLAPolicy(vla, vla_world.tokenizer, settings, norm, seed=8).act(obs)
+    a = train_vla.VLAPolicy(vla, vla_world.tokenizer, settings, norm, seed=7).act(obs)
+    b = train_vla.VLAPolicy(vla, vla_world.tokenizer, settings, norm, seed=7).act(obs)
+    c = train_vla.VLAPolicy(vla, vla_world.tokenizer, settings, norm, seed=8).act(obs)
     assert a.shape == (2, 2, 3) and np.array_equal(a, b) and not np.array_equal(a, c)
     lo, hi = norm["action"]["stats"]["min"], norm["action"]["stats"]["max"]
     assert (a >= np.array(lo) - 1e-6).all() and (a <= np.array(hi) + 1e-6).all()  # clamped to the demos' range
     # bad observations: one line naming what was expected
-    policy = eval_sim.VLAPolicy(vla, vla_world.tokenizer, settings, norm)
+    policy = train_vla.VLAPolicy(vla, vla_world.tokenizer, settings, norm)
     no_wrist = dict(obs[0], images={"scene": obs[0]["images"]["scene"]})
     with pytest.raises(data.UserError, match=r"lacks camera\(s\) \['wrist'\]"):
         policy.act([no_wrist])
@@ -753,7 +753,7 @@ def test_vla_training_resumes_exactly_and_its_checkpoint_is_an_eval_policy(vla_w
     cfg = json.load(open(f"{out}/step_000004/config.json"))
     assert cfg["policy"]["chunk_size"] == 4 and cfg["policy"]["execute_steps"] == 2
     assert set(cfg["normalization"]) >= {"state", "action"} and cfg["action_expert"]["chunk_size"] == 4
-    policy = eval_sim.load_policy(out)  # the run directory: its latest checkpoint, EMA weights
+    policy = train_vla.load_policy(out)  # the run directory: its latest checkpoint, EMA weights
     records = eval_sim.evaluate(policy, tasks=["reach"], episodes_per_task=2, splits=("seen",), image_size=16)
     assert len(records) == 2
 

@@ -13,6 +13,7 @@ scored closed-loop in that world at the end.
 Reads top to bottom: config, demonstrations, model, optimizer, loop (with EMA weights), checkpoint,
 closed-loop evaluation. The plumbing (config CLI, DDP, schedule, checkpoints) is train_llm.py's.
 """
+import contextlib
 import copy
 import json
 import os
@@ -115,7 +116,7 @@ def main(argv=None):
     if not cfg.demos and dist.is_master and not os.path.isfile(os.path.join(demos, "meta.json")):
         collect_demos(demos, cfg.episodes_per_task)
     barrier(dist)
-    meta = D._read_json(os.path.join(demos, "meta.json"), "dataset metadata file")
+    meta = D.read_json(os.path.join(demos, "meta.json"), "dataset metadata file")
     n_episodes = meta.get("num_episodes", 0)
     every = max(2, round(1 / cfg.val_fraction)) if cfg.val_fraction > 0 else n_episodes + 1
     val_ids = [e for e in range(n_episodes) if e % every == every - 1]
@@ -208,7 +209,7 @@ def main(argv=None):
 
     def closed_loop(tag):
         policy_model = weights["ema"] if cfg.ema_decay > 0 else vla
-        policy = eval_sim.VLAPolicy(policy_model.eval(), tokenizer, policy_settings, normalization,
+        policy = VLAPolicy(policy_model.eval(), tokenizer, policy_settings, normalization,
                                     seed=cfg.seed, autocast=autocast)
         out = os.path.join(cfg.out_dir, tag)
         results = run_evaluation(policy, cfg, out, meta["image_size"][0], f"vla step {step}")
@@ -302,7 +303,7 @@ def load_stage2(path, random_init=False, action_token=False):
         raise D.UserError(f"no stage-2 checkpoint at {path}: train one with `python train_vlm.py` "
                           f"(or pass --init=<checkpoint dir> or --init=scratch)")
     path = find_checkpoint(path)
-    cfg = D._read_json(os.path.join(path, "config.json"), "checkpoint config")
+    cfg = D.read_json(os.path.join(path, "config.json"), "checkpoint config")
     if "vision" not in cfg or "model" not in cfg or "tokenizer" not in cfg:
         raise D.UserError(f"{path} is a stage-'{cfg.get('stage', '?')}' checkpoint without a vision tower: "
                           f"stage 3 needs a stage-2 VLM checkpoint (config.json with model, vision and tokenizer "
@@ -330,6 +331,97 @@ def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, over the trained parameters."""
     pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
     torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - decay)
+
+
+# --- deployment: a trained policy behind eval_sim's act(obs_list) protocol
+
+def load_policy(path, device=None, weights="ema"):
+    """A trained VLA checkpoint directory (or a run directory with a 'latest' file) -> VLAPolicy."""
+    path = find_checkpoint(path)
+    config = D.read_json(os.path.join(path, "config.json"), "checkpoint config")
+    if "action_expert" not in config:
+        raise D.UserError(f"checkpoint at {path} has no action expert; train one with train_vla.py")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        vla, config = M.load_vla(path, map_location=device, weights=weights)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise D.UserError(f"cannot load the policy in {path}: {first_detail(e)}") from None
+    return VLAPolicy(vla.eval(), D.Tokenizer.load(os.path.join(path, "tokenizer.json")), config["policy"],
+                     config["normalization"])
+
+
+class VLAPolicy:
+    """A stage-3 policy (model.VLA) for evaluate(): per call it checks each observation, tokenizes
+    the instruction, preprocesses the camera images, normalizes the state, runs one batched chunk
+    prediction for all environments, un-normalizes and clamps the actions to the demonstrations'
+    range, and returns the first execute_steps of each chunk: act(obs_list) -> (N, k, 3).
+
+    settings: cameras, n_frames, chunk_size, execute_steps, flow_steps, image_size (config.json's
+    "policy" section); normalization: {"state", "action": Normalizer dicts, "state_names", ...}.
+    With n_frames > 1 it keeps each environment's past observations (one per call, so one every
+    execute_steps steps, as in training); environments are identified through bind()."""
+    name = "vla"
+
+    def __init__(self, vla, tokenizer, settings, normalization, seed=0, autocast=None):
+        self.vla, self.tokenizer, self.settings = vla, tokenizer, settings
+        self.state_norm = D.Normalizer.from_dict(normalization["state"])
+        self.action_norm = D.Normalizer.from_dict(normalization["action"])
+        self.state_names = normalization.get("state_names", [f"s{i}" for i in range(len(self.state_norm.offset))])
+        self.device = next(vla.parameters()).device
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.autocast = autocast or contextlib.nullcontext()
+        self.envs, self.history = None, {}
+
+    def bind(self, envs):
+        self.envs = envs
+
+    def _item(self, obs, env):
+        """One observation -> {"images": (n_cam, n_frames, H, W, 3), "state": (n_frames, S), "instruction"}."""
+        cams, n_frames = self.settings["cameras"], self.settings["n_frames"]
+        missing = [c for c in cams if c not in obs.get("images", {})]
+        if missing:
+            raise D.UserError(f"observation lacks camera(s) {missing}: the policy needs images from {cams}")
+        state = np.asarray(obs["state"], np.float32)
+        if state.shape != (len(self.state_names),):
+            raise D.UserError(f"observation state has shape {state.shape}, the policy expects "
+                            f"({len(self.state_names)},) = {self.state_names}")
+        frame = (np.stack([obs["images"][c] for c in cams]), state)
+        past = [frame]
+        if n_frames > 1 and env is not None:  # history per environment, restarted with each episode
+            key = (id(env), env.task, env.split, env.seed)
+            if env.steps == 0 or key not in self.history:
+                self.history[key] = []
+            self.history[key] = (self.history[key] + [frame])[-n_frames:]
+            past = self.history[key]
+        past = [past[0]] * (n_frames - len(past)) + past  # before the episode start: the first frame
+        return {"images": np.stack([p[0] for p in past], axis=1), "state": np.stack([p[1] for p in past]),
+                "instruction": obs["instruction"]}
+
+    def inputs(self, obs_list):
+        """The model's input tensors for a batch of observations."""
+        envs = self.envs if self.envs is not None and len(self.envs) == len(obs_list) else [None] * len(obs_list)
+        items = [self._item(obs, env) for obs, env in zip(obs_list, envs)]
+        vlm = self.vla.vlm
+        batch = D.vla_batch(items, self.tokenizer, vlm.n_visual_tokens, vlm.vision_config.image_size, self.state_norm,
+                          action_token=self.vla.action_expert.config.conditioning == "action_token")
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def predict_actions(self, obs_list, noise=None):
+        """(N, chunk_size, action_dim) float32 actions, un-normalized and clamped. noise: the sampler's
+        starting point (N, H, A) in normalized space; default drawn from the policy's generator."""
+        batch = self.inputs(obs_list)
+        c = self.vla.action_expert.config
+        if noise is None:
+            noise = torch.randn(len(obs_list), c.chunk_size, c.action_dim, device=self.device, generator=self.generator)
+        with torch.no_grad(), self.autocast:
+            chunk = self.vla.sample_actions(**batch, noise=noise.to(self.device), flow_steps=self.settings["flow_steps"])
+        lo, hi = self.action_norm.stats["min"], self.action_norm.stats["max"]
+        actions = self.action_norm.unnormalize(chunk.float().cpu().numpy())
+        return np.clip(actions, lo, hi).astype(np.float32)
+
+    def act(self, obs_list):
+        return self.predict_actions(obs_list)[:, :self.settings["execute_steps"]]
+
 
 
 def run_evaluation(policy, cfg, out, image_size, name):
@@ -374,12 +466,12 @@ def bench_latency(cfg, repeats=20):
     except D.UserError:
         pass
     if ckpt:  # the trained policy
-        policy = eval_sim.load_policy(ckpt, device=device)
+        policy = load_policy(ckpt, device=device)
     else:  # a random policy of the default shape: latency does not depend on the weights
         vlm, _, tokenizer = load_stage2(cfg.shape_from if cfg.init == "scratch" else cfg.init, random_init=True)
         vla = M.VLA(vlm, expert_config(cfg, vlm, 1, len(cfg.cameras.split(",")), 4, 3)).to(device).eval()
         identity = lambda dims, mode: D.Normalizer(D.episode_stats(np.zeros((2, dims))), mode).to_dict()
-        policy = eval_sim.VLAPolicy(vla, tokenizer, {"cameras": cfg.cameras.split(","), "n_frames": 1,
+        policy = VLAPolicy(vla, tokenizer, {"cameras": cfg.cameras.split(","), "n_frames": 1,
                                     "chunk_size": cfg.chunk_size, "execute_steps": cfg.execute_steps,
                                     "flow_steps": cfg.flow_steps, "image_size": 64},
                                     {"state": identity(4, "meanstd"), "action": identity(3, "minmax")})
@@ -421,7 +513,7 @@ def probe_keypoints(cfg, scenes_per_task=40):
     out_dir's policy on the first camera, the R^2 of a linear fit from its (x, y) to the target
     object's table position, over the first frames of the evaluation scenes (seen split). The
     policies that succeed are those where one channel locks on (README: 0.92-0.95 against 0.23)."""
-    policy = eval_sim.load_policy(find_checkpoint(cfg.out_dir), device="cpu")
+    policy = load_policy(find_checkpoint(cfg.out_dir), device="cpu")
     c = policy.vla.action_expert.config
     if not c.keypoints:
         raise D.UserError(f"the policy in {cfg.out_dir} has no keypoints (trained with --keypoints=0)")

@@ -35,7 +35,7 @@ Episode format written by `collect` (read by data.EpisodeDataset):
         state (T,S) float32, action (T,3) float32    (action[t] was taken after seeing frame t)
     <root>/stats.json           {"state": {...}, "action": {...}}: mean, std, min, max, q01, q99 per dim
 
-CLI:  python eval_sim.py {collect,eval,compare,bench,show} --help
+CLI:  python eval_sim.py {collect,eval,compare,bench} --help   (pictures: figures.py)
 """
 import argparse
 import json
@@ -461,7 +461,7 @@ def _resolve_contacts(s, pusher):
 
 # ----------------------------------------------------------------------------------------------
 # Rendering with pillow. Both cameras share one drawing function; a camera is a centre and a zoom.
-# (Measured: pillow's draw calls beat painting precomputed numpy masks, ~7k vs ~5k frames/s.)
+# pillow's draw calls are faster here than painting precomputed numpy masks.
 
 TABLE_RGB, FLOOR_RGB, GRIPPER_RGB, OUTLINE_RGB = (214, 196, 160), (70, 70, 76), (40, 40, 40), (25, 25, 25)
 WRIST_ZOOM = 2  # the wrist camera sees a 0.5 x 0.5 window of the table centred on the gripper
@@ -853,7 +853,7 @@ def load_results(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Demonstrations, stage-2 samples, pictures
+# Demonstrations and stage-2 samples
 
 def run_expert_episode(task, seed, split="seen", image_size=64, noise=0.2):
     """One expert episode: frames and states seen before each action, the clean action labels."""
@@ -901,9 +901,8 @@ def vlm_sample(index, image_size=64, split="train"):
     """A stage-2 example: scene image (H, W, 3) uint8, its caption, question/answer pairs.
 
     The scene is caught partway through an expert episode, so some images show held objects,
-    stacks and filled bowls. train and val use disjoint seeds. Only the last state is rendered:
-    rendering both cameras at every step of the way made an example 5x slower (measured 2.6-3.2 ms
-    vs 0.5-0.6 ms per example, the same examples)."""
+    stacks and filled bowls. train and val use disjoint seeds. Only the last state is rendered
+    (rendering every step of the roll-out made an example 5x slower)."""
     rng = random.Random(f"vlm-{split}-{index}")
     task = TASKS[index % len(TASKS)]
     env = TabletopEnv(task, image_size, "seen", render=False)
@@ -914,25 +913,6 @@ def vlm_sample(index, image_size=64, split="train"):
         if terminated or truncated:
             break
     return scene_camera(env.scene, image_size), describe_scene(env), scene_questions(env, rng)
-
-
-def show(path, image_size=96, n_frames=6, seed=EVAL_SEED):
-    """A PNG grid: one row per task family, frames of the expert solving it, instruction on top."""
-    from PIL import Image, ImageDraw
-    band = 14
-    rows = []
-    for task in TASKS:
-        env, frames, _, _, success = run_expert_episode(task, seed, "seen", image_size)
-        frames.append(env._obs()["images"])
-        picks = np.linspace(0, len(frames) - 1, n_frames).round().astype(int)
-        gap = np.full((image_size, 3, 3), 255, np.uint8)
-        strip = np.concatenate([x for i in picks for x in (frames[i]["scene"], gap)][:-1], axis=1)
-        row = Image.new("RGB", (strip.shape[1], strip.shape[0] + band), (255, 255, 255))
-        row.paste(Image.fromarray(strip), (0, band))
-        ImageDraw.Draw(row).text((2, 1), f"{task}: {env.scene.instruction}", fill=(0, 0, 0))
-        rows.append(np.asarray(row))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path, optimize=True)
 
 
 def bench(steps=5000, episodes_per_task=50):
@@ -1001,9 +981,6 @@ def main(argv=None):
     b = sub.add_parser("bench", help="measure env steps/s and expert evaluation time")
     b.add_argument("--steps", type=int, default=5000)
     b.add_argument("--episodes_per_task", type=int, default=50)
-    s = sub.add_parser("show", help="draw the expert solving every task family into a PNG")
-    s.add_argument("--out", default="assets/sim_tasks.png")
-    s.add_argument("--image_size", type=int, default=96)
     args = ap.parse_args(argv)
 
     if args.cmd == "collect":
@@ -1043,9 +1020,6 @@ def main(argv=None):
         print("P(B>A): Beta(1,1) posteriors; Fisher p two-sided; Bonferroni over tasks (not overall rows)")
     elif args.cmd == "bench":
         bench(args.steps, args.episodes_per_task)
-    elif args.cmd == "show":
-        show(args.out, args.image_size)
-        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -587,9 +587,8 @@ def grow_embeddings(llm, vocab_size):
 #   x_t = (1 - t) a + t e,  e ~ N(0, I),  target velocity v = dx_t/dt = e - a,  t ~ Beta(1.5, 1)
 #   (more weight on noisy t). Sampling: K Euler steps from t = 1 to 0, x <- x - v / K.
 #   predict='actions': the expert outputs the clean chunk a_hat and v = (x_t - a_hat) / t, the same
-#   flow; its loss |a_hat - a|^2 = t^2 |v_hat - v|^2 is a plain regression (no noise in the target).
-#   Measured on the built-in world: the sampled chunk's error after 100 steps is 0.58, where
-#   predicting v reaches 0.58 only after 500 (train_vla.py's val_action_err).
+#   flow; its loss |a_hat - a|^2 = t^2 |v_hat - v|^2 is a plain regression (no noise in the target),
+#   which learns several times faster here (docs/experiments.md, "what made the policy work").
 
 @dataclass
 class ExpertConfig:
@@ -690,12 +689,11 @@ class ActionExpert(nn.Module):
     def init_weights(self):
         """Every tensor's initialisation:
           o_proj                      normal(0, 0.1): the attention output (the only path from the
-                                      VLM into the expert) starts loud; with GPT-2's 0.02/sqrt(2L)
-                                      the expert ignores the prefix for ~100 steps (measured)
+                                      VLM into the expert) starts loud, or the expert ignores the
+                                      prefix for its first ~100 steps
           down_proj                   normal(0, 0.02 / sqrt(2 * n_layer))
           keypoint_query_table        normal(0, 1): every token's query starts distinct and as loud as
-                                      the patch scores (see keypoint_features for what queries read
-                                      off the LLM's nearly alike colour embeddings did in a probe)
+                                      the patch scores, instead of inheriting the LLM's alike colour words
           other matrices              normal(0, 0.02)
           biases zeros, RMSNorm weights ones"""
         for name, p in self.named_parameters():
@@ -745,22 +743,16 @@ class ActionExpert(nn.Module):
         """patches (B, n_images * P, patch_dim) -> (B, n_images * keypoints * 2): per image and
         channel k, the (x, y) expected under a softmax over the patches of a learned score (a spatial
         soft-argmax, as in deep spatial autoencoders). A channel that scores "red" returns where the
-        red thing is, and its gradient needs no query to find it first. Measured (500 steps): without
-        keypoints, shuffling the scene camera across a batch leaves the loss unchanged (the expert
-        ignored it); with them it raises the loss by 6%.
+        red thing is, and its gradient needs no query to find it first: without keypoints the expert
+        ignored the scene camera.
 
         language_keypoints adds patch . q_k to channel k's score (FiLM-like, as CLIPort's language-
         conditioned attention maps): q_k = sum over prompt tokens t of a_tk table[token_t], where
         a_tk = softmax over the prompt's tokens (text_mask) of pool_k(hidden[t]); hidden: the VLM's
         last hidden states (B, T, vlm_n_embd), tokens: their ids. The VLM's states say WHICH words
         matter (the target's colour, not the bowl's), the table says WHAT each word looks for; neither
-        needs the VLM to tell colours apart, which its embeddings barely do (cosine 0.86-0.93 between
-        colour words after stage 1). In a probe (find the instruction's target object in the scene
-        camera; a fresh vision tower, a frozen stage-1 LLM, batch 32) this reached a median error of
-        0.04 table units in 200 steps, as fast as a one-hot colour query; plain keypoints with the
-        colour given beside them, or queries pooled from the instruction's LLM embeddings or states,
-        stayed at 0.24-0.27 (chance) for 400 steps, and the target colour word's own LLM embedding
-        as the query needed ~350 steps."""
+        needs the VLM to tell colours apart, which its stage-1 embeddings barely do. Queries read off
+        the LLM alone did not learn (docs/experiments.md, "what made the policy work")."""
         c = self.config
         B, P = patches.size(0), c.patch_grid ** 2
         patches = patches.view(B, c.n_images, P, c.patch_dim)

@@ -993,3 +993,14 @@ def test_vlm_bad_input_is_one_clear_line_and_exit_code_2(tiny_llm_checkpoint, tm
                       (args + ["--patch_size=5"], "must be a multiple of patch_size")]:
         code, err = run(argv)
         assert code == 2 and msg in err and err.count("\n") == 1, err
+
+
+# ---- figures (issue 15)
+
+def test_figures_draw_a_rollout_row_per_task_from_any_act_policy(tmp_path):
+    import figures
+    rows = figures.rollout_rows(eval_sim.ExpertPolicy(noise=0.0), 32, n_frames=3, display_size=24)
+    assert len(rows) == len(eval_sim.TASKS) and all(r.dtype == np.uint8 and r.shape[2] == 3 for r in rows)
+    out = tmp_path / "world.png"
+    figures.main(["world", "--out", str(out)])
+    assert out.stat().st_size > 1000

@@ -1,7 +1,7 @@
 """
 Stage 1: pretrain the language model from scratch.
 
-    python train_llm.py                                   # built-in world corpus, CPU, ~4 min
+    python train_llm.py                                   # built-in world corpus, CPU (times: README)
     python train_llm.py --n_layer=12 --n_embd=768 ...     # any field of TrainConfig below
     torchrun --standalone --nproc_per_node=8 train_llm.py --data=corpus/*.jsonl
 

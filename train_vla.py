@@ -3,7 +3,7 @@ Stage 3: the vision-language-action policy. The stage-2 VLM grows an action expe
 flow matching over action chunks), learns from the built-in world's expert demonstrations, and is
 scored closed-loop in that world at the end.
 
-    python train_vla.py                                 # from out/vlm; demos collected; 2-core CPU 6.8-9.3 min with eval
+    python train_vla.py                                 # from out/vlm; demos collected; ends with the closed-loop eval
     python train_vla.py --init=scratch                  # the same budget from a random VLM of the same shape
     python train_vla.py --conditioning=action_token     # the VLA Foundry paper's conditioning
     python train_vla.py --bench                         # latency of one action chunk (prefix reuse vs not)
@@ -49,8 +49,8 @@ class TrainConfig:
     cameras: str = "scene,wrist"        # cameras the policy sees, comma-separated
     n_frames: int = 1                   # frames of history per camera (and state tokens)
     chunk_size: int = 8                 # H: actions predicted per chunk
-    execute_steps: int = 2              # k: actions of each chunk executed open-loop before re-planning (same
-                                        # checkpoint: k=4 54%, k=2 67%, k=1 67% at twice k=2's evaluation time)
+    execute_steps: int = 2              # k: actions of each chunk executed open-loop before re-planning
+                                        # (k=2 beat k=4 and matched k=1 at half its cost: docs/experiments.md)
     flow_steps: int = 10                # K: Euler steps of the sampler at evaluation
     predict: str = "actions"            # expert output: 'actions' (the clean chunk) | 'velocity' (pi0's); model.py
     expert_n_embd: int = 128            # action expert width (its heads, and in prefix mode its depth, are the VLM's)
@@ -64,7 +64,7 @@ class TrainConfig:
     batch_size: int = 32                # global batch in samples = micro_batch * world_size * grad_accum
     micro_batch: int = 32               # samples per forward pass per process
     noise_repeats: int = 2              # noise draws per sample sharing one VLM pass (cheap extra expert samples)
-    max_steps: int = 1300               # ~4 epochs of the demo windows; runs reaching 60%: 12 of 17 at 1,000 steps, 4 of 5 here (README)
+    max_steps: int = 1300               # ~4 epochs of the demo windows; fewer runs fail to lock on than at 1,000 (docs/experiments.md)
     lr: float = 1e-3                    # peak learning rate of the action expert
     lr_vision: float = 1.0              # learning-rate multipliers per part (x lr); vision at the full rate: the
                                         # keypoints read its patches, and stage 2 leaves them weak
@@ -512,7 +512,7 @@ def probe_keypoints(cfg, scenes_per_task=40):
     """Does some keypoint follow the object the instruction names? For each keypoint channel of
     out_dir's policy on the first camera, the R^2 of a linear fit from its (x, y) to the target
     object's table position, over the first frames of the evaluation scenes (seen split). The
-    policies that succeed are those where one channel locks on (README: 0.92-0.95 against 0.23)."""
+    policies that succeed are those where one channel locks on (docs/experiments.md, "seeds")."""
     policy = load_policy(find_checkpoint(cfg.out_dir), device="cpu")
     c = policy.vla.action_expert.config
     if not c.keypoints:

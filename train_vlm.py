@@ -1,7 +1,7 @@
 """
 Stage 2: the stage-1 language model grows eyes and becomes a vision-language model.
 
-    python train_llm.py && python train_vlm.py           # built-in world scenes, 2-core CPU ~3 min
+    python train_llm.py && python train_vlm.py           # built-in world scenes
     python train_vlm.py --blank_images                    # the control: same run, every image zeroed
     python train_vlm.py --data=pairs.jsonl,shards/*.tar   # your image-text data (see data.py)
     torchrun --standalone --nproc_per_node=8 train_vlm.py --init=out/llm --out_dir=out/vlm
@@ -78,7 +78,7 @@ class TrainConfig:
     # system
     device: str = "auto"                # 'auto' | 'cpu' | 'cuda'
     dtype: str = "auto"                 # 'bfloat16' autocast | 'float32' | 'auto' = bf16 on CUDA, fp32 on CPU
-    compile: bool = torch.cuda.is_available()  # torch.compile the training model (on this CPU: +45 s, no faster)
+    compile: bool = torch.cuda.is_available()  # torch.compile the training model (on CPU: slower to start, no faster)
     seed: int = 1337
     resume: bool = False                # continue exactly from out_dir's latest checkpoint
 

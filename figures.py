@@ -26,6 +26,7 @@ def plot_llm(run, out):
     records = [json.loads(line) for line in open(path) if line.strip()]
     try:
         import matplotlib
+        import matplotlib.ticker
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -35,6 +36,10 @@ def plot_llm(run, out):
     val = [r for r in records if "val_loss" in r]
     ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", ms=4, label="validation")
     ax.set(xlabel="step", ylabel="loss (nats/token)", yscale="log", title=f"stage 1: {run}")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    lo, hi = min(r["loss"] for r in records), max(r["loss"] for r in records)
+    ax.set_yticks([t for t in (0.1, 0.2, 0.4, 0.6, 1, 2, 4, 8) if 0.8 * lo < t < 1.2 * hi])
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -13,6 +13,7 @@ import glob
 import heapq
 import json
 import os
+import zipfile
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -208,7 +209,7 @@ class Tokenizer:
                 obj = json.load(f)
             ranks = {base64.b64decode(t): i for i, t in enumerate(obj["ranks"])}
             return cls(ranks, obj["pattern"], obj["special_tokens"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON / UTF-8 / base64, fields missing
             raise UserError(f"{path} is not a tokenizer file (expected tokenizer.json with pattern, "
                             f"ranks, special_tokens, or a .tiktoken ranks file): {e}") from None
 
@@ -763,7 +764,7 @@ def check_episode_meta(root, meta, stats):
     return widths
 
 
-def check_episode(path, ep, widths):
+def check_episode(path, ep, widths, cameras):
     """An episode's arrays against meta.json's widths and image size, and finite."""
     T, (H, W) = len(ep["action"]), widths["image"]
     for field, x in (("state", ep["state"]), ("action", ep["action"])):
@@ -771,9 +772,10 @@ def check_episode(path, ep, widths):
             raise UserError(f"{path}: {field} has shape {x.shape}, expected ({T}, {widths[field]}) "
                             f"(meta.json: {widths[field]} {field}_names)")
         check_finite(x, f"{path}: {field}")
-    if ep["images"].shape[1:] != (T, H, W, 3) or ep["images"].dtype != np.uint8:
-        raise UserError(f"{path}: images have shape {ep['images'].shape[1:]} {ep['images'].dtype}, expected "
-                        f"({T}, {H}, {W}, 3) uint8 (meta.json image_size {[H, W]})")
+    for camera, images in zip(cameras, ep["images"]):
+        if images.shape != (T, H, W, 3) or images.dtype != np.uint8:
+            raise UserError(f"{path}: images_{camera} has shape {images.shape} {images.dtype}, expected "
+                            f"({T}, {H}, {W}, 3) uint8 (meta.json image_size {[H, W]})")
 
 
 class EpisodeDataset:
@@ -808,11 +810,11 @@ class EpisodeDataset:
             line = lines[e]
             try:
                 with np.load(os.path.join(root, line["file"])) as z:
-                    ep = {"images": np.stack([z[f"images_{c}"] for c in cameras]),  # (n_cam, T, H, W, 3)
-                          "state": z["state"], "action": z["action"]}
-            except (OSError, KeyError, ValueError, EOFError) as err:  # (allow_pickle is off: no object arrays)
+                    ep = {"images": [z[f"images_{c}"] for c in cameras], "state": z["state"], "action": z["action"]}
+            except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:  # (no pickles: allow_pickle off)
                 raise UserError(f"episode {line.get('file')} in {root} is unreadable: {err}")
-            check_episode(os.path.join(root, line["file"]), ep, widths)
+            check_episode(os.path.join(root, line["file"]), ep, widths, cameras)
+            ep["images"] = np.stack(ep["images"])  # (n_cam, T, H, W, 3)
             ep.update(instruction=str(line.get("instruction", "")), task=str(line.get("task", "")),
                       length=len(ep["action"]))
             self.index += [(len(self.episodes), t) for t in range(ep["length"])]

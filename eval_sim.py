@@ -677,7 +677,7 @@ def load_policy(path, device=None, weights="ema"):
     try:
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # not JSON, not UTF-8
         raise UserError(f"cannot read {path}/config.json: {e}")
     if "action_expert" not in config:
         raise UserError(f"checkpoint at {path} has no action expert; train one with train_vla.py")

@@ -253,9 +253,11 @@ def vlm_from_llm(cfg, pixel_mean_std):
         raise D.UserError(f"no stage-1 checkpoint at --init={cfg.init}: run `python train_llm.py` first "
                           f"(or point --init at its out_dir)")
     path = find_checkpoint(cfg.init)
+    with open(os.path.join(path, "config.json")) as f:
+        stage = json.load(f).get("stage", "llm")
+    if stage != "llm":
+        raise D.UserError(f"--init={cfg.init} is a {stage} checkpoint; stage 2 starts from a stage-1 (llm) one")
     llm, llm_cfg = M.load_llm(path)
-    if llm_cfg.get("stage", "llm") != "llm":
-        raise D.UserError(f"--init={cfg.init} is a {llm_cfg['stage']} checkpoint; stage 2 starts from a stage-1 (llm) one")
     tokenizer = D.add_special_tokens(D.Tokenizer.load(os.path.join(path, "tokenizer.json")), D.CHAT_TOKENS)
     M.grow_embeddings(llm, round_up(tokenizer.n_vocab, 64))  # a no-op unless tokens were added
     vision = M.VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.vision_layers,

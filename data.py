@@ -13,6 +13,7 @@ import glob
 import heapq
 import json
 import os
+import zipfile
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -21,6 +22,27 @@ import torch
 
 class UserError(Exception):
     """Bad input from a person: the CLIs print it as one line and exit with code 2."""
+
+
+def write_durably(path, write, mode="w"):
+    """Write a file through write(f) under a temporary name, flushed and fsync'ed, then renamed over
+    path and the directory fsync'ed: after a kill or a power cut the file is whole or absent."""
+    tmp = path + ".tmp"
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def fsync_dir(path):
+    """Make a rename inside the directory durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -159,10 +181,7 @@ class Tokenizer:
         assert all(r == i for i, (_, r) in enumerate(by_rank)), "ranks must be 0..n-1"
         obj = {"pattern": self.pattern, "special_tokens": self.special_tokens,
                "ranks": [base64.b64encode(b).decode("ascii") for b, _ in by_rank]}
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
+        write_durably(path, lambda f: json.dump(obj, f))
 
     @classmethod
     def load(cls, path):
@@ -190,7 +209,7 @@ class Tokenizer:
                 obj = json.load(f)
             ranks = {base64.b64decode(t): i for i, t in enumerate(obj["ranks"])}
             return cls(ranks, obj["pattern"], obj["special_tokens"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON / UTF-8 / base64, fields missing
             raise UserError(f"{path} is not a tokenizer file (expected tokenizer.json with pattern, "
                             f"ranks, special_tokens, or a .tiktoken ranks file): {e}") from None
 
@@ -245,11 +264,7 @@ def write_shard(path, tokens, vocab_size):
     dtype = np.uint16 if vocab_size <= 2 ** 16 else np.uint32
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:4] = [SHARD_MAGIC, SHARD_VERSION, np.dtype(dtype).itemsize, len(tokens)]
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(dtype).tobytes())
-    os.replace(tmp, path)
+    write_durably(path, lambda f: (f.write(header.tobytes()), f.write(tokens.astype(dtype).tobytes())), "wb")
 
 
 def read_shard(path):
@@ -679,41 +694,88 @@ class EpisodeWriter:
         state, action = np.asarray(state, np.float32), np.asarray(action, np.float32)
         T = len(action)
         H, W = self.meta["image_size"]
+        episode = f"episode {len(self.lines)} ({task!r})"
         if state.shape != (T, len(self.meta["state_names"])) or action.shape != (T, len(self.meta["action_names"])):
-            raise UserError(f"episode state {state.shape} / action {action.shape} do not match "
+            raise UserError(f"{episode}: state {state.shape} / action {action.shape} do not match "
                             f"{len(self.meta['state_names'])} state and {len(self.meta['action_names'])} action dims")
+        for field, x in (("state", state), ("action", action)):
+            check_finite(x, f"{episode}: {field}")
         for cam in self.cameras:
             if images[cam].shape != (T, H, W, 3) or images[cam].dtype != np.uint8:
-                raise UserError(f"camera {cam}: expected ({T}, {H}, {W}, 3) uint8, got "
+                raise UserError(f"{episode}, camera {cam}: expected ({T}, {H}, {W}, 3) uint8, got "
                                 f"{images[cam].shape} {images[cam].dtype}")
         name = f"episodes/episode_{len(self.lines):06d}.npz"
-        np.savez_compressed(os.path.join(self.root, name), state=state, action=action,
-                            **{f"images_{cam}": images[cam] for cam in self.cameras})
+        write_durably(os.path.join(self.root, name), lambda f: np.savez_compressed(
+            f, state=state, action=action, **{f"images_{cam}": images[cam] for cam in self.cameras}), "wb")
         self.lines.append({"file": name, "length": T, "task": task, "instruction": instruction,
                            "success": bool(success), **extra})
         self.states.append(state)
         self.actions.append(action)
 
     def close(self):
-        with open(os.path.join(self.root, "episodes.jsonl"), "w") as f:
-            f.writelines(json.dumps(line) + "\n" for line in self.lines)
-        self.meta.update(num_episodes=len(self.lines), num_frames=sum(len(a) for a in self.actions))
-        with open(os.path.join(self.root, "meta.json"), "w") as f:
-            json.dump(self.meta, f, indent=1)
+        """The index and statistics, then meta.json last: a dataset with meta.json is complete."""
+        write_durably(os.path.join(self.root, "episodes.jsonl"),
+                      lambda f: f.writelines(json.dumps(line) + "\n" for line in self.lines))
         stats = {"state": episode_stats(np.concatenate(self.states)),
                  "action": episode_stats(np.concatenate(self.actions))}
-        with open(os.path.join(self.root, "stats.json"), "w") as f:
-            json.dump(stats, f, indent=1)
+        write_durably(os.path.join(self.root, "stats.json"), lambda f: json.dump(stats, f, indent=1))
+        self.meta.update(num_episodes=len(self.lines), num_frames=sum(len(a) for a in self.actions))
+        write_durably(os.path.join(self.root, "meta.json"), lambda f: json.dump(self.meta, f, indent=1))
+
+
+def check_finite(x, what):
+    """A UserError naming `what` and the first step (row) holding NaN or Inf."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        t = int(np.argwhere(bad)[0][0])
+        raise UserError(f"{what} holds NaN/Inf (first at step {t}: {np.asarray(x)[t].tolist()})")
 
 
 def read_json(path, what):
+    """A JSON object from path; missing, not JSON or not an object: a UserError naming the file."""
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
     except FileNotFoundError:
         raise UserError(f"{path} not found: is this an episode dataset (see eval_sim.py collect)?")
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is not a valid {what}: {e}")
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is not a valid {what}: expected a JSON object")
+    return obj
+
+
+def check_episode_meta(root, meta, stats):
+    """meta.json and stats.json agree on the widths: returns {"state": S, "action": A, "image": [H, W]}."""
+    try:
+        widths = {"state": len(meta["state_names"]), "action": len(meta["action_names"]),
+                  "image": [int(x) for x in meta["image_size"]]}
+        assert len(widths["image"]) == 2
+    except (KeyError, TypeError, ValueError, AssertionError):
+        raise UserError(f"{root}/meta.json: expected state_names, action_names and image_size [H, W]") from None
+    for field in ("state", "action"):
+        for key in ("mean", "std", "min", "max", "q01", "q99"):
+            values = stats.get(field, {}).get(key) if isinstance(stats.get(field), dict) else None
+            if not (isinstance(values, list) and len(values) == widths[field]
+                    and all(isinstance(v, (int, float)) for v in values)):
+                raise UserError(f"{root}/stats.json: {field}.{key} should list {widths[field]} values "
+                                f"(meta.json's {field}_names)")
+            check_finite(np.asarray(values, np.float64)[None], f"{root}/stats.json: {field}.{key}")
+    return widths
+
+
+def check_episode(path, ep, widths, cameras):
+    """An episode's arrays against meta.json's widths and image size, and finite."""
+    T, (H, W) = len(ep["action"]), widths["image"]
+    for field, x in (("state", ep["state"]), ("action", ep["action"])):
+        if x.shape != (T, widths[field]):
+            raise UserError(f"{path}: {field} has shape {x.shape}, expected ({T}, {widths[field]}) "
+                            f"(meta.json: {widths[field]} {field}_names)")
+        check_finite(x, f"{path}: {field}")
+    for camera, images in zip(cameras, ep["images"]):
+        if images.shape != (T, H, W, 3) or images.dtype != np.uint8:
+            raise UserError(f"{path}: images_{camera} has shape {images.shape} {images.dtype}, expected "
+                            f"({T}, {H}, {W}, 3) uint8 (meta.json image_size {[H, W]})")
 
 
 class EpisodeDataset:
@@ -731,11 +793,15 @@ class EpisodeDataset:
         missing = [c for c in cameras if c not in self.meta.get("cameras", [])]
         if missing:
             raise UserError(f"{root} has cameras {self.meta.get('cameras')}, not {missing}")
+        widths = check_episode_meta(root, self.meta, self.stats)
         try:
             with open(os.path.join(root, "episodes.jsonl")) as f:
                 lines = [json.loads(line) for line in f if line.strip()]
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read {root}/episodes.jsonl: {e}")
+            assert all(isinstance(line, dict) and isinstance(line.get("file"), str) for line in lines)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
+            raise UserError(f"cannot read {root}/episodes.jsonl: {e or 'expected one JSON object with a file per line'}")
+        if len(lines) != self.meta.get("num_episodes", len(lines)):
+            raise UserError(f"{root}/episodes.jsonl lists {len(lines)} episodes, meta.json says {self.meta['num_episodes']}")
         ids = range(len(lines)) if episode_ids is None else episode_ids
         self.n_frames, self.chunk_size, self.cameras = n_frames, chunk_size, tuple(cameras)
         self.frame_stride = frame_stride  # steps between past frames (a policy re-planning every k steps sees every k-th)
@@ -744,11 +810,13 @@ class EpisodeDataset:
             line = lines[e]
             try:
                 with np.load(os.path.join(root, line["file"])) as z:
-                    ep = {"images": np.stack([z[f"images_{c}"] for c in cameras]),  # (n_cam, T, H, W, 3)
-                          "state": z["state"], "action": z["action"]}
-            except (OSError, KeyError, ValueError) as err:
+                    ep = {"images": [z[f"images_{c}"] for c in cameras], "state": z["state"], "action": z["action"]}
+            except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:  # (no pickles: allow_pickle off)
                 raise UserError(f"episode {line.get('file')} in {root} is unreadable: {err}")
-            ep.update(instruction=line["instruction"], task=line["task"], length=len(ep["action"]))
+            check_episode(os.path.join(root, line["file"]), ep, widths, cameras)
+            ep["images"] = np.stack(ep["images"])  # (n_cam, T, H, W, 3)
+            ep.update(instruction=str(line.get("instruction", "")), task=str(line.get("task", "")),
+                      length=len(ep["action"]))
             self.index += [(len(self.episodes), t) for t in range(ep["length"])]
             self.episodes.append(ep)
 

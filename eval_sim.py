@@ -36,6 +36,7 @@ Episode format written by `collect` (read by data.EpisodeDataset):
     <root>/stats.json           {"state": {...}, "action": {...}}: mean, std, min, max, q01, q99 per dim
 
 CLI:  python eval_sim.py {collect,eval,compare,bench} --help   (pictures: figures.py)
+      Bad options or files are one line and exit code 2; collect into an existing dataset needs --overwrite.
 """
 import argparse
 import json
@@ -948,8 +949,30 @@ def _task_list(spec):
     return tasks
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (a UserError: exit code 2), not usage text + error."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _number(kind, lo, hi=None):
+    """An argparse type: an int or float in [lo, hi] (hi None: unbounded), checked as it is parsed."""
+    def parse(text):
+        try:
+            value = kind(text)
+            ok = math.isfinite(value) and value >= lo and (hi is None or value <= hi)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'} "
+                                             f"{f'between {lo} and {hi}' if hi is not None else f'>= {lo}'}, got {text!r}")
+        return value
+    return parse
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(
+    ap = _OneLineParser(
         description="The built-in tabletop world: demonstrations, closed-loop evaluation, "
                     f"comparison of results. Tasks: {', '.join(TASKS)}.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
@@ -961,31 +984,35 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect", help="write expert demonstrations (seen split) for stage 3")
     c.add_argument("--out", default="out/sim_demos", help="dataset directory to create")
-    c.add_argument("--episodes_per_task", type=int, default=100, help="successful episodes per task")
+    c.add_argument("--episodes_per_task", type=_number(int, 1), default=100, help="successful episodes per task")
     c.add_argument("--tasks", default="all", help=f"comma list of {','.join(TASKS)}, or all")
-    c.add_argument("--image_size", type=int, default=64)
-    c.add_argument("--noise", type=float, default=0.2, help="std of injected dx,dy action noise")
+    c.add_argument("--image_size", type=_number(int, 8, 1024), default=64)
+    c.add_argument("--noise", type=_number(float, 0, 1), default=0.2, help="std of injected dx,dy action noise")
     c.add_argument("--keep_failures", action="store_true", help="also keep failed episodes")
+    c.add_argument("--overwrite", action="store_true", help="replace the dataset already in --out")
     e = sub.add_parser("eval", help="closed-loop evaluation; writes results.json and GIFs")
     e.add_argument("--policy", required=True, help="checkpoint directory, or expert | random | noop")
-    e.add_argument("--episodes_per_task", type=int, default=50, help="per task and per split")
+    e.add_argument("--episodes_per_task", type=_number(int, 1), default=50, help="per task and per split")
     e.add_argument("--tasks", default="all", help=f"comma list of {','.join(TASKS)}, or all")
     e.add_argument("--splits", default="seen,heldout", help="comma list of seen,heldout")
-    e.add_argument("--image_size", type=int, default=64)
-    e.add_argument("--num_envs", type=int, default=32, help="environments stepped in lockstep")
-    e.add_argument("--gifs_per_task", type=int, default=1, help="rollout GIFs per task (seen split)")
+    e.add_argument("--image_size", type=_number(int, 8, 1024), default=64)
+    e.add_argument("--num_envs", type=_number(int, 1), default=32, help="environments stepped in lockstep")
+    e.add_argument("--gifs_per_task", type=_number(int, 0), default=1, help="rollout GIFs per task (seen split)")
     e.add_argument("--out", default=None, help="output directory (default out/eval_<policy>)")
     k = sub.add_parser("compare", help="compare two results.json files (A vs B)")
     k.add_argument("a")
     k.add_argument("b")
     b = sub.add_parser("bench", help="measure env steps/s and expert evaluation time")
-    b.add_argument("--steps", type=int, default=5000)
-    b.add_argument("--episodes_per_task", type=int, default=50)
+    b.add_argument("--steps", type=_number(int, 1), default=5000)
+    b.add_argument("--episodes_per_task", type=_number(int, 1), default=50)
     args = ap.parse_args(argv)
 
     if args.cmd == "collect":
         if os.path.exists(os.path.join(args.out, "meta.json")):
-            raise UserError(f"{args.out} already holds a dataset; choose another --out or delete it")
+            if not args.overwrite:
+                raise UserError(f"{args.out} already holds a dataset; choose another --out, or pass --overwrite")
+            import shutil
+            shutil.rmtree(args.out)
         n = collect(args.out, args.episodes_per_task, _task_list(args.tasks), args.image_size,
                     args.noise, keep_failures=args.keep_failures)
         print(f"wrote {n} episodes to {args.out}")

@@ -302,9 +302,14 @@ def sample_token(logits, temperature=1.0, top_k=None, generator=None):
 # -----------------------------------------------------------------------------------------------
 # Weights on disk: model.safetensors (+ config.json written by the caller)
 
+class WeightsError(ValueError):
+    """A weight file that cannot be read or does not fit the model; the message is one line naming
+    the file and what was expected (the CLIs print it and exit with code 2)."""
+
+
 def save_weights(model, path):
     """Write the (uncompiled) model's weights as safetensors. Tied weights are stored once."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     state = model.state_dict()
     seen, tensors = {}, {}
     for name, t in state.items():
@@ -313,19 +318,29 @@ def save_weights(model, path):
             continue
         seen[key] = name
         tensors[name] = t.detach().to("cpu").contiguous()
-    save_file(tensors, path)
+    _write_synced(path, save(tensors))
 
 
 def load_weights(model, path, strict=True):
     """Load safetensors into model; tied aliases missing from the file are fine. Returns the
-    names in the file the model does not have (strict=False), e.g. when growing a model."""
+    names in the file the model does not have (strict=False), e.g. when growing a model.
+    safetensors holds raw tensors only: reading one never runs code (unlike a pickle)."""
     from safetensors.torch import load_file
-    tensors = load_file(path)
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # SafetensorError, OSError: not safetensors (a renamed pickle), truncated, missing
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise WeightsError(f"{path} is not a readable safetensors file (truncated, or another format?): {detail}") from None
+    expected = model.state_dict()
+    for name, t in tensors.items():
+        if name in expected and t.shape != expected[name].shape:
+            raise WeightsError(f"{path}: {name} has shape {list(t.shape)}, the model its config describes expects "
+                               f"{list(expected[name].shape)}")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {n for n in missing if _is_tied_alias(model, n)}
     missing = [n for n in missing if n not in tied]
     if strict and (missing or unexpected):
-        raise ValueError(f"weights in {path} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise WeightsError(f"weights in {path} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return missing, unexpected
 
 
@@ -338,8 +353,15 @@ def _is_tied_alias(model, name):
 def save_config(path, **sections):
     """config.json: one JSON object of named sections (model, train, tokenizer, ...)."""
     out = {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in sections.items()}
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
+    _write_synced(path, json.dumps(out, indent=2).encode())
+
+
+def _write_synced(path, data):
+    """Write bytes flushed and fsync'ed: complete on disk before the caller renames its directory."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_llm(ckpt_dir, map_location="cpu"):

@@ -221,14 +221,15 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, capsys):
              (["--resume", "--out_dir=" + str(tmp_path / "notckpt")], "is not a checkpoint"),
              (["--unknown=1"], "unknown option --unknown")]
     for argv, msg in cases:
-        code, err = run_cli_in_process(argv + [f"--data_dir={tmp_path}/d"], capsys)
+        out_dir = [] if any(a.startswith("--out_dir") for a in argv) else [f"--out_dir={tmp_path}/o"]
+        code, err = run_cli_in_process(argv + out_dir + [f"--data_dir={tmp_path}/d"], capsys)
         assert code == 2 and msg in err and err.count("\n") == 1, err
     # a corrupt shard in the cache: the loader names it
     out = tmp_path / "run"
     train_llm.main(TINY + [f"--out_dir={out}", "--max_steps=1"])
     shard = out / "data" / "train_000.bin"
     shard.write_bytes(b"garbage" * 300)
-    code, err = run_cli_in_process(TINY + [f"--out_dir={out}", "--max_steps=1"], capsys)
+    code, err = run_cli_in_process(TINY + [f"--out_dir={out}", "--max_steps=1", "--overwrite"], capsys)
     assert code == 2 and "train_000.bin is not a token shard" in err
     code, err = run_cli_in_process(TINY + [f"--out_dir={out}", "--max_steps=2", "--resume", "--n_layer=3",
                                            f"--data_dir={tmp_path}/fresh"], capsys)
@@ -285,8 +286,8 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
     path = train_llm.find_checkpoint(out)
     model, cfg = M.load_llm(path)
     assert cfg["model"]["n_embd"] == 128
-    torch.load(os.path.join(path, "optimizer.pt"))
-    torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    train_llm.load_plain(os.path.join(path, "optimizer.pt"))
+    assert train_llm.load_plain(os.path.join(path, "state.pt"))["step"] >= 1
 
 
 def test_torchrun_two_processes_give_the_loss_curve_of_one_process(tmp_path):
@@ -533,7 +534,7 @@ def test_bad_inputs_give_clear_user_errors(tmp_path):
         eval_sim.make_policy(str(tmp_path))
     (tmp_path / "config.json").write_text('{"n_layer": 2}')
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(data.UserError, match="has no action expert"):
+    with pytest.raises(data.UserError, match="has no action expert|not a checkpoint"):
         eval_sim.make_policy(str(tmp_path))
     with pytest.raises(data.UserError, match="unknown task"):
         eval_sim.main(["eval", "--policy", "noop", "--tasks", "reach,juggle"])
@@ -1004,3 +1005,374 @@ def test_figures_draw_a_rollout_row_per_task_from_any_act_policy(tmp_path):
     out = tmp_path / "world.png"
     figures.main(["world", "--out", str(out)])
     assert out.stat().st_size > 1000
+# ---- bad input (issue 20)
+import shutil  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+# Each case is its own process: a fork of one interpreter that imported torch and the four CLIs
+# once, running the script as __main__ with the case's argv (a fresh `python script.py` spends
+# ~2.5 s of CPU importing torch here; 50 of them would cost a minute on two cores). A few real
+# `python script.py` runs beside the table check that the fork is what a user gets.
+FORK_RUNNER = """
+import json, os, runpy, sys, traceback
+import torch, train_llm, train_vlm, train_vla, eval_sim
+torch.optim.AdamW(torch.nn.Linear(1, 1).parameters())  # its first use imports ~1 s of torch: once, here
+cases, running, codes = json.load(sys.stdin), {}, {}
+def reap():
+    pid, status = os.wait()
+    codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+for i, (script, argv, err_file) in enumerate(cases):
+    if len(running) >= 4:
+        reap()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(err_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        sys.argv, code = [script] + argv, 0
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        os._exit(code)
+    running[pid] = i
+while running:
+    reap()
+print(json.dumps([codes[i] for i in range(len(cases))]))
+"""
+
+
+def run_cli_cases(cases, tmp):
+    """[(script, argv)] -> [(exit code, stderr)], each case a forked process (FORK_RUNNER)."""
+    errs = [str(tmp / f"stderr_{i}.txt") for i in range(len(cases))]
+    proc = subprocess.run([sys.executable, "-c", FORK_RUNNER], input=json.dumps(
+        [(s, [str(a) for a in argv], e) for (s, argv), e in zip(cases, errs)]), cwd=ROOT, capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [(code, open(e).read()) for code, e in zip(results, errs)]
+
+
+def run_real_cli(script, argv):
+    proc = subprocess.run([sys.executable, script] + [str(a) for a in argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    return proc.returncode, proc.stderr
+
+
+def tree_state(root):
+    """{path: bytes} of every file under root, and the set of its directories."""
+    files, dirs = {}, set()
+    for d, subdirs, names in os.walk(root):
+        dirs.add(d)
+        for n in names:
+            files[os.path.join(d, n)] = open(os.path.join(d, n), "rb").read()
+    return files, dirs
+
+
+class Payload:
+    """A pickle that creates a marker file when unpickled: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def write_payload(path, marker):
+    if path.endswith(".pt"):
+        torch.save({"step": Payload(marker)}, path)
+    else:
+        import pickle
+        open(path, "wb").write(pickle.dumps(Payload(marker)))
+
+
+def edit_npz(path, **arrays):
+    with np.load(path) as z:
+        content = dict(z)
+    content.update(arrays)
+    np.savez_compressed(path, **content)
+
+
+@pytest.fixture(scope="module")
+def vla_run(vla_world, tmp_path_factory):
+    """A trained (2-step) stage-3 run directory: an eval_sim policy and a resumable checkpoint."""
+    out = str(tmp_path_factory.mktemp("vla_run") / "run")
+    train_vla.main(vla_args(vla_world, out, "--max_steps=2", "--val_every=0"))
+    return out
+
+
+def llm_resume_args(out):
+    return TINY + ["--seq_len=64", "--batch_tokens=256", f"--out_dir={out}", "--max_steps=2", "--resume"]
+
+
+def test_bad_input_table_exits_2_with_one_line_no_traceback_and_changes_nothing(
+        tiny_llm_checkpoint, vla_world, vla_run, tmp_path):
+    """One table of bad inputs across the four CLIs: flags, text data, shards, images, episodes,
+    checkpoints, results files. Every case: exit code 2, <= 2 lines on stderr, no traceback, the
+    expected words, and no file changed (or added) in any directory that existed before."""
+    old, new = tmp_path / "old", tmp_path / "new"  # inputs and existing outputs | fresh outputs
+    old.mkdir()
+    new.mkdir()
+    marker = str(tmp_path / "marker")
+    llm = str(old / "llm")
+    shutil.copytree(tiny_llm_checkpoint, llm)
+    ckpt = train_llm.find_checkpoint(llm)
+
+    def llm_copy(name, file, content=None, payload=False, edit=None):
+        """A copy of the stage-1 run with one file of its latest checkpoint replaced."""
+        d = str(old / name)
+        shutil.copytree(llm, d)
+        path = os.path.join(d if file.startswith("data/") else train_llm.find_checkpoint(d), file)
+        if payload:
+            write_payload(path, marker)
+        elif edit:
+            edit(path)
+        else:
+            open(path, "wb").write(content)
+        return d
+
+    weights = open(f"{ckpt}/model.safetensors", "rb").read()
+    state_pickle = llm_copy("llm_state", "state.pt", payload=True)
+    optim_pickle = llm_copy("llm_optim", "optimizer.pt", payload=True)
+    weights_pickle = llm_copy("llm_weights", "model.safetensors", payload=True)
+    weights_cut = llm_copy("llm_cut", "model.safetensors", weights[:len(weights) // 2])
+    config_bad = llm_copy("llm_config", "config.json", b"{not json")
+    wider = llm_copy("llm_wider", "config.json", edit=lambda p: json.dump(
+        json.load(open(p)) | {"model": json.load(open(p))["model"] | {"n_embd": 96}}, open(p, "w")))
+    shard_bad = llm_copy("llm_shard", "data/train_000.bin", b"garbage" * 300)
+    shard_cut = llm_copy("llm_shard_cut", "data/train_000.bin",
+                         open(f"{llm}/data/train_000.bin", "rb").read()[:2000])
+    (old / "empty.txt").write_text("")
+    (old / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": 3}\n')
+    (old / "notes.csv").write_text("a,b\n")
+    # stage-2 data: a corrupt image, a missing one
+    (old / "broken.png").write_bytes(b"\x89PNG not really")
+    (old / "pairs.jsonl").write_text('{"image": "broken.png", "text": "a red block"}\n' * 4)
+    (old / "missing.jsonl").write_text('{"image": "nope.png", "text": "a red block"}\n' * 4)
+    # episodes: copies of the demo set with one thing wrong
+    def demos_copy(name, edit):
+        d = str(old / name)
+        shutil.copytree(vla_world.demos, d)
+        edit(d)
+        return d
+    ep0 = "episodes/episode_000000.npz"
+    nan_action = demos_copy("demos_nan", lambda d: edit_npz(f"{d}/{ep0}", action=np.full((
+        len(np.load(f"{d}/{ep0}")["action"]), 3), np.nan, np.float32)))
+    wide_action = demos_copy("demos_wide", lambda d: edit_npz(f"{d}/{ep0}", action=np.zeros((
+        len(np.load(f"{d}/{ep0}")["action"]), 4), np.float32)))
+    big_images = demos_copy("demos_images", lambda d: edit_npz(f"{d}/{ep0}", images_scene=np.zeros((
+        len(np.load(f"{d}/{ep0}")["action"]), 20, 20, 3), np.uint8)))
+    cut_episode = demos_copy("demos_cut", lambda d: open(f"{d}/{ep0}", "r+b").truncate(100))
+    bad_meta = demos_copy("demos_meta", lambda d: open(f"{d}/meta.json", "w").write("[1, 2"))
+    bad_stats = demos_copy("demos_stats", lambda d: json.dump(
+        json.load(open(f"{d}/stats.json")) | {"action": {k: [0.0] * 2 for k in ("mean", "std", "min", "max", "q01", "q99")}},
+        open(f"{d}/stats.json", "w")))
+    # stage-2 checkpoint whose weights are a pickle; stage-3 runs with one file broken
+    vlm_pickle = str(old / "vlm_pickle")
+    shutil.copytree(vla_world.vlm, vlm_pickle)
+    write_payload(os.path.join(train_llm.find_checkpoint(vlm_pickle), "model.safetensors"), marker)
+
+    def vla_copy(name, file, content=None, payload=False):
+        d = str(old / name)
+        shutil.copytree(vla_run, d)
+        path = os.path.join(train_llm.find_checkpoint(d), file)
+        write_payload(path, marker) if payload else open(path, "wb").write(content)
+        return d
+    vla_weights = open(os.path.join(train_llm.find_checkpoint(vla_run), "model.safetensors"), "rb").read()
+    vla_state_pickle = vla_copy("vla_state", "state.pt", payload=True)
+    vla_cut = vla_copy("vla_cut", "model.safetensors", vla_weights[:len(vla_weights) - 64])
+    vla_config = vla_copy("vla_config", "config.json", b"\x00\x01")
+    (old / "results_bad.json").write_text('{"tasks": {}, "overall": {"all": {"successes": 5, "n": 3}}}')
+    (old / "results_broken.json").write_text("{")
+    good = {"tasks": {"reach": {"all": {"successes": 1, "n": 2}}}, "overall": {"all": {"successes": 1, "n": 2}}}
+    (old / "results_good.json").write_text(json.dumps(good))
+
+    o = lambda i: f"--out_dir={new}/{i}"  # a fresh output directory per case
+    L, V, A, E = "train_llm.py", "train_vlm.py", "train_vla.py", "eval_sim.py"
+    vlm = lambda i, *x: (V, tiny_vlm_args(llm, f"{new}/{i}") + list(x))
+    vla = lambda i, *x: (A, vla_args(vla_world, f"{new}/{i}") + list(x))
+    ev = lambda policy, *x: (E, ["eval", f"--policy={policy}", "--episodes_per_task=1", "--tasks=reach",
+                                 "--splits=seen", "--image_size=16", f"--out={new}/eval"] + list(x))
+    table = [  # (category, (script, argv), words the error must contain)
+        ("flag", (L, TINY + [o(1), "--max_steps=-1"]), "--max_steps=-1 is out of range"),
+        ("flag", (L, TINY + [o(2), "--micro_batch=0"]), "--micro_batch=0 is out of range"),
+        ("flag", (L, TINY + [o(3), "--batch_tokens=100"]), "must be a multiple of micro_batch * seq_len"),
+        ("flag", (L, TINY + [o(4), "--lr=nan"]), "--lr expects a finite float"),
+        ("flag", (L, TINY + [o(5), "--n_head=4", "--n_kv_head=3"]), "must be a multiple of --n_kv_head=3"),
+        ("flag", (L, TINY + [o(6), "--beta2=1.0"]), "--beta2=1.0"),
+        ("flag", (L, TINY + [o(7), "--schedule=linear"]), "--schedule=linear"),
+        ("flag", (L, TINY + [o(8), "--resume", "--overwrite"]), "pass one"),
+        ("flag", (L, TINY + [o(9), "--vocab_size=100"]), "--vocab_size=100 is out of range"),
+        ("text data", (L, TINY + [o(10), f"--data={old}/missing.txt"]), "data file not found"),
+        ("text data", (L, TINY + [o(11), f"--data={old}/empty.txt"]), "data file is empty"),
+        ("text data", (L, TINY + [o(12), f"--data={old}/bad.jsonl"]), "bad.jsonl:2: expected a JSON object"),
+        ("text data", (L, TINY + [o(13), f"--data={old}/notes.csv"]), "expected .txt or .jsonl"),
+        ("shard", (L, TINY + ["--seq_len=64", o(14), f"--data_dir={shard_bad}/data"]), "is not a token shard"),
+        ("shard", (L, TINY + ["--seq_len=64", o(15), f"--data_dir={shard_cut}/data"]), "truncated or corrupt"),
+        ("checkpoint", (L, TINY + ["--seq_len=64", f"--out_dir={llm}"]), "already holds checkpoints"),
+        ("checkpoint", (L, llm_resume_args(state_pickle)), "state.pt is refused"),
+        ("checkpoint", (L, llm_resume_args(optim_pickle)), "optimizer.pt is refused"),
+        ("checkpoint", (L, llm_resume_args(weights_pickle)), "is not a readable safetensors file"),
+        ("checkpoint", (L, llm_resume_args(weights_cut)), "is not a readable safetensors file"),
+        ("checkpoint", (L, llm_resume_args(config_bad)), "config.json is not valid JSON"),
+        ("checkpoint", (L, llm_resume_args(llm) + ["--n_embd=96"]), "cannot resume: the configured model differs"),
+        ("flag", vlm(20, "--patch_size=5"), "must be a multiple of patch_size"),
+        ("flag", vlm(21, "--batch_size=5"), "--batch_size=5 must be a multiple of micro_batch"),
+        ("flag", vlm(22, "--world_val=0"), "--world_val=0 is out of range"),
+        ("flag", vlm(23, "--vision_lr=-1"), "--vision_lr=-1.0 is out of range"),
+        ("checkpoint", vlm(24, f"--init={weights_cut}"), "is not a readable safetensors file"),
+        ("checkpoint", vlm(25, f"--init={wider}"), "expects [320, 96]"),
+        ("checkpoint", vlm(26, f"--init={weights_pickle}"), "is not a readable safetensors file"),
+        ("checkpoint", vlm(27, f"--init={vla_world.vlm}"), "stage 2 starts from a stage-1"),
+        ("image", vlm(28, f"--data={old}/pairs.jsonl"), "cannot read image"),
+        ("image", vlm(29, f"--data={old}/missing.jsonl"), "nope.png"),
+        ("flag", vla(30, "--execute_steps=9"), "--execute_steps=9 must be between 1 and --chunk_size=4"),
+        ("flag", vla(31, "--ema_decay=1"), "--ema_decay=1.0 must be in [0, 1)"),
+        ("flag", vla(32, "--noise_repeats=0"), "--noise_repeats=0 is out of range"),
+        ("flag", vla(33, "--batch_size=3"), "--batch_size=3 must be a multiple of micro_batch"),
+        ("flag", vla(34, "--cameras=scene,scene"), "--cameras=scene,scene"),
+        ("episodes", vla(35, f"--demos={nan_action}"), "episode_000000.npz: action holds NaN/Inf"),
+        ("episodes", vla(36, f"--demos={wide_action}"), "action has shape"),
+        ("episodes", vla(37, f"--demos={big_images}"), "meta.json image_size [16, 16]"),
+        ("episodes", vla(38, f"--demos={cut_episode}"), "is unreadable"),
+        ("episodes", vla(39, f"--demos={bad_meta}"), "meta.json is not a valid"),
+        ("episodes", vla(40, f"--demos={bad_stats}"), "stats.json: action.mean should list 3 values"),
+        ("checkpoint", vla(41, f"--init={vlm_pickle}"), "is not a readable safetensors file"),
+        ("checkpoint", (A, vla_args(vla_world, vla_state_pickle, "--resume")), "state.pt is refused"),
+        ("checkpoint", (A, vla_args(vla_world, vla_run)), "already holds checkpoints"),
+        ("flag", (E, ["collect", "--episodes_per_task=0", f"--out={new}/demos"]), "expected an integer >= 1"),
+        ("flag", (E, ["collect", f"--out={vla_world.demos}"]), "already holds a dataset"),
+        ("flag", ev("noop", "--num_envs=0"), "--num_envs: expected an integer >= 1"),
+        ("flag", ev("noop", "--splits=train"), "--splits must list seen and/or heldout"),
+        ("flag", ev("noop", "--image_size=4"), "--image_size: expected an integer between 8 and 1024"),
+        ("flag", (E, ["eval", "--policy=noop", "--episodes_per_task"]), "expected one argument"),
+        ("checkpoint", ev(vla_cut), "is not a readable safetensors file"),
+        ("checkpoint", ev(vla_config), "is not valid"),
+        ("results", (E, ["compare", f"{old}/results_bad.json", f"{old}/results_good.json"]), "not an eval_sim results file"),
+        ("results", (E, ["compare", f"{old}/results_broken.json", f"{old}/results_good.json"]), "is not valid JSON"),
+        ("results", (E, ["compare", f"{old}/nothing.json", f"{old}/results_good.json"]), "does not exist"),
+    ]
+    real = [table[i] for i in (22, 32)]  # real `python script.py` runs (stages 1 and eval_sim: tests above)
+    watched = [old, os.path.dirname(vla_world.demos), os.path.dirname(vla_run), os.path.dirname(tiny_llm_checkpoint)]
+    before = [tree_state(d) for d in watched]
+    with ThreadPoolExecutor(len(real) + 1) as pool:
+        forked = pool.submit(run_cli_cases, [case for _, case, _ in table], tmp_path)
+        real_results = list(pool.map(lambda c: run_real_cli(*c[1]), real))
+        results = forked.result()
+    failures = []
+    for (category, (script, argv), words), (code, err) in list(zip(table, results)) + list(zip(real, real_results)):
+        lines = err.strip().splitlines()
+        if code != 2 or len(lines) > 2 or "Traceback" in err or words not in err:
+            failures.append(f"[{category}] {script} {' '.join(map(str, argv[-2:]))}: exit {code}, stderr {err[-400:]!r}")
+    assert not failures, "\n".join(failures)
+    for d, (files, dirs) in zip(watched, before):
+        files_after, dirs_after = tree_state(d)
+        changed = [p for p in files_after.keys() | files.keys() if files.get(p) != files_after.get(p)]
+        assert not changed and dirs_after == dirs, (changed, dirs_after ^ dirs)
+    assert not os.path.exists(marker)
+    assert len(table) >= 30 and {c for c, _, _ in table} == {"flag", "text data", "shard", "image", "episodes",
+                                                           "checkpoint", "results"}
+
+
+def test_a_crafted_pickle_in_any_checkpoint_file_is_refused_without_running(
+        tiny_llm_checkpoint, vla_run, tmp_path, capsys):
+    """Resume (stage 1), --init (stage 2) and eval_sim's policy loading, each with one checkpoint
+    file replaced by a pickle that would create a marker file when unpickled."""
+    marker = str(tmp_path / "marker")
+    write_payload(str(tmp_path / "live.pt"), marker)
+    torch.load(str(tmp_path / "live.pt"), weights_only=False)  # the payload is live: unpickling runs it
+    assert os.path.exists(marker)
+    os.remove(marker)
+
+    def exit_code(main):
+        with pytest.raises(SystemExit) as e:
+            train_llm.run(main)
+        return e.value.code, capsys.readouterr().err
+
+    cases = [(tiny_llm_checkpoint, f, lambda d: train_llm.main(llm_resume_args(d)))
+             for f in ("state.pt", "optimizer.pt", "model.safetensors", "config.json")]
+    cases += [(tiny_llm_checkpoint, f, lambda d: train_vlm.main(tiny_vlm_args(d, tmp_path / "vlm_out")))
+              for f in ("model.safetensors", "config.json", "tokenizer.json")]
+    cases += [(vla_run, f, lambda d: train_vla.load_policy(d))
+              for f in ("model.safetensors", "config.json", "tokenizer.json")]
+    for i, (run_dir, file, load) in enumerate(cases):
+        d = str(tmp_path / f"copy{i}")
+        shutil.copytree(run_dir, d)
+        write_payload(os.path.join(train_llm.find_checkpoint(d) if file != "config.json" else
+                                   os.path.join(d, open(f"{d}/latest").read().strip()), file), marker)
+        code, err = exit_code(lambda: load(d))
+        assert code == 2 and file in err and err.count("\n") == 1 and not os.path.exists(marker), (file, err)
+
+
+def test_rng_state_is_tensors_and_plain_values_and_restores_every_generator(tmp_path):
+    state = train_llm.rng_state()
+    torch.save(state, tmp_path / "state.pt")
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    train_llm.set_rng_state(train_llm.load_plain(str(tmp_path / "state.pt")))  # weights_only=True
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+def test_nan_in_demonstrations_is_refused_at_write_and_at_read(tmp_path):
+    T, root = 5, str(tmp_path / "demos")
+    writer = data.EpisodeWriter(root, ["scene"], 8, ["x", "y"], ["dx", "dy", "grip"], fps=10)
+    images, state, action = {"scene": np.zeros((T, 8, 8, 3), np.uint8)}, np.zeros((T, 2)), np.zeros((T, 3))
+    bad = action.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(data.UserError, match=r"episode 0 \('reach'\): action holds NaN/Inf \(first at step 3"):
+        writer.add(images, state, bad, "reach the red block", "reach")
+    with pytest.raises(data.UserError, match=r"episode 0 \('reach'\): state holds NaN/Inf"):
+        writer.add(images, state + np.inf, action, "reach the red block", "reach")
+    writer.add(images, state, action, "reach the red block", "reach")
+    writer.close()
+    assert len(data.EpisodeDataset(root, cameras=("scene",))) == T
+    edit_npz(f"{root}/episodes/episode_000000.npz", state=np.full((T, 2), np.inf, np.float32))
+    with pytest.raises(data.UserError, match=r"episode_000000.npz: state holds NaN/Inf"):
+        data.EpisodeDataset(root, cameras=("scene",))
+
+
+def test_nan_mid_training_stops_the_run_and_latest_stays_on_the_last_finite_checkpoint(
+        vla_world, tmp_path, monkeypatch, capsys):
+    """Stage 1 with a loss that turns NaN at step 5, stage 3 with a gradient norm that does at
+    step 3: exit 2 with one line naming the step, nothing of that step saved or logged."""
+    forward, calls = M.Transformer.forward, []
+
+    def nan_from_step_5(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        calls.append(self.training)
+        return logits, loss * float("nan") if loss is not None and calls.count(True) > 8 else loss  # 2 micro-steps
+    monkeypatch.setattr(M.Transformer, "forward", nan_from_step_5)
+    out = tmp_path / "llm"
+    code, err = run_cli_in_process(TINY + [f"--out_dir={out}", "--max_steps=8", "--save_every=2",
+                                           "--keep_checkpoints=5"], capsys)
+    assert code == 2 and "step 5: loss nan" in err.splitlines()[-1] and "lower --lr" in err
+    assert (out / "latest").read_text().strip() == "step_000004" and not (out / "step_000005").exists()
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    monkeypatch.undo()
+
+    clip, steps = torch.nn.utils.clip_grad_norm_, []
+
+    def nan_norm_at_step_3(*args, **kwargs):
+        steps.append(1)
+        norm = clip(*args, **kwargs)
+        return norm * float("nan") if len(steps) == 3 else norm
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_norm_at_step_3)
+    out = tmp_path / "vla"
+    with pytest.raises(data.UserError, match=r"step 3: loss [0-9.]+, grad norm nan: not finite"):
+        train_vla.main(vla_args(vla_world, out, "--val_every=0"))
+    assert (out / "latest").read_text().strip() == "step_000002" and not (out / "step_000003").exists()
+    assert load_tensors(f"{out}/step_000002/model.safetensors")  # the last good one loads
+
+
+def test_out_dir_with_checkpoints_needs_resume_or_overwrite_and_overwrite_replaces_them(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = TINY + [f"--out_dir={out}", "--save_every=1", "--keep_checkpoints=5", "--eval_every=0"]
+    train_llm.main(args + ["--max_steps=2"])
+    code, err = run_cli_in_process(args + ["--max_steps=1"], capsys)
+    assert code == 2 and "already holds checkpoints (latest, step_000001" in err and "--overwrite" in err
+    train_llm.main(args + ["--max_steps=1", "--overwrite"])
+    assert sorted(os.listdir(out)) == ["data", "latest", "metrics.jsonl", "step_000001"]
+    assert len(open(out / "metrics.jsonl").readlines()) == 1

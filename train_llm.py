@@ -4,6 +4,11 @@ Stage 1: pretrain the language model from scratch.
     python train_llm.py                                   # built-in world corpus, CPU (times: README)
     python train_llm.py --n_layer=12 --n_embd=768 ...     # any field of TrainConfig below
     torchrun --standalone --nproc_per_node=8 train_llm.py --data=corpus/*.jsonl
+    python train_llm.py --resume                          # continue out_dir's latest checkpoint exactly
+    python train_llm.py --overwrite                       # start over in an out_dir that holds checkpoints
+
+Every setting is checked before any work (RANGES, RULES below the config): a bad one is one line
+and exit code 2. A run into an out_dir that already holds checkpoints needs --resume or --overwrite.
 
 Reads top to bottom: config, data, model, optimizer, loop, checkpoint. The second half of the
 file is the training plumbing that train_vlm.py and train_vla.py import (config CLI, DDP setup,
@@ -27,7 +32,7 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 
 import data as D
-from model import GPTConfig, Transformer, load_weights, save_config, save_weights
+from model import GPTConfig, Transformer, WeightsError, load_weights, save_config, save_weights
 
 
 @dataclass
@@ -75,10 +80,38 @@ class TrainConfig:
     compile: bool = True                # torch.compile the training model
     seed: int = 1337
     resume: bool = False                # continue exactly from out_dir's latest checkpoint
+    overwrite: bool = False             # start over in an out_dir that already holds checkpoints (deletes them)
+
+
+# The valid range of every numeric setting, inclusive (None: unbounded), and the rules that tie
+# settings together: all checked by validate() before any work. Stages 2 and 3 extend the shared ones.
+SHARED_RANGES = {"max_steps": (1, None), "micro_batch": (1, None), "lr": (0, None), "min_lr_frac": (0, 1),
+                 "warmup_steps": (0, None), "weight_decay": (0, None), "grad_clip": (0, None), "eval_every": (0, None),
+                 "save_every": (0, None), "keep_checkpoints": (1, None), "seed": (0, None), "val_fraction": (0, 0.5)}
+SHARED_RULES = [  # (holds(cfg, world_size), message formatted with the settings and world_size)
+    (lambda c, w: 0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, "--beta1={beta1}, --beta2={beta2}: each must be in [0, 1)"),
+    (lambda c, w: c.schedule in ("cosine", "wsd", "constant"), "--schedule={schedule}: expected cosine, wsd or constant"),
+    (lambda c, w: c.dtype in ("auto", "bfloat16", "float32"), "--dtype={dtype}: expected auto, bfloat16 or float32"),
+    (lambda c, w: c.device in ("auto", "cpu", "cuda"), "--device={device}: expected auto, cpu or cuda"),
+    (lambda c, w: not (c.resume and c.overwrite), "--resume continues out_dir's run, --overwrite replaces it: pass one"),
+]
+RANGES = {**SHARED_RANGES, "vocab_size": (256 + len(D.SPECIAL_TOKENS), 2 ** 31 - 1), "world_docs": (1, None),
+          "n_layer": (1, None), "n_embd": (1, None), "n_head": (1, None), "n_kv_head": (1, None), "head_dim": (2, None),
+          "mlp_hidden": (1, None), "seq_len": (1, None), "rope_theta": (1, None), "batch_tokens": (1, None),
+          "eval_batches": (1, None), "sample_every": (0, None)}
+RULES = SHARED_RULES + [
+    (lambda c, w: c.n_head % c.n_kv_head == 0, "--n_head={n_head} must be a multiple of --n_kv_head={n_kv_head}"),
+    (lambda c, w: c.head_dim % 2 == 0, "--head_dim={head_dim} must be even (RoPE rotates pairs)"),
+    (lambda c, w: c.batch_tokens % (c.micro_batch * c.seq_len * w) == 0,
+     "--batch_tokens={batch_tokens} must be a multiple of micro_batch * seq_len * world_size = "
+     "{micro_batch} * {seq_len} * {world_size}"),
+]
 
 
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv)
+    validate(cfg, RANGES, RULES)
+    check_out_dir(cfg)
     dist = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed + dist.rank)
     data_dir = cfg.data_dir or os.path.join(cfg.out_dir, "data")
@@ -90,11 +123,7 @@ def main(argv=None):
         prepare_text_data(cfg, data_dir, ckpt)
     barrier(dist)
     tokenizer = D.Tokenizer.load(os.path.join(data_dir, "tokenizer.json"))
-    tokens_per_micro = cfg.micro_batch * cfg.seq_len * dist.world_size
-    if cfg.batch_tokens % tokens_per_micro:
-        raise D.UserError(f"batch_tokens {cfg.batch_tokens} is not a multiple of micro_batch * seq_len * "
-                          f"world_size = {tokens_per_micro}")
-    grad_accum = cfg.batch_tokens // tokens_per_micro
+    grad_accum = cfg.batch_tokens // (cfg.micro_batch * cfg.seq_len * dist.world_size)  # divisible: validate()
     train_loader = D.TokenLoader(D.shard_paths(data_dir, "train"), cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size)
     val_loader = D.TokenLoader(D.shard_paths(data_dir, "val"), cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size)
 
@@ -140,6 +169,8 @@ def main(argv=None):
         return tokenizer.decode(out[0, 1:].tolist())
 
     # --- the loop
+    if cfg.overwrite and dist.is_master:
+        remove_checkpoints(cfg.out_dir)
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), dist.is_master, resume_step=step)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_master, dynamic_ncols=True)
     while step < cfg.max_steps:
@@ -160,6 +191,7 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train_loss = all_reduce_mean(loss_sum / grad_accum, dist).item()  # .item() syncs: honest timing
+        stop_if_not_finite(step + 1, train_loss, grad_norm, bar)
         dt = time.perf_counter() - t0
         step += 1
         record = {"step": step, "loss": round(train_loss, 6), "lr": optimizer.param_groups[0]["lr"],
@@ -252,10 +284,29 @@ def parse_config(cls, argv=None):
                 parsed = lowered in ("true", "1", "yes")
             else:
                 parsed = kind(value)
+                if kind is float and not math.isfinite(parsed):
+                    raise ValueError
         except ValueError:
-            raise D.UserError(f"--{key} expects a {kind.__name__}, got {value!r}") from None
+            raise D.UserError(f"--{key} expects a {'finite ' if kind is float else ''}{kind.__name__}, "
+                              f"got {value!r}") from None
         setattr(cfg, key, parsed)
     return cfg
+
+
+def validate(cfg, ranges, rules):
+    """The first setting out of its range, or the first rule broken, as one line (exit code 2):
+    ranges {field: (lo, hi)} inclusive, None unbounded; rules [(holds(cfg, world_size), message)].
+    world_size is torchrun's WORLD_SIZE (1 without torchrun), known before any process group."""
+    for name, (lo, hi) in ranges.items():
+        value = getattr(cfg, name)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            expected = f"between {lo} and {hi}" if lo is not None and hi is not None else \
+                f">= {lo}" if lo is not None else f"<= {hi}"
+            raise D.UserError(f"--{name}={value} is out of range: expected {expected}")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    for holds, message in rules:
+        if not holds(cfg, world_size):
+            raise D.UserError(message.format(**vars(cfg), world_size=world_size))
 
 
 def print_help(cls):
@@ -430,9 +481,11 @@ class MetricsLog:
 
 def save_checkpoint(out_dir, step, raw_model, optimizer, loader, tokenizer, keep, **config_sections):
     """out_dir/step_XXXXXX/ = model.safetensors, config.json, tokenizer.json, optimizer.pt, state.pt.
-    Called by every rank (each rank's RNG state is gathered); rank 0 writes. Written under a
-    temporary name, renamed when complete, then 'latest' is replaced atomically: a kill at any
-    moment leaves the previous checkpoint whole and 'latest' pointing at it."""
+    Called by every rank (each rank's RNG state is gathered); rank 0 writes. Every file is flushed
+    and fsync'ed under a temporary directory name, which is renamed when complete, then 'latest' is
+    replaced atomically: a kill or a power cut at any moment leaves the previous checkpoint whole
+    and 'latest' pointing at it. optimizer.pt and state.pt hold tensors and plain values only
+    (load_plain reads them without unpickling objects)."""
     rng = [rng_state()]
     if torch_dist.is_initialized():
         rng = [None] * torch_dist.get_world_size()
@@ -448,16 +501,53 @@ def save_checkpoint(out_dir, step, raw_model, optimizer, loader, tokenizer, keep
                 tokenizer={"file": "tokenizer.json", "n_vocab": tokenizer.n_vocab,
                            "special_tokens": tokenizer.special_tokens})
     tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save({"step": step, "loader": loader.state_dict(), "rng": rng}, os.path.join(tmp, "state.pt"))
+    for file, obj in (("optimizer.pt", optimizer.state_dict()),
+                      ("state.pt", {"step": step, "loader": loader.state_dict(), "rng": rng})):
+        D.write_durably(os.path.join(tmp, file), lambda f: torch.save(obj, f), "wb")
+    D.fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
-    with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
-        f.write(name + "\n")
-    os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+    D.fsync_dir(out_dir)
+    D.write_durably(os.path.join(out_dir, "latest"), lambda f: f.write(name + "\n"))
     old = sorted(d for d in os.listdir(out_dir) if re.fullmatch(r"step_\d{6}", d))[:-keep]
     for d in old:
         shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+
+
+def checkpoints_in(out_dir):
+    """The checkpoint entries of a run directory: 'latest' and the step_* directories."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(d for d in os.listdir(out_dir) if d == "latest" or re.fullmatch(r"\.?step_\d{6}(\.tmp)?", d))
+
+
+def check_out_dir(cfg):
+    """A run into an out_dir that already holds checkpoints continues it (--resume) or replaces it
+    (--overwrite); with neither it is refused before any work, so a typo never clobbers a run."""
+    held = checkpoints_in(cfg.out_dir)
+    if held and not cfg.resume and not cfg.overwrite:
+        raise D.UserError(f"{cfg.out_dir} already holds checkpoints ({', '.join(held[:3])}): pass --resume to "
+                          f"continue that run or --overwrite to replace it")
+
+
+def remove_checkpoints(out_dir):
+    """--overwrite: the old run's checkpoints go, before the new run saves its first."""
+    for d in checkpoints_in(out_dir):
+        path = os.path.join(out_dir, d)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def stop_if_not_finite(step, loss, grad_norm, bar=None):
+    """Every stage's loop calls this after each step's loss and gradient norm are known, before
+    anything of that step is logged or saved: the first NaN/Inf ends the run with one line, and
+    'latest' stays on the last good checkpoint."""
+    norm = None if grad_norm is None else float(grad_norm)
+    if math.isfinite(loss) and (norm is None or math.isfinite(norm)):
+        return
+    if bar is not None:
+        bar.close()
+    raise D.UserError(f"step {step}: loss {loss}, grad norm {norm}: not finite, stopped before saving it (latest "
+                      f"is the last good checkpoint); try a lower --lr or --grad_clip, and check the data for NaN/Inf")
 
 
 def find_checkpoint(path):
@@ -466,7 +556,25 @@ def find_checkpoint(path):
         path = os.path.join(path, open(os.path.join(path, "latest")).read().strip())
     if not all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "model.safetensors")):
         raise D.UserError(f"{path} is not a checkpoint (expected a 'latest' file or config.json + model.safetensors)")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise D.UserError(f"{path}/config.json is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise D.UserError(f"{path}/config.json has no 'model' section: not a checkpoint's config")
     return path
+
+
+def load_plain(path):
+    """A .pt file of tensors and plain values: torch.load(weights_only=True), which refuses any
+    pickled object (so loading never runs code) with one line naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError (an object that would run code), truncated, not a .pt file
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        detail = next((line for line in lines if "Unsupported" in line or "WeightsUnpickler" in line), lines[0])
+        raise D.UserError(f"{path} is refused: only tensors and plain values are loaded from checkpoints ({detail[:200]})") from None
 
 
 def load_checkpoint(path, raw_model, optimizer, loader):
@@ -476,24 +584,36 @@ def load_checkpoint(path, raw_model, optimizer, loader):
             raise D.UserError(f"{path} has weights but no {f}: it cannot be resumed exactly")
     try:
         load_weights(raw_model, os.path.join(path, "model.safetensors"))
-    except ValueError as e:
+    except WeightsError as e:
         raise D.UserError(f"cannot resume: the configured model differs from the checkpoint's ({e})") from None
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=next(raw_model.parameters()).device))
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-    loader.load_state_dict(state["loader"])
-    rank = torch_dist.get_rank() if torch_dist.is_initialized() else 0
-    set_rng_state(state["rng"][rank % len(state["rng"])])  # per rank; a changed world size reuses states
-    return state["step"]
+    optimizer_state, state = (load_plain(os.path.join(path, f)) for f in ("optimizer.pt", "state.pt"))
+    try:
+        optimizer.load_state_dict(optimizer_state)
+        loader.load_state_dict(state["loader"])
+        rank = torch_dist.get_rank() if torch_dist.is_initialized() else 0
+        set_rng_state(state["rng"][rank % len(state["rng"])])  # per rank; a changed world size reuses states
+        return int(state["step"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise D.UserError(f"cannot resume from {path}: optimizer.pt or state.pt does not fit this run "
+                          f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
 
 
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every RNG's state as tensors and plain values (what load_plain accepts)."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached_gaussian)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -503,7 +623,7 @@ def run(main):
     """Entry point of every CLI: bad input is one line on stderr and exit code 2, no traceback."""
     try:
         main()
-    except D.UserError as e:
+    except (D.UserError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -9,6 +9,7 @@ scored closed-loop in that world at the end.
     python train_vla.py --bench                         # latency of one action chunk (prefix reuse vs not)
     python train_vla.py --probe_keypoints               # does a keypoint of out/vla follow the instructed object?
     torchrun --standalone --nproc_per_node=8 train_vla.py --demos=my_robot_dataset
+    python train_vla.py --resume | --overwrite          # continue out_dir's run, or start over there
 
 Reads top to bottom: config, demonstrations, model, optimizer, loop (with EMA weights), checkpoint,
 closed-loop evaluation. The plumbing (config CLI, DDP, schedule, checkpoints) is train_llm.py's.
@@ -29,9 +30,10 @@ from tqdm import tqdm
 import data as D
 import eval_sim
 import model as M
-from train_llm import (all_reduce_mean, autocast_context, barrier, due, find_checkpoint, load_checkpoint,
-                       lr_multiplier, make_optimizer, parse_config, peak_flops, resolve_dtype, run,
-                       save_checkpoint, setup_distributed, teardown_distributed, MetricsLog)
+from train_llm import (SHARED_RANGES, SHARED_RULES, MetricsLog, all_reduce_mean, autocast_context, barrier,
+                       check_out_dir, due, find_checkpoint, load_checkpoint, lr_multiplier, make_optimizer, parse_config,
+                       peak_flops, remove_checkpoints, resolve_dtype, run, save_checkpoint, setup_distributed,
+                       stop_if_not_finite, teardown_distributed, validate)
 
 
 @dataclass
@@ -93,18 +95,44 @@ class TrainConfig:
     dtype: str = "auto"                 # 'auto' = bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False               # torch.compile the training model (CPU: ~no gain at this size)
     seed: int = 1337
-    resume: bool = False
+    resume: bool = False                # continue exactly from out_dir's latest checkpoint
+    overwrite: bool = False             # start over in an out_dir that already holds checkpoints (deletes them)
     bench: bool = False                 # instead of training: latency of one action chunk, prefix reuse vs recompute
     probe_keypoints: bool = False       # instead of training: how well out_dir's keypoints track the instructed object
 
 
+# valid ranges (inclusive) and rules, checked before any work (train_llm.validate)
+RANGES = {**SHARED_RANGES, "episodes_per_task": (1, None), "n_frames": (1, None), "chunk_size": (1, None),
+          "execute_steps": (1, None), "flow_steps": (1, None), "expert_n_embd": (2, None), "expert_mlp_hidden": (1, None),
+          "cond_layers": (1, None), "keypoints": (0, None), "batch_size": (1, None), "noise_repeats": (1, None),
+          "lr_vision": (0, None), "lr_projector": (0, None), "lr_llm": (0, None), "val_every": (0, None),
+          "eval_episodes": (0, None), "num_envs": (1, None), "gifs_per_task": (0, None)}
+RULES = SHARED_RULES + [
+    (lambda c, w: c.execute_steps <= c.chunk_size, "--execute_steps={execute_steps} must be between 1 and "
+     "--chunk_size={chunk_size}: a policy cannot execute more actions than a chunk holds"),
+    (lambda c, w: c.batch_size % (c.micro_batch * w) == 0,
+     "--batch_size={batch_size} must be a multiple of micro_batch * world_size = {micro_batch} * {world_size}"),
+    (lambda c, w: 0 <= c.ema_decay < 1, "--ema_decay={ema_decay} must be in [0, 1) (0 = off)"),
+    (lambda c, w: c.expert_n_embd % 2 == 0, "--expert_n_embd={expert_n_embd} must be even (sine-cosine time embedding)"),
+    (lambda c, w: c.conditioning in ("prefix", "action_token"), "--conditioning={conditioning}: expected 'prefix' or 'action_token'"),
+    (lambda c, w: c.predict in ("actions", "velocity"), "--predict={predict}: expected 'actions' or 'velocity'"),
+    (lambda c, w: {c.state_norm, c.action_norm} <= {"meanstd", "minmax", "quantile"},
+     "--state_norm={state_norm}, --action_norm={action_norm}: each must be meanstd, minmax or quantile"),
+    (lambda c, w: all(c.cameras.split(",")) and len(set(c.cameras.split(","))) == len(c.cameras.split(",")),
+     "--cameras={cameras}: expected distinct names, comma-separated, e.g. scene,wrist"),
+    (lambda c, w: set(c.eval_splits.split(",")) <= {"seen", "heldout"},
+     "--eval_splits={eval_splits}: expected seen and/or heldout, comma-separated"),
+]
+
+
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv)
-    check_config(cfg)
+    validate(cfg, RANGES, RULES)
     if cfg.bench:
         return bench_latency(cfg)
     if cfg.probe_keypoints:
         return probe_keypoints(cfg)
+    check_out_dir(cfg)
     dist = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed + dist.rank)
     cfg.dtype = resolve_dtype(dist.device, cfg.dtype)
@@ -151,10 +179,7 @@ def main(argv=None):
         "llm": (vla.vlm.llm.parameters(), cfg.lr * cfg.lr_llm),
         "expert": (vla.action_expert.parameters(), cfg.lr)}, cfg, dist.device)
 
-    if cfg.batch_size % (cfg.micro_batch * dist.world_size):
-        raise D.UserError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch * world_size = "
-                          f"{cfg.micro_batch * dist.world_size}")
-    grad_accum = cfg.batch_size // (cfg.micro_batch * dist.world_size)
+    grad_accum = cfg.batch_size // (cfg.micro_batch * dist.world_size)  # divisible: validate()
     loader = D.WindowLoader(dataset, cfg.micro_batch, cfg.seed, dist.rank, dist.world_size)
     step = load_checkpoint(ckpt, weights, optimizer, loader) if ckpt else 0
     model = torch.compile(vla) if cfg.compile else vla
@@ -217,6 +242,8 @@ def main(argv=None):
         return results
 
     # --- the loop
+    if cfg.overwrite and dist.is_master:
+        remove_checkpoints(cfg.out_dir)
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), dist.is_master, resume_step=step)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_master, dynamic_ncols=True)
     t_start = time.time()
@@ -243,6 +270,7 @@ def main(argv=None):
         if cfg.ema_decay > 0:  # warm-up of the decay: early EMA follows the fast-moving weights
             update_ema(weights["ema"], vla, min(cfg.ema_decay, (1 + step) / (10 + step)))
         train_loss = all_reduce_mean(loss_sum / grad_accum, dist).item()
+        stop_if_not_finite(step + 1, train_loss, grad_norm, bar)
         dt = time.perf_counter() - t0
         step += 1
         record = {"step": step, "loss": round(train_loss, 6), "lr": optimizer.param_groups[0]["lr"],
@@ -268,21 +296,6 @@ def main(argv=None):
         if cfg.eval_episodes:
             closed_loop("eval")
     teardown_distributed(dist)
-
-
-def check_config(cfg):
-    if cfg.conditioning not in ("prefix", "action_token"):
-        raise D.UserError(f"--conditioning={cfg.conditioning}: expected 'prefix' or 'action_token'")
-    if not 1 <= cfg.execute_steps <= cfg.chunk_size:
-        raise D.UserError(f"--execute_steps={cfg.execute_steps} must be between 1 and --chunk_size={cfg.chunk_size}")
-    if cfg.noise_repeats < 1 or cfg.flow_steps < 1 or cfg.n_frames < 1:
-        raise D.UserError("--noise_repeats, --flow_steps and --n_frames must be at least 1")
-    cams = cfg.cameras.split(",")
-    if not all(cams) or len(set(cams)) != len(cams):
-        raise D.UserError(f"--cameras={cfg.cameras}: expected distinct names, comma-separated, e.g. scene,wrist")
-    for s in cfg.eval_splits.split(","):
-        if s not in ("seen", "heldout"):
-            raise D.UserError(f"--eval_splits={cfg.eval_splits}: expected seen and/or heldout, comma-separated")
 
 
 def collect_demos(path, episodes_per_task):

@@ -5,6 +5,7 @@ Stage 2: the stage-1 language model grows eyes and becomes a vision-language mod
     python train_vlm.py --blank_images                    # the control: same run, every image zeroed
     python train_vlm.py --data=pairs.jsonl,shards/*.tar   # your image-text data (see data.py)
     torchrun --standalone --nproc_per_node=8 train_vlm.py --init=out/llm --out_dir=out/vlm
+    python train_vlm.py --resume | --overwrite           # continue out_dir's run, or start over there
 
 Loads a stage-1 checkpoint (weights and tokenizer), adds a ViT and a pixel-shuffle projector
 (model.py: VLM) and trains on chat sequences whose <|image|> placeholders carry the image, with
@@ -25,9 +26,10 @@ from tqdm import tqdm
 
 import data as D
 import model as M
-from train_llm import (MetricsLog, all_reduce_mean, autocast_context, barrier, due, find_checkpoint, load_checkpoint,
-                       lr_multiplier, make_optimizer, parse_config, peak_flops, resolve_dtype, round_up, run,
-                       save_checkpoint, setup_distributed, teardown_distributed)
+from train_llm import (SHARED_RANGES, SHARED_RULES, MetricsLog, all_reduce_mean, autocast_context, barrier, check_out_dir,
+                       due, find_checkpoint, load_checkpoint, lr_multiplier, make_optimizer, parse_config, peak_flops,
+                       remove_checkpoints, resolve_dtype, round_up, run, save_checkpoint, setup_distributed,
+                       stop_if_not_finite, teardown_distributed, validate)
 
 
 @dataclass
@@ -81,10 +83,29 @@ class TrainConfig:
     compile: bool = torch.cuda.is_available()  # torch.compile the training model (on CPU: slower to start, no faster)
     seed: int = 1337
     resume: bool = False                # continue exactly from out_dir's latest checkpoint
+    overwrite: bool = False             # start over in an out_dir that already holds checkpoints (deletes them)
+
+
+# valid ranges (inclusive) and rules, checked before any work (train_llm.validate)
+RANGES = {**SHARED_RANGES, "world_train": (1, None), "world_val": (1, None), "image_size": (1, None),
+          "patch_size": (1, None), "vision_layers": (1, None), "vision_embd": (1, None), "vision_heads": (1, None),
+          "vision_head_dim": (1, None), "vision_mlp_hidden": (1, None), "pixel_shuffle": (1, None),
+          "projector_hidden": (1, None), "seq_len": (0, None), "batch_size": (1, None), "vision_lr": (0, None),
+          "projector_lr": (0, None), "projector_warmup_steps": (0, None), "eval_batches": (1, None),
+          "show_captions": (0, None)}
+RULES = SHARED_RULES + [
+    (lambda c, w: c.image_size % c.patch_size == 0 and (c.image_size // c.patch_size) % c.pixel_shuffle == 0,
+     "--image_size={image_size} must be a multiple of patch_size {patch_size}, and the patch grid a multiple of "
+     "--pixel_shuffle={pixel_shuffle}"),
+    (lambda c, w: c.batch_size % (c.micro_batch * w) == 0,
+     "--batch_size={batch_size} must be a multiple of micro_batch * world_size = {micro_batch} * {world_size}"),
+]
 
 
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv)
+    validate(cfg, RANGES, RULES)
+    check_out_dir(cfg)
     dist = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed + dist.rank)
     cfg.dtype = resolve_dtype(dist.device, cfg.dtype)
@@ -116,10 +137,7 @@ def main(argv=None):
                                      augment=cfg.augment, **loader_args)
     val_loader = D.ImageTextLoader(val_examples, batch_size=max(1, min(cfg.micro_batch, len(val_examples) // dist.world_size)),
                                    shuffle=False, **loader_args)
-    if cfg.batch_size % (cfg.micro_batch * dist.world_size):
-        raise D.UserError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch * world_size = "
-                          f"{cfg.micro_batch * dist.world_size}")
-    grad_accum = cfg.batch_size // (cfg.micro_batch * dist.world_size)
+    grad_accum = cfg.batch_size // (cfg.micro_batch * dist.world_size)  # divisible: validate()
 
     # --- optimizer: a learning rate per part; a frozen LLM gets no gradients at all
     parts = {"vision": (raw_model.vision.parameters(), cfg.vision_lr),
@@ -162,6 +180,8 @@ def main(argv=None):
     answer = functools.partial(answer_questions, raw_model, tokenizer, autocast=autocast, blank=cfg.blank_images)
 
     # --- the loop
+    if cfg.overwrite and dist.is_master:
+        remove_checkpoints(cfg.out_dir)
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), dist.is_master, resume_step=step)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_master, dynamic_ncols=True)
     t_start, record, accuracy = time.perf_counter(), {}, None
@@ -186,6 +206,7 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train_loss = all_reduce_mean(loss_sum / grad_accum, dist).item()  # .item() syncs: honest timing
+        stop_if_not_finite(step + 1, train_loss, grad_norm, bar)
         dt = time.perf_counter() - t0
         step += 1
         record = {"step": step, "loss": round(train_loss, 6), "lr": optimizer.param_groups[0]["lr"],
@@ -232,9 +253,11 @@ def vlm_from_llm(cfg, pixel_mean_std):
         raise D.UserError(f"no stage-1 checkpoint at --init={cfg.init}: run `python train_llm.py` first "
                           f"(or point --init at its out_dir)")
     path = find_checkpoint(cfg.init)
+    with open(os.path.join(path, "config.json")) as f:
+        stage = json.load(f).get("stage", "llm")
+    if stage != "llm":
+        raise D.UserError(f"--init={cfg.init} is a {stage} checkpoint; stage 2 starts from a stage-1 (llm) one")
     llm, llm_cfg = M.load_llm(path)
-    if llm_cfg.get("stage", "llm") != "llm":
-        raise D.UserError(f"--init={cfg.init} is a {llm_cfg['stage']} checkpoint; stage 2 starts from a stage-1 (llm) one")
     tokenizer = D.add_special_tokens(D.Tokenizer.load(os.path.join(path, "tokenizer.json")), D.CHAT_TOKENS)
     M.grow_embeddings(llm, round_up(tokenizer.n_vocab, 64))  # a no-op unless tokens were added
     vision = M.VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.vision_layers,

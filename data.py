@@ -13,6 +13,7 @@ import glob
 import heapq
 import json
 import os
+import unicodedata
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -112,16 +113,27 @@ def train_bpe(texts, vocab_size, pattern=GPT4_PATTERN):
 
 
 class Tokenizer:
-    """A tiktoken Encoding over our BPE ranks plus SPECIAL_TOKENS (ids after the ranks)."""
+    """A tiktoken Encoding over our BPE ranks plus SPECIAL_TOKENS (ids after the ranks).
 
-    def __init__(self, ranks, pattern=GPT4_PATTERN, special_tokens=None):
+    A pretrained model's tokenizer (hf.load_tokenizer) keeps its own special tokens and names our
+    roles ('<|image|>', '<|endoftext|>', ...) by `roles`: role name -> one of its token ids, so the
+    prompt builders use the model's own image and end-of-text tokens. nfc: Unicode NFC before
+    encoding (Qwen's tokenizer.json normalizer)."""
+
+    def __init__(self, ranks, pattern=GPT4_PATTERN, special_tokens=None, roles=None, nfc=False):
         import tiktoken
-        self.ranks, self.pattern = ranks, pattern
+        self.ranks, self.pattern, self.nfc = ranks, pattern, nfc
         if special_tokens is None:
             special_tokens = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
         self.special_tokens = dict(special_tokens)
+        self.roles = dict(roles or {})
         self.enc = tiktoken.Encoding(name="nanofoundry", pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens=self.special_tokens)
+
+    @property
+    def special_ids(self):
+        """Every special name -> id: the tokens themselves and the roles that alias them."""
+        return {**self.special_tokens, **self.roles}
 
     @classmethod
     def train(cls, texts, vocab_size):
@@ -132,10 +144,10 @@ class Tokenizer:
         return self.enc.n_vocab
 
     def special(self, name):
-        """Id of a special token such as '<|image|>'."""
-        if name not in self.special_tokens:
-            raise UserError(f"tokenizer has no special token {name}; it has {sorted(self.special_tokens)}")
-        return self.special_tokens[name]
+        """Id of a special token such as '<|image|>' (or of the model's token in that role)."""
+        if name not in self.special_ids:
+            raise UserError(f"tokenizer has no special token {name}; it has {sorted(self.special_ids)}")
+        return self.special_ids[name]
 
     @property
     def eot_id(self):
@@ -143,11 +155,15 @@ class Tokenizer:
 
     def encode(self, text, allow_special=False):
         """Special-token strings in text are plain text unless allow_special (chat templates)."""
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
         if allow_special:
             return self.enc.encode(text, allowed_special="all")
         return self.enc.encode_ordinary(text)
 
     def encode_batch(self, texts):
+        if self.nfc:
+            texts = [unicodedata.normalize("NFC", t) for t in texts]
         return self.enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
 
     def decode(self, ids):
@@ -156,9 +172,12 @@ class Tokenizer:
     def save(self, path):
         """One JSON file: the pre-tokenization pattern, ranks (base64 bytes in rank order), specials."""
         by_rank = sorted(self.ranks.items(), key=lambda kv: kv[1])
-        assert all(r == i for i, (_, r) in enumerate(by_rank)), "ranks must be 0..n-1"
         obj = {"pattern": self.pattern, "special_tokens": self.special_tokens,
                "ranks": [base64.b64encode(b).decode("ascii") for b, _ in by_rank]}
+        if any(r != i for i, (_, r) in enumerate(by_rank)):  # a pretrained model's (hf.py): specials among the ranks
+            obj["rank_ids"] = [r for _, r in by_rank]
+        if self.roles or self.nfc:  # a pretrained model's tokenizer (hf.py); ours have neither
+            obj.update(roles=self.roles, nfc=self.nfc)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(obj, f)
@@ -188,8 +207,11 @@ class Tokenizer:
         try:
             with open(path) as f:
                 obj = json.load(f)
-            ranks = {base64.b64decode(t): i for i, t in enumerate(obj["ranks"])}
-            return cls(ranks, obj["pattern"], obj["special_tokens"])
+            if "rank_ids" in obj:  # a pretrained model's ranks need not be 0..n-1 (its specials sit among them)
+                ranks = {base64.b64decode(t): i for t, i in zip(obj["ranks"], obj["rank_ids"])}
+            else:
+                ranks = {base64.b64decode(t): i for i, t in enumerate(obj["ranks"])}
+            return cls(ranks, obj["pattern"], obj["special_tokens"], obj.get("roles"), obj.get("nfc", False))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{path} is not a tokenizer file (expected tokenizer.json with pattern, "
                             f"ranks, special_tokens, or a .tiktoken ranks file): {e}") from None
@@ -365,12 +387,13 @@ CHAT_TOKENS = ("<|endoftext|>", "<|pad|>", "<|image|>", "<|user|>", "<|assistant
 def add_special_tokens(tokenizer, names):
     """The tokenizer with any of `names` it lacks appended after its highest id (a user's stage-1
     tokenizer may predate them); the caller grows the embedding to match."""
-    missing = [n for n in names if n not in tokenizer.special_tokens]
+    missing = [n for n in names if n not in tokenizer.special_ids]
     if not missing:
         return tokenizer
     start = tokenizer.n_vocab
     return Tokenizer(tokenizer.ranks, tokenizer.pattern,
-                     {**tokenizer.special_tokens, **{n: start + i for i, n in enumerate(missing)}})
+                     {**tokenizer.special_tokens, **{n: start + i for i, n in enumerate(missing)}},
+                     tokenizer.roles, tokenizer.nfc)
 
 
 class TarImage:

@@ -446,7 +446,7 @@ def save_checkpoint(out_dir, step, raw_model, optimizer, loader, tokenizer, keep
     save_weights(raw_model, os.path.join(tmp, "model.safetensors"))
     save_config(os.path.join(tmp, "config.json"), **config_sections,
                 tokenizer={"file": "tokenizer.json", "n_vocab": tokenizer.n_vocab,
-                           "special_tokens": tokenizer.special_tokens})
+                           "special_tokens": tokenizer.special_ids})
     tokenizer.save(os.path.join(tmp, "tokenizer.json"))
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save({"step": step, "loader": loader.state_dict(), "rng": rng}, os.path.join(tmp, "state.pt"))

@@ -1206,6 +1206,9 @@ def test_stage3_on_a_tiny_hf_smolvlm_trains_and_runs_closed_loop(tiny_smolvlm_di
     train_vla.main(vla_args(vla_world, out, f"--init=hf:{tiny_smolvlm_dir}", "--max_steps=6", "--keypoints=3",
                             "--val_every=0", "--save_every=0"))
     cfg = json.load(open(f"{train_llm.find_checkpoint(out)}/config.json"))
+    tokenizer = data.Tokenizer.load(f"{train_llm.find_checkpoint(out)}/tokenizer.json")
+    marker, glob, image = (tokenizer.special_tokens[t] for t in ("<fake_token_around_image>", "<global-img>", "<image>"))
+    assert data.vla_prompt(tokenizer, "reach the red block.", 4)[2:9] == [marker, glob] + [image] * 4 + [marker]
     assert cfg["action_expert"]["n_layer"] == 2 and cfg["action_expert"]["head_dim"] == 16  # the backbone's
     assert cfg["action_expert"]["patch_grid"] == 4 and cfg["action_expert"]["patch_dim"] == 32
     policy = eval_sim.load_policy(out)

@@ -1191,6 +1191,9 @@ def test_hf_init_runs_stage_1_and_stage_2(hf_models, tmp_path):
     vlm, cfg, tokenizer = train_vlm.load_vlm(str(tmp_path / "vlm"))
     assert cfg["vision"]["image_size"] == 32 and cfg["vision"]["projector"] == "linear"
     assert vlm.image_token_id == tokenizer.special("<|image|>") == 1
+    train_vlm.main(tiny_vlm_args(f"hf:{hf_models['llama'][0]}", tmp_path / "tower") + ["--max_steps=1", "--show_captions=0"])
+    vlm, cfg, _ = train_vlm.load_vlm(str(tmp_path / "tower"))  # a pretrained LLM with a new tower of ours
+    assert cfg["model"]["qk_norm"] is False and cfg["vision"]["projector"] == "mlp"
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import glob
 import heapq
 import json
 import os
+import unicodedata
 import zipfile
 from collections import Counter, defaultdict
 
@@ -134,16 +135,27 @@ def train_bpe(texts, vocab_size, pattern=GPT4_PATTERN):
 
 
 class Tokenizer:
-    """A tiktoken Encoding over our BPE ranks plus SPECIAL_TOKENS (ids after the ranks)."""
+    """A tiktoken Encoding over our BPE ranks plus SPECIAL_TOKENS (ids after the ranks).
 
-    def __init__(self, ranks, pattern=GPT4_PATTERN, special_tokens=None):
+    A pretrained model's tokenizer (hf.load_tokenizer) keeps its own special tokens and names our
+    roles ('<|image|>', '<|endoftext|>', ...) by `roles`: role name -> one of its token ids, so the
+    prompt builders use the model's own image and end-of-text tokens. nfc: Unicode NFC before
+    encoding (Qwen's tokenizer.json normalizer)."""
+
+    def __init__(self, ranks, pattern=GPT4_PATTERN, special_tokens=None, roles=None, nfc=False):
         import tiktoken
-        self.ranks, self.pattern = ranks, pattern
+        self.ranks, self.pattern, self.nfc = ranks, pattern, nfc
         if special_tokens is None:
             special_tokens = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
         self.special_tokens = dict(special_tokens)
+        self.roles = dict(roles or {})
         self.enc = tiktoken.Encoding(name="nanofoundry", pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens=self.special_tokens)
+
+    @property
+    def special_ids(self):
+        """Every special name -> id: the tokens themselves and the roles that alias them."""
+        return {**self.special_tokens, **self.roles}
 
     @classmethod
     def train(cls, texts, vocab_size):
@@ -154,10 +166,20 @@ class Tokenizer:
         return self.enc.n_vocab
 
     def special(self, name):
-        """Id of a special token such as '<|image|>'."""
-        if name not in self.special_tokens:
-            raise UserError(f"tokenizer has no special token {name}; it has {sorted(self.special_tokens)}")
-        return self.special_tokens[name]
+        """Id of a special token such as '<|image|>' (or of the model's token in that role)."""
+        if name not in self.special_ids:
+            raise UserError(f"tokenizer has no special token {name}; it has {sorted(self.special_ids)}")
+        return self.special_ids[name]
+
+    def image_placeholders(self, n):
+        """n <|image|> placeholders, inside the model's own image markers when its tokenizer has
+        them (roles <|image_start|>, <|image_global|>, <|image_end|>: SmolVLM's global image is
+        <fake_token_around_image> <global-img> <image> x n <fake_token_around_image>)."""
+        ids = [self.special("<|image|>")] * n
+        if n and "<|image_start|>" in self.roles:
+            ids = [self.roles[r] for r in ("<|image_start|>", "<|image_global|>") if r in self.roles] + ids + \
+                  [self.roles["<|image_end|>"]]
+        return ids
 
     @property
     def eot_id(self):
@@ -165,11 +187,15 @@ class Tokenizer:
 
     def encode(self, text, allow_special=False):
         """Special-token strings in text are plain text unless allow_special (chat templates)."""
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
         if allow_special:
             return self.enc.encode(text, allowed_special="all")
         return self.enc.encode_ordinary(text)
 
     def encode_batch(self, texts):
+        if self.nfc:
+            texts = [unicodedata.normalize("NFC", t) for t in texts]
         return self.enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
 
     def decode(self, ids):
@@ -178,9 +204,12 @@ class Tokenizer:
     def save(self, path):
         """One JSON file: the pre-tokenization pattern, ranks (base64 bytes in rank order), specials."""
         by_rank = sorted(self.ranks.items(), key=lambda kv: kv[1])
-        assert all(r == i for i, (_, r) in enumerate(by_rank)), "ranks must be 0..n-1"
         obj = {"pattern": self.pattern, "special_tokens": self.special_tokens,
                "ranks": [base64.b64encode(b).decode("ascii") for b, _ in by_rank]}
+        if any(r != i for i, (_, r) in enumerate(by_rank)):  # a pretrained model's (hf.py): specials among the ranks
+            obj["rank_ids"] = [r for _, r in by_rank]
+        if self.roles or self.nfc:  # a pretrained model's tokenizer (hf.py); ours have neither
+            obj.update(roles=self.roles, nfc=self.nfc)
         write_durably(path, lambda f: json.dump(obj, f))
 
     @classmethod
@@ -207,8 +236,11 @@ class Tokenizer:
         try:
             with open(path) as f:
                 obj = json.load(f)
-            ranks = {base64.b64decode(t): i for i, t in enumerate(obj["ranks"])}
-            return cls(ranks, obj["pattern"], obj["special_tokens"])
+            if "rank_ids" in obj:  # a pretrained model's ranks need not be 0..n-1 (its specials sit among them)
+                ranks = {base64.b64decode(t): i for t, i in zip(obj["ranks"], obj["rank_ids"])}
+            else:
+                ranks = {base64.b64decode(t): i for i, t in enumerate(obj["ranks"])}
+            return cls(ranks, obj["pattern"], obj["special_tokens"], obj.get("roles"), obj.get("nfc", False))
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON / UTF-8 / base64, fields missing
             raise UserError(f"{path} is not a tokenizer file (expected tokenizer.json with pattern, "
                             f"ranks, special_tokens, or a .tiktoken ranks file): {e}") from None
@@ -380,12 +412,13 @@ CHAT_TOKENS = ("<|endoftext|>", "<|pad|>", "<|image|>", "<|user|>", "<|assistant
 def add_special_tokens(tokenizer, names):
     """The tokenizer with any of `names` it lacks appended after its highest id (a user's stage-1
     tokenizer may predate them); the caller grows the embedding to match."""
-    missing = [n for n in names if n not in tokenizer.special_tokens]
+    missing = [n for n in names if n not in tokenizer.special_ids]
     if not missing:
         return tokenizer
     start = tokenizer.n_vocab
     return Tokenizer(tokenizer.ranks, tokenizer.pattern,
-                     {**tokenizer.special_tokens, **{n: start + i for i, n in enumerate(missing)}})
+                     {**tokenizer.special_tokens, **{n: start + i for i, n in enumerate(missing)}},
+                     tokenizer.roles, tokenizer.nfc)
 
 
 class TarImage:
@@ -542,14 +575,16 @@ def encode_chat(tokenizer, turns, n_image_tokens, max_len=None):
         <|endoftext|> <|user|> <|image|> x n_image_tokens ␣question <|assistant|> ␣answer <|endoftext|>
                       <|user|> ␣question 2 <|assistant|> ␣answer 2 <|endoftext|> ...
 
-    n_image_tokens = images x visual tokens per image, all in the first turn. loss_mask marks the
+    n_image_tokens = images x visual tokens per image, all in the first turn (inside the model's image
+    markers if a pretrained tokenizer has them: Tokenizer.image_placeholders). loss_mask marks the
     tokens the model learns to predict: each answer and its closing <|endoftext|>. A last turn with
     answer None ends at <|assistant|>: a prompt for generation. With max_len, turns that do not fit
     whole are dropped (the first is cut instead)."""
-    eot, user, assistant, image = (tokenizer.special(s) for s in ("<|endoftext|>", "<|user|>", "<|assistant|>", "<|image|>"))
+    eot, user, assistant = (tokenizer.special(s) for s in ("<|endoftext|>", "<|user|>", "<|assistant|>"))
     ids, mask = [eot], [False]
     for k, (question, answer) in enumerate(turns):
-        prompt = [user] + [image] * (n_image_tokens if k == 0 else 0) + tokenizer.encode(" " + question) + [assistant]
+        prompt = [user] + tokenizer.image_placeholders(n_image_tokens if k == 0 else 0) + \
+                 tokenizer.encode(" " + question) + [assistant]
         reply = [] if answer is None else tokenizer.encode(" " + answer) + [eot]
         if k > 0 and max_len and len(ids) + len(prompt) + len(reply) > max_len:
             break

@@ -101,14 +101,14 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, n_embd, n_head, n_kv_head, head_dim, qk_norm, eps):
+    def __init__(self, n_embd, n_head, n_kv_head, head_dim, qk_norm, eps, bias=False):
         super().__init__()
         assert n_head % n_kv_head == 0, "n_head must be a multiple of n_kv_head"
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
-        self.q_proj = nn.Linear(n_embd, n_head * head_dim, bias=False)
-        self.k_proj = nn.Linear(n_embd, n_kv_head * head_dim, bias=False)
-        self.v_proj = nn.Linear(n_embd, n_kv_head * head_dim, bias=False)
-        self.o_proj = nn.Linear(n_head * head_dim, n_embd, bias=False)
+        self.q_proj = nn.Linear(n_embd, n_head * head_dim, bias=bias)
+        self.k_proj = nn.Linear(n_embd, n_kv_head * head_dim, bias=bias)
+        self.v_proj = nn.Linear(n_embd, n_kv_head * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_head * head_dim, n_embd, bias=bias)
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
 
@@ -158,15 +158,35 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block, shared by the LLM, the ViT and the action expert."""
+class GeluMLP(nn.Module):
+    """fc1 -> GELU (tanh approximation) -> fc2, with biases: SigLIP's MLP."""
 
-    def __init__(self, n_embd, n_head, n_kv_head, head_dim, mlp_hidden, qk_norm=True, eps=1e-6):
+    def __init__(self, n_embd, hidden):
         super().__init__()
-        self.input_layernorm = RMSNorm(n_embd, eps)
-        self.self_attn = Attention(n_embd, n_head, n_kv_head, head_dim, qk_norm, eps)
-        self.post_attention_layernorm = RMSNorm(n_embd, eps)
-        self.mlp = SwiGLU(n_embd, mlp_hidden)
+        self.fc1 = nn.Linear(n_embd, hidden)
+        self.fc2 = nn.Linear(hidden, n_embd)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, shared by the LLM, the ViT and the action expert.
+
+    The defaults are the Llama/Qwen3 block (RMSNorm, SwiGLU, no biases). A pretrained SigLIP tower
+    differs only in three settings, so they are arguments here rather than another class:
+    norm='layer' (LayerNorm with bias), mlp='gelu_tanh' (GeluMLP) and bias=True (attention biases)."""
+
+    def __init__(self, n_embd, n_head, n_kv_head, head_dim, mlp_hidden, qk_norm=True, eps=1e-6,
+                 norm="rms", mlp="swiglu", bias=False):
+        super().__init__()
+        if norm not in ("rms", "layer") or mlp not in ("swiglu", "gelu_tanh"):
+            raise ValueError(f"norm must be 'rms' or 'layer' and mlp 'swiglu' or 'gelu_tanh', got {norm!r}, {mlp!r}")
+        make_norm = (lambda: RMSNorm(n_embd, eps)) if norm == "rms" else (lambda: nn.LayerNorm(n_embd, eps))
+        self.input_layernorm = make_norm()
+        self.self_attn = Attention(n_embd, n_head, n_kv_head, head_dim, qk_norm, eps, bias)
+        self.post_attention_layernorm = make_norm()
+        self.mlp = SwiGLU(n_embd, mlp_hidden) if mlp == "swiglu" else GeluMLP(n_embd, mlp_hidden)
 
     def forward(self, x, rope, mask=None, causal=True, kv_cache=None, layer=0, prefix_kv=None):
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, causal, kv_cache, layer, prefix_kv)
@@ -388,6 +408,11 @@ class VisionConfig:
     projector_hidden: int = 512   # projector MLP width
     qk_norm: bool = True
     norm_eps: float = 1e-6
+    # Block variants (model.Block) and projector kind; the defaults are ours, hf.py sets SigLIP's
+    norm: str = "rms"             # 'rms' | 'layer' (LayerNorm with bias, SigLIP)
+    mlp: str = "swiglu"           # 'swiglu' | 'gelu_tanh' (SigLIP's fc1 -> GELU(tanh) -> fc2)
+    bias: bool = False            # biases in the attention projections (SigLIP)
+    projector: str = "mlp"        # 'mlp' (linear -> GELU -> linear) | 'linear' (one bias-free linear: Idefics3/SmolVLM)
     pixel_mean: tuple = (0.5, 0.5, 0.5)  # per-channel statistics of the training images (train_vlm.py
     pixel_std: tuple = (0.5, 0.5, 0.5)   # measures them): inputs are standardized inside the tower
 
@@ -419,9 +444,9 @@ class VisionTower(nn.Module):
         self.patch_embedding = nn.Conv2d(3, c.n_embd, c.patch_size, stride=c.patch_size)
         self.position_embedding = nn.Parameter(torch.zeros(c.grid * c.grid, c.n_embd))
         self.layers = nn.ModuleList(
-            Block(c.n_embd, c.n_head, c.n_head, c.head_dim, c.mlp_hidden, c.qk_norm, c.norm_eps)
+            Block(c.n_embd, c.n_head, c.n_head, c.head_dim, c.mlp_hidden, c.qk_norm, c.norm_eps, c.norm, c.mlp, c.bias)
             for _ in range(c.n_layer))
-        self.post_layernorm = RMSNorm(c.n_embd, c.norm_eps)
+        self.post_layernorm = RMSNorm(c.n_embd, c.norm_eps) if c.norm == "rms" else nn.LayerNorm(c.n_embd, c.norm_eps)
         self.register_buffer("pixel_mean", torch.tensor(c.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(c.pixel_std).view(3, 1, 1), persistent=False)
 
@@ -438,19 +463,29 @@ class Projector(nn.Module):
     """Pixel shuffle, then an MLP into the LLM width: (B, n_patches, C_vit) -> (B, n_visual_tokens, C_llm).
 
     Pixel shuffle (space-to-depth) stacks each s x s block of neighbouring patches into one token
-    of s^2 x the channels: s^2 fewer positions for the LLM to attend over, no feature dropped."""
+    of s^2 x the channels: s^2 fewer positions for the LLM to attend over, no feature dropped.
+    The stacked channels are ordered (row in block, column in block, channel), tokens row-major:
+    the order of Idefics3/SmolVLM's pixel_shuffle, so their connector (projector='linear', one
+    bias-free linear layer) loads as is."""
 
     def __init__(self, config: VisionConfig, llm_width):
         super().__init__()
         self.config = c = config
-        self.linear_1 = nn.Linear(c.n_embd * c.pixel_shuffle ** 2, c.projector_hidden)
-        self.linear_2 = nn.Linear(c.projector_hidden, llm_width)
+        if c.projector not in ("mlp", "linear"):
+            raise ValueError(f"projector must be 'mlp' or 'linear', got {c.projector!r}")
+        if c.projector == "linear":
+            self.linear = nn.Linear(c.n_embd * c.pixel_shuffle ** 2, llm_width, bias=False)
+        else:
+            self.linear_1 = nn.Linear(c.n_embd * c.pixel_shuffle ** 2, c.projector_hidden)
+            self.linear_2 = nn.Linear(c.projector_hidden, llm_width)
 
     def forward(self, x):
         B, _, C = x.shape
         g, s = self.config.grid, self.config.pixel_shuffle
         x = x.view(B, g // s, s, g // s, s, C).permute(0, 1, 3, 2, 4, 5)  # (B, rows, cols, s, s, C)
         x = x.reshape(B, (g // s) ** 2, s * s * C)
+        if self.config.projector == "linear":
+            return self.linear(x)
         return self.linear_2(F.gelu(self.linear_1(x)))
 
 

@@ -72,7 +72,8 @@ def bench_bpe(cfg):
 
 def bench_windows(cfg, n=2000):
     """EpisodeDataset windows/s: opening the dataset (cold: an empty frame cache, so LeRobot video is
-    decoded; warm: the cache exists), then n windows at random (2 frames of history, chunk 8)."""
+    decoded; warm: the cache exists), then n windows at random (2 frames of history, chunk 8), each
+    with its images preprocessed to image_size (our episode format resizes here, per window)."""
     import shutil
     for phase in ("cold", "warm"):
         if phase == "cold":
@@ -83,8 +84,8 @@ def bench_windows(cfg, n=2000):
         open_s = time.perf_counter() - t0
         order = torch.randint(0, len(ds), (n,), generator=torch.Generator().manual_seed(0)).tolist()
         t0 = time.perf_counter()
-        for i in order:
-            ds[i]
+        for i in order:  # a window, and its images as the model takes them (what vla_batch does per item)
+            [D.preprocess_image(im.numpy(), cfg.image_size) for cam in ds[i]["images"] for im in cam]
         rate = n / (time.perf_counter() - t0)
         print(f"{phase}: opened {cfg.windows} ({len(ds.episodes)} episodes, {len(ds):,} windows) in {open_s:.2f}s, then "
               f"{rate:,.0f} windows/s; a first epoch incl. opening: {len(ds) / (open_s + len(ds) / rate):,.0f} windows/s")

@@ -38,6 +38,7 @@ Episode format written by `collect` (read by data.EpisodeDataset):
 CLI:  python eval_sim.py {collect,eval,compare,bench,show} --help
 """
 import argparse
+import http.client
 import io
 import json
 import math
@@ -45,8 +46,7 @@ import os
 import random
 import sys
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 
 import numpy as np
 from tqdm import tqdm
@@ -676,20 +676,30 @@ class HTTPPolicy:
     name = "http"
 
     def __init__(self, url):
-        self.url, self.envs, self.history = url.rstrip("/"), None, {}
+        self.url, self.envs, self.history, self.connection = url.rstrip("/"), None, {}, None
         self.info = json.loads(self._request("/info"))
 
     def bind(self, envs):
         self.envs = envs
 
-    def _request(self, path, body=None):
+    def _request(self, path, body=None, retry=True):
+        """One kept-alive connection (the server keeps one thread for it): a GET, or a POST of body."""
         try:
-            with urllib.request.urlopen(urllib.request.Request(self.url + path, body), timeout=600) as reply:
-                return reply.read()
-        except urllib.error.HTTPError as e:
-            raise UserError(f"policy server {self.url}: {e.read().decode(errors='replace')[:500]}") from None
-        except OSError as e:  # URLError, refused, reset, timeout
-            raise UserError(f"policy server {self.url} unreachable: {getattr(e, 'reason', e)}") from None
+            if self.connection is None:
+                parts = urllib.parse.urlsplit(self.url)
+                kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+                self.connection = kind(parts.hostname, parts.port, timeout=600)
+            self.connection.request("GET" if body is None else "POST", path, body)
+            reply = self.connection.getresponse()
+            data = reply.read()
+        except (OSError, http.client.HTTPException) as e:
+            self.connection = None  # a kept-alive connection the server closed is retried once, fresh
+            if retry:
+                return self._request(path, body, retry=False)
+            raise UserError(f"policy server {self.url} unreachable: {e}") from None
+        if reply.status != 200:
+            raise UserError(f"policy server {self.url}: {data.decode(errors='replace')[:500]}")
+        return data
 
     def act(self, obs_list):
         n, past = self.info["n_frames"], []

@@ -459,7 +459,7 @@ def serve_policy(cfg):
     s = policy.settings
     print(f"serving {cfg.serve} on http://{cfg.host}:{server.server_address[1]} (GET /info, POST /act .npz): cameras "
           f"{','.join(s['cameras'])} x {s['n_frames']} frame(s), state {policy.state_names}, chunk {s['chunk_size']} "
-          f"(first {s['execute_steps']} to execute) | python eval_sim.py eval --policy http://{cfg.host}:{server.server_address[1]}")
+          f"(first {s['execute_steps']} to execute) | python eval_sim.py eval --policy http://{cfg.host}:{server.server_address[1]}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -506,7 +506,11 @@ def make_server(policy, host="127.0.0.1", port=8000):
             self.error(404, f"unknown path {self.path}: GET /info or POST /act")
 
         def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            length = self.headers.get("Content-Length", "")
+            if not length.isdigit() or int(length) > 1 << 30:
+                self.close_connection = True  # the body cannot be skipped: answer, then hang up
+                return self.error(411, f"POST /act needs a Content-Length of at most 1 GiB, got {length!r}")
+            body = self.rfile.read(int(length))
             if self.path != "/act":
                 return self.error(404, f"unknown path {self.path}: GET /info or POST /act")
             try:
@@ -642,30 +646,39 @@ def bench_latency(cfg, repeats=20):
     print(f"  prefix recomputed every step: {t_full * 1000:8.1f} ms   ({ratio:.1f}x slower, median of paired runs)")
     print(f"  policy.act incl. preprocessing: {t_act * 1000:6.1f} ms")
     print(f"  max |reuse - recompute| = {diff:.2e}")
-    for n, (local, remote) in served.items():
-        print(f"  through the policy server on loopback, batch {n:2d}: {remote * 1000:6.1f} ms vs {local * 1000:6.1f} ms "
-              f"in process: +{(remote - local) * 1000:.1f} ms per call (.npz over HTTP, {policy.settings['image_size']} px images)")
+    for n, (local, remote, transport) in served.items():
+        print(f"  policy server on loopback, batch {n:2d}: {remote * 1000:6.1f} ms vs {local * 1000:6.1f} ms in process; "
+              f"the transport alone (.npz over HTTP, {len(policy.settings['cameras'])} x {policy.settings['image_size']} px "
+              f"images each) {transport * 1000:.1f} ms")
     return {"reuse_ms": t_reuse * 1000, "recompute_ms": t_full * 1000, "ratio": ratio, "max_abs_diff": diff,
             "served_ms": {n: [x * 1000 for x in v] for n, v in served.items()}}
 
 
 def bench_server(policy, n, image_size, repeats=20):
-    """Median seconds of policy.act on n observations, in process and through make_server on a free
-    loopback port (eval_sim.HTTPPolicy), alternating so load on a shared machine hits both."""
+    """Median seconds per act() on n observations: in process, through make_server on a free loopback
+    port (eval_sim.HTTPPolicy; the two alternate, so load on a shared machine hits both), and the
+    transport alone (.npz and HTTP: the same server with a policy that answers zeros at once)."""
     import threading
-    envs = [eval_sim.TabletopEnv(eval_sim.TASKS[i % len(eval_sim.TASKS)], image_size) for i in range(n)]
-    obs = [env.reset(eval_sim.EVAL_SEED + i)[0] for i, env in enumerate(envs)]
-    server = make_server(policy, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    client = eval_sim.HTTPPolicy(f"http://127.0.0.1:{server.server_address[1]}")
+
+    class Zeros:  # the served policy's interface, without the model
+        settings, state_names, action_names = policy.settings, policy.state_names, policy.action_names
+        predict_actions = lambda self, obs_list: np.zeros((len(obs_list), policy.settings["chunk_size"], 3), np.float32)
+
+    obs = [eval_sim.TabletopEnv(eval_sim.TASKS[i % len(eval_sim.TASKS)], image_size).reset(eval_sim.EVAL_SEED + i)[0]
+           for i in range(n)]
     timed = lambda act: (lambda t0: (act(obs), time.perf_counter() - t0)[1])(time.perf_counter())
+    servers = [make_server(p, "127.0.0.1", 0) for p in (policy, Zeros())]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    remote, transport = (eval_sim.HTTPPolicy(f"http://127.0.0.1:{s.server_address[1]}") for s in servers)
     try:
-        timed(policy.act), timed(client.act)  # warm-up
-        pairs = [(timed(policy.act), timed(client.act)) for _ in range(repeats)]
+        timed(policy.act), timed(remote.act), timed(transport.act)  # warm-up
+        runs = [(timed(policy.act), timed(remote.act), timed(transport.act)) for _ in range(repeats)]
     finally:
-        server.shutdown()
-        server.server_close()
-    return tuple(float(np.median([p[k] for p in pairs])) for k in (0, 1))
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    return tuple(float(np.median([r[k] for r in runs])) for k in (0, 1, 2))
 
 
 def probe_keypoints(cfg, scenes_per_task=40):

@@ -8,6 +8,7 @@ training step (forward, backward, AdamW) on random tokens, warm-up and compilati
 On CUDA it also checks that SDPA runs the FlashAttention kernel (it fails loudly if not).
 
     python bench.py --bpe_files='/usr/lib/python3*/**/*.py'   # BPE tokenizer training speed instead
+    python bench.py --windows=lerobot:DIR --cameras=top,wrist  # stage-3 windows/s, cold and warm cache
 """
 import glob
 import resource
@@ -44,6 +45,10 @@ class BenchConfig:
     bpe_files: str = ""         # benchmark BPE training instead: a glob of text files, read up to bpe_mb
     bpe_mb: float = 10.0
     bpe_vocab: int = 4096
+    windows: str = ""           # benchmark the stage-3 episode reader instead: an episode dir or lerobot:DIR
+    cameras: str = "scene,wrist"  # (windows) cameras to read
+    image_size: int = 64        # (windows) the model's resolution LeRobot frames are decoded at
+    frame_cache: str = "out/bench_frames"  # (windows) emptied first: the cold run decodes into it
 
 
 def bench_bpe(cfg):
@@ -65,6 +70,27 @@ def bench_bpe(cfg):
           f"tiktoken encodes it in {encode_s:.2f}s ({size / n_tokens:.2f} chars/token)")
 
 
+def bench_windows(cfg, n=2000):
+    """EpisodeDataset windows/s: opening the dataset (cold: an empty frame cache, so LeRobot video is
+    decoded; warm: the cache exists), then n windows at random (2 frames of history, chunk 8), each
+    with its images preprocessed to image_size (our episode format resizes here, per window)."""
+    import shutil
+    for phase in ("cold", "warm"):
+        if phase == "cold":
+            shutil.rmtree(cfg.frame_cache, ignore_errors=True)
+        t0 = time.perf_counter()
+        ds = D.EpisodeDataset(cfg.windows, 2, 8, cfg.cameras.split(","), frame_stride=2, image_size=cfg.image_size,
+                              frame_cache=cfg.frame_cache)
+        open_s = time.perf_counter() - t0
+        order = torch.randint(0, len(ds), (n,), generator=torch.Generator().manual_seed(0)).tolist()
+        t0 = time.perf_counter()
+        for i in order:  # a window, and its images as the model takes them (what vla_batch does per item)
+            [D.preprocess_image(im.numpy(), cfg.image_size) for cam in ds[i]["images"] for im in cam]
+        rate = n / (time.perf_counter() - t0)
+        print(f"{phase}: opened {cfg.windows} ({len(ds.episodes)} episodes, {len(ds):,} windows) in {open_s:.2f}s, then "
+              f"{rate:,.0f} windows/s; a first epoch incl. opening: {len(ds) / (open_s + len(ds) / rate):,.0f} windows/s")
+
+
 PRESETS = {"gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, head_dim=64, mlp_hidden=3072,
                         vocab_size=50304, seq_len=1024)}
 
@@ -73,6 +99,8 @@ def main():
     cfg = parse_config(BenchConfig)
     if cfg.bpe_files:
         return bench_bpe(cfg)
+    if cfg.windows:
+        return bench_windows(cfg)
     if cfg.preset:
         if cfg.preset not in PRESETS:
             raise D.UserError(f"--preset={cfg.preset}: expected one of {sorted(PRESETS)}")

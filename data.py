@@ -9,7 +9,11 @@ Token shard = a 256 x int32 header (magic, version, bytes per token, token count
 as uint16 (vocab <= 65536) or uint32, as in llm.c. Read by memory-mapping.
 """
 import base64
+import copy
 import glob
+import hashlib
+import importlib
+import io
 import heapq
 import json
 import os
@@ -547,12 +551,9 @@ def preprocess_image(image, size, rng=None):
     so its longer side is `size` (aspect kept) and centred on a mid-grey square. rng: light
     augmentation, brightness and contrast jitter of up to 10%; no flips or crops, because left/right
     and positions are what the questions ask about."""
+    if image.shape[:2] != (size, size):
+        image = resize_longer_side(image, size)
     h, w = image.shape[:2]
-    if (h, w) != (size, size):
-        from PIL import Image
-        scale = size / max(h, w)
-        h, w = max(1, round(h * scale)), max(1, round(w * scale))
-        image = np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
     x = torch.from_numpy(np.array(image, np.uint8)).permute(2, 0, 1).float() / 255  # (3, h, w)
     if rng is not None:
         brightness, contrast = rng.uniform(0.9, 1.1, size=2)
@@ -560,6 +561,27 @@ def preprocess_image(image, size, rng=None):
     out = torch.full((3, size, size), 0.5)
     top, left = (size - h) // 2, (size - w) // 2
     out[:, top:top + h, left:left + w] = x
+    return out
+
+
+def resize_longer_side(image, size):
+    """uint8 (H, W, 3) -> (h, w, 3) with max(h, w) = size, aspect kept, bicubic (preprocess_image's first step)."""
+    H, W = image.shape[:2]
+    scale = size / max(H, W)
+    h, w = max(1, round(H * scale)), max(1, round(W * scale))
+    if (h, w) == (H, W):
+        return image
+    from PIL import Image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
+
+
+def letterbox(image, size):
+    """uint8 (H, W, 3) -> (size, size, 3): resize_longer_side, centred on grey 128, as preprocess_image does."""
+    image = resize_longer_side(image, size)
+    h, w = image.shape[:2]
+    out = np.full((size, size, 3), 128, np.uint8)
+    top, left = (size - h) // 2, (size - w) // 2
+    out[top:top + h, left:left + w] = image
     return out
 
 
@@ -820,40 +842,32 @@ class EpisodeDataset:
             "actions": (chunk_size, A) float32, "action_mask": (chunk_size,) bool,
             "instruction": str, "task": str}
     Past frames before the episode start repeat the first frame; actions after the episode end
-    repeat the last action with action_mask False. Episodes are small: all are held in memory."""
+    repeat the last action with action_mask False. root: our episode directory, or
+    'lerobot:DIR' for a LeRobotDataset (read_lerobot: its frames are decoded once, at image_size,
+    into frame_cache). Either way self.episodes holds per episode {"images": [(T, H, W, 3) per
+    camera], "state" (T, S), "action" (T, A), "instruction", "task", "length"}: states and actions
+    in memory, LeRobot frames memory-mapped."""
 
-    def __init__(self, root, n_frames=1, chunk_size=8, cameras=("scene", "wrist"), episode_ids=None, frame_stride=1):
-        self.meta = read_json(os.path.join(root, "meta.json"), "dataset metadata file")
-        self.stats = read_json(os.path.join(root, "stats.json"), "statistics file")
-        missing = [c for c in cameras if c not in self.meta.get("cameras", [])]
-        if missing:
-            raise UserError(f"{root} has cameras {self.meta.get('cameras')}, not {missing}")
-        widths = check_episode_meta(root, self.meta, self.stats)
-        try:
-            with open(os.path.join(root, "episodes.jsonl")) as f:
-                lines = [json.loads(line) for line in f if line.strip()]
-            assert all(isinstance(line, dict) and isinstance(line.get("file"), str) for line in lines)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
-            raise UserError(f"cannot read {root}/episodes.jsonl: {e or 'expected one JSON object with a file per line'}")
-        if len(lines) != self.meta.get("num_episodes", len(lines)):
-            raise UserError(f"{root}/episodes.jsonl lists {len(lines)} episodes, meta.json says {self.meta['num_episodes']}")
-        ids = range(len(lines)) if episode_ids is None else episode_ids
+    def __init__(self, root, n_frames=1, chunk_size=8, cameras=("scene", "wrist"), episode_ids=None, frame_stride=1,
+                 image_size=None, frame_cache="out/frames"):
         self.n_frames, self.chunk_size, self.cameras = n_frames, chunk_size, tuple(cameras)
         self.frame_stride = frame_stride  # steps between past frames (a policy re-planning every k steps sees every k-th)
-        self.episodes, self.index = [], []
-        for e in ids:
-            line = lines[e]
-            try:
-                with np.load(os.path.join(root, line["file"])) as z:
-                    ep = {"images": [z[f"images_{c}"] for c in cameras], "state": z["state"], "action": z["action"]}
-            except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:  # (no pickles: allow_pickle off)
-                raise UserError(f"episode {line.get('file')} in {root} is unreadable: {err}")
-            check_episode(os.path.join(root, line["file"]), ep, widths, cameras)
-            ep["images"] = np.stack(ep["images"])  # (n_cam, T, H, W, 3)
-            ep.update(instruction=str(line.get("instruction", "")), task=str(line.get("task", "")),
-                      length=len(ep["action"]))
-            self.index += [(len(self.episodes), t) for t in range(ep["length"])]
-            self.episodes.append(ep)
+        if root.startswith("lerobot:"):
+            self.meta, self.stats, episodes = read_lerobot(root[len("lerobot:"):], self.cameras, image_size, frame_cache)
+            episodes = episodes if episode_ids is None else [episodes[e] for e in episode_ids]
+        else:
+            self.meta, self.stats, episodes = read_episodes(root, self.cameras, episode_ids)
+        self._set_episodes(episodes)
+
+    def _set_episodes(self, episodes):
+        self.episodes = episodes
+        self.index = [(e, t) for e, ep in enumerate(episodes) for t in range(ep["length"])]
+
+    def subset(self, episode_ids):
+        """The same dataset restricted to some episodes (a train/validation split read once)."""
+        part = copy.copy(self)
+        part._set_episodes([self.episodes[e] for e in episode_ids])
+        return part
 
     def __len__(self):
         return len(self.index)
@@ -863,11 +877,444 @@ class EpisodeDataset:
         ep = self.episodes[e]
         past = np.clip(np.arange(t - (self.n_frames - 1) * self.frame_stride, t + 1, self.frame_stride), 0, None)
         future = np.arange(t, t + self.chunk_size)
-        return {"images": torch.from_numpy(ep["images"][:, past]),
+        return {"images": torch.from_numpy(np.stack([frames[past] for frames in ep["images"]])),
                 "state": torch.from_numpy(ep["state"][past]),
                 "actions": torch.from_numpy(ep["action"][np.minimum(future, ep["length"] - 1)]),
                 "action_mask": torch.from_numpy(future < ep["length"]),
                 "instruction": ep["instruction"], "task": ep["task"]}
+
+
+def read_episodes(root, cameras, episode_ids=None):
+    """(meta, stats, episodes) of our episode directory (all episodes, or those of episode_ids),
+    every episode checked against meta.json's widths and image size, and for NaN/Inf."""
+    meta = read_json(os.path.join(root, "meta.json"), "dataset metadata file")
+    stats = read_json(os.path.join(root, "stats.json"), "statistics file")
+    missing = [c for c in cameras if c not in meta.get("cameras", [])]
+    if missing:
+        raise UserError(f"{root} has cameras {meta.get('cameras')}, not {missing}")
+    widths = check_episode_meta(root, meta, stats)
+    try:
+        with open(os.path.join(root, "episodes.jsonl")) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        assert all(isinstance(line, dict) and isinstance(line.get("file"), str) for line in lines)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
+        raise UserError(f"cannot read {root}/episodes.jsonl: {e or 'expected one JSON object with a file per line'}")
+    if len(lines) != meta.get("num_episodes", len(lines)):
+        raise UserError(f"{root}/episodes.jsonl lists {len(lines)} episodes, meta.json says {meta['num_episodes']}")
+    episodes = []
+    for e in range(len(lines)) if episode_ids is None else episode_ids:
+        line = lines[e]
+        try:
+            with np.load(os.path.join(root, line["file"])) as z:
+                ep = {"images": [z[f"images_{c}"] for c in cameras], "state": z["state"], "action": z["action"]}
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:  # (no pickles: allow_pickle off)
+            raise UserError(f"episode {line.get('file')} in {root} is unreadable: {err}")
+        check_episode(os.path.join(root, line["file"]), ep, widths, cameras)
+        ep.update(instruction=str(line.get("instruction", "")), task=str(line.get("task", "")),
+                  length=len(ep["action"]))
+        episodes.append(ep)
+    return meta, stats, episodes
+
+
+# ----- LeRobotDataset v2.1 / v3.0 (a local directory), read into the same per-episode arrays
+#   v2.1: meta/info.json, meta/episodes.jsonl, meta/tasks.jsonl, meta/episodes_stats.jsonl,
+#         data/chunk-000/episode_000000.parquet, videos/chunk-000/<camera key>/episode_000000.mp4
+#   v3.0: meta/info.json, meta/tasks.parquet, meta/stats.json, meta/episodes/chunk-000/file-000.parquet
+#         (per episode: length, tasks, its data file, its video files and from/to timestamps there);
+#         many episodes per data/chunk-000/file-000.parquet and per videos/<camera key>/chunk-000/file-000.mp4
+# Cameras are the observation.images.* features (--cameras=top or observation.images.top), as video
+# or as images in the parquet; state observation.state, action action, instruction the episode's
+# task; names and statistics from the dataset's metadata. A row's frame is the video frame at
+# (from_timestamp + timestamp) * fps. Frames are decoded once, letterboxed to the model's resolution
+# as preprocess_image would, into a cache: one (rows, S, S, 3) uint8 .npy per camera in row order,
+# memory-mapped.
+
+LEROBOT_INSTALL = "pip install pyarrow av"
+
+
+def lerobot_module(name):
+    """pyarrow.parquet or av, imported on first use with a one-line message when missing."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"reading LeRobot datasets needs {name.split('.')[0]} (parquet and video): "
+                        f"{LEROBOT_INSTALL}") from None
+
+
+def read_lerobot(root, cameras, image_size=None, cache_dir="out/frames"):
+    """(meta, stats, episodes) of a LeRobotDataset directory, the episodes as EpisodeDataset holds
+    them. image_size: frames letterboxed to image_size x image_size (None: as stored)."""
+    pq = lerobot_module("pyarrow.parquet")
+    info_path = os.path.join(root, "meta", "info.json")
+    if not os.path.isfile(info_path):
+        raise UserError(f"{info_path} not found: expected a LeRobotDataset v2.1 or v3.0 directory")
+    info = read_json(info_path, "LeRobot info file")
+    version, features, fps = info.get("codebase_version"), info.get("features"), info.get("fps")
+    if version not in ("v2.0", "v2.1", "v3.0") or not isinstance(features, dict) or not fps:
+        raise UserError(f"{info_path}: expected codebase_version v2.1 or v3.0, a 'features' map and 'fps'")
+    for key in ("observation.state", "action"):
+        if len(features.get(key, {}).get("shape", [])) != 1:
+            raise UserError(f"{info_path}: expected a 1-D feature {key!r}; features are {sorted(features)}")
+    available = [k for k in features if k.startswith("observation.images.")]
+    keys = []
+    for cam in cameras:
+        key = cam if cam in available else f"observation.images.{cam}"
+        if key not in available:
+            raise UserError(f"{info_path} has no camera {cam!r}: its cameras are {available}")
+        keys.append(key)
+    v3 = version == "v3.0"
+    tasks = lerobot_task_table(root, v3)
+    image_keys = [k for k in keys if features[k].get("dtype") == "image"]
+    files, episodes, sources, offset = {}, [], [], 0
+    for m in lerobot_episode_table(root, v3, keys):
+        e = int(m["episode_index"])
+        chunk = e // info.get("chunks_size", 1000)
+        data_path = os.path.join(root, info["data_path"].format(
+            chunk_index=m.get("data/chunk_index", 0), file_index=m.get("data/file_index", 0),
+            episode_chunk=chunk, episode_index=e))
+        if data_path not in files:
+            files[data_path] = lerobot_rows(pq, data_path, image_keys)
+        rows, order, sorted_episodes = files[data_path]
+        sel = order[np.searchsorted(sorted_episodes, e, "left"):np.searchsorted(sorted_episodes, e, "right")]
+        if len(sel) != m["length"]:
+            raise UserError(f"{data_path} holds {len(sel)} rows of episode {e}, but the episode metadata says "
+                            f"length {m['length']}")
+        task_index = int(rows["task_index"][sel[0]])
+        if task_index not in tasks:
+            raise UserError(f"episode {e} in {data_path} has task_index {task_index}, which the tasks file of "
+                            f"{root}/meta does not list (it has {sorted(tasks)[:10]})")
+        for key in ("observation.state", "action"):
+            if rows[key].shape[1] != features[key]["shape"][0]:
+                raise UserError(f"{data_path}: {key} has {rows[key].shape[1]} values per row, "
+                                f"{info_path} says {features[key]['shape'][0]}")
+            check_finite(rows[key][sel], f"{data_path}: episode {e}'s {key}")
+        episodes.append({"state": rows["observation.state"][sel], "action": rows["action"][sel], "length": len(sel),
+                         "instruction": tasks[task_index], "task": tasks[task_index]})
+        # where each camera's frames are: (video file, the episode's start in it) or the parquet's images
+        videos = {k: (os.path.join(root, info["video_path"].format(
+            video_key=k, chunk_index=m.get(f"videos/{k}/chunk_index", 0), file_index=m.get(f"videos/{k}/file_index", 0),
+            episode_chunk=chunk, episode_index=e)), float(m.get(f"videos/{k}/from_timestamp", 0.0)))
+            for k in keys if k not in image_keys}
+        sources.append({"episode": e, "data_path": data_path, "offset": offset, "length": len(sel),
+                        "timestamp": rows["timestamp"][sel], "videos": videos,
+                        "images": {k: [rows[k][i] for i in sel] for k in image_keys}})
+        offset += len(sel)
+    frames = [lerobot_frames(root, key, features[key], sources, fps, image_size, cache_dir) for key in keys]
+    if len({f.shape[1:] for f in frames}) > 1:
+        raise UserError(f"{info_path}: cameras {keys} differ in size {[f.shape[1:3] for f in frames]}; read them at one "
+                        f"image_size (train_vla.py does: the model's resolution)")
+    for ep, src in zip(episodes, sources):
+        ep["images"] = [f[src["offset"]:src["offset"] + src["length"]] for f in frames]  # memory-mapped views
+    names = lambda key: lerobot_names(features[key], key)
+    meta = {"format": f"lerobot-{version}", "cameras": list(cameras), "camera_keys": keys,
+            "image_size": list(frames[0].shape[1:3]) if frames else [0, 0], "state_names": names("observation.state"),
+            "action_names": names("action"), "fps": fps, "num_episodes": len(episodes), "num_frames": offset}
+    return meta, lerobot_stats(root, v3, episodes, features), episodes
+
+
+def lerobot_episode_table(root, v3, keys):
+    """Per-episode metadata rows (episode_index, length, and in v3.0 the file indices and timestamps)."""
+    if not v3:
+        path = os.path.join(root, "meta", "episodes.jsonl")
+        rows = read_jsonl(path)
+        need = ["episode_index", "length"]
+    else:
+        pq = lerobot_module("pyarrow.parquet")
+        paths = sorted(glob.glob(os.path.join(root, "meta", "episodes", "*", "*.parquet")))
+        path = os.path.join(root, "meta", "episodes", "chunk-XXX", "file-XXX.parquet")
+        if not paths:
+            raise UserError(f"{path} not found: a v3.0 dataset lists its episodes there")
+        rows = [r for p in paths for r in read_parquet(pq, p).to_pylist()]
+        need = ["episode_index", "length", "data/chunk_index", "data/file_index"] + \
+            [f"videos/{k}/{f}" for k in keys for f in ("chunk_index", "file_index", "from_timestamp")]
+    for r in rows:
+        missing = [k for k in need if k not in r]
+        if missing:
+            raise UserError(f"{path}: episode {r.get('episode_index', '?')} lacks {missing}; expected {need}")
+    if not rows:
+        raise UserError(f"{path} lists no episodes")
+    return sorted(rows, key=lambda r: r["episode_index"])
+
+
+def lerobot_task_table(root, v3):
+    """{task_index: task string} from meta/tasks.jsonl (v2.1) or meta/tasks.parquet (v3.0)."""
+    if not v3:
+        path = os.path.join(root, "meta", "tasks.jsonl")
+        rows = read_jsonl(path)
+    else:
+        path = os.path.join(root, "meta", "tasks.parquet")
+        table = read_parquet(lerobot_module("pyarrow.parquet"), path)
+        # written by pandas with the task strings as the index: a column 'task' or '__index_level_0__'
+        text = next((c for c in ("task", "__index_level_0__") if c in table.column_names), None)
+        rows = [{"task_index": i, "task": t} for i, t in zip(table.column("task_index").to_pylist(),
+                                                                table.column(text).to_pylist())] if text and \
+            "task_index" in table.column_names else []
+    try:
+        tasks = {int(r["task_index"]): str(r["task"]) for r in rows}
+    except (KeyError, TypeError, ValueError):
+        tasks = {}
+    if not tasks:
+        raise UserError(f"{path}: expected task_index and task for every task")
+    return tasks
+
+
+def read_jsonl(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: a LeRobot v2.1 dataset needs it")
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}:{lineno}: expected one JSON object per line") from None
+    return rows
+
+
+def read_parquet(pq, path, columns=None):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: the dataset's metadata points there")
+    try:
+        return pq.read_table(path, columns=columns)
+    except Exception as e:  # pyarrow raises ArrowInvalid, KeyError, OSError...: all say "not our file"
+        raise UserError(f"{path} is not a readable parquet file with columns {columns or 'any'}: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+
+
+def lerobot_rows(pq, path, image_keys):
+    """The columns we use of one data parquet file, as numpy arrays (images: their encoded bytes), and
+    the row order by episode and timestamp with the episode of each row in that order."""
+    columns = ["episode_index", "timestamp", "task_index", "observation.state", "action"] + image_keys
+    table = read_parquet(pq, path, columns)
+    out = {}
+    for name in columns:
+        column = table.column(name).combine_chunks()
+        if name in ("observation.state", "action"):
+            values = np.asarray(column.flatten(), np.float32)
+            if len(values) % max(1, len(column)):
+                raise UserError(f"{path}: {name} rows have different lengths")
+            out[name] = values.reshape(len(column), -1)
+        elif name in image_keys:
+            out[name] = column.to_pylist()  # {"bytes": PNG/JPEG bytes, "path": ...} per row
+        else:
+            out[name] = np.asarray(column.to_numpy(zero_copy_only=False))
+    order = np.lexsort((out["timestamp"], out["episode_index"]))  # by episode, then time
+    return out, order, out["episode_index"][order]
+
+
+def lerobot_names(feature, key):
+    names = feature.get("names")
+    if isinstance(names, dict):  # e.g. {"motors": [...]}
+        names = [n for group in names.values() for n in (group if isinstance(group, list) else [group])]
+    if not isinstance(names, list) or len(names) != feature["shape"][0]:
+        names = [f"{key}_{i}" for i in range(feature["shape"][0])]
+    return [str(n) for n in names]
+
+
+def lerobot_stats(root, v3, episodes, features):
+    """{"state", "action"}: mean, std, min, max from meta/stats.json, or (v2.1) aggregated over
+    meta/episodes_stats.jsonl weighted by each episode's count; q01/q99 from the metadata when it has
+    them, else computed from the rows."""
+    path = os.path.join(root, "meta", "stats.json")
+    if os.path.isfile(path):
+        stats = read_json(path, "LeRobot statistics file")
+    elif not v3:
+        path = os.path.join(root, "meta", "episodes_stats.jsonl")
+        per_episode = [r.get("stats", {}) for r in read_jsonl(path)]
+        stats = {key: aggregate_stats([s[key] for s in per_episode if key in s]) for key in ("observation.state", "action")
+                 if all(key in s and {"mean", "std", "min", "max", "count"} <= set(s[key]) for s in per_episode)}
+    else:
+        raise UserError(f"{path} not found: a v3.0 dataset keeps its statistics there")
+    out = {}
+    for name, key in (("state", "observation.state"), ("action", "action")):
+        dims = features[key]["shape"][0]
+        entry = stats.get(key, {}) if isinstance(stats, dict) else {}
+        try:
+            out[name] = {k: np.asarray(entry[k], np.float64).reshape(dims).tolist() for k in ("mean", "std", "min", "max")}
+        except (KeyError, ValueError, TypeError):
+            raise UserError(f"{path}: expected mean, std, min and max of {key} with {dims} values each "
+                            f"(for every episode)") from None
+        rows = np.concatenate([ep[name] for ep in episodes])
+        for q, p in (("q01", 0.01), ("q99", 0.99)):
+            out[name][q] = np.asarray(entry[q], np.float64).reshape(dims).tolist() if q in entry else \
+                np.quantile(rows, p, axis=0).tolist()
+    return out
+
+
+def aggregate_stats(parts):
+    """Per-episode {mean, std, min, max, count} -> the whole dataset's (LeRobot's pooled variance)."""
+    n = np.array([np.asarray(p["count"]).reshape(-1)[0] for p in parts], np.float64)[:, None]
+    means, stds = (np.array([np.asarray(p[k], np.float64).reshape(-1) for p in parts]) for k in ("mean", "std"))
+    mean = (n * means).sum(0) / n.sum()
+    var = (n * (stds ** 2 + (means - mean) ** 2)).sum(0) / n.sum()
+    return {"mean": mean.tolist(), "std": np.sqrt(var).tolist(), "count": [int(n.sum())],
+            "min": np.min([np.asarray(p["min"]).reshape(-1) for p in parts], 0).tolist(),
+            "max": np.max([np.asarray(p["max"]).reshape(-1) for p in parts], 0).tolist()}
+
+
+def lerobot_frames(root, key, feature, sources, fps, image_size, cache_dir):
+    """(rows, h, w, 3) uint8, memory-mapped: camera `key`'s frame of every row of the episodes in
+    `sources` (read_lerobot's: where each episode's frames are), letterboxed to image_size x
+    image_size (or as stored), from the cache or decoded once into it. The cache file is named by a
+    hash of the dataset, camera, size and the sizes and times of the files read: a changed dataset
+    is decoded anew."""
+    shape = feature.get("shape", [])
+    if len(shape) != 3:
+        raise UserError(f"{root}/meta/info.json: camera {key} needs a shape [height, width, 3]")
+    H, W = (shape[1], shape[2]) if shape[0] == 3 and shape[2] != 3 else (shape[0], shape[1])
+    h, w = (image_size, image_size) if image_size else (H, W)
+    n_rows = sum(src["length"] for src in sources)
+    stamp = [os.path.abspath(root), key, h, w, n_rows]
+    for p in sorted({src["videos"][key][0] for src in sources if key in src["videos"]} |
+                    {src["data_path"] for src in sources} | {os.path.join(root, "meta", "info.json")}):
+        st = os.stat(p) if os.path.exists(p) else None
+        stamp.append((p, st and st.st_size, st and st.st_mtime_ns))
+    digest = hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir, f"{os.path.basename(os.path.abspath(root))}-{digest}", f"{key}-{h}x{w}.npy")
+    if os.path.isfile(path):
+        return np.load(path, mmap_mode="r")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"  # renamed when complete: a killed decode leaves no half cache
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n_rows, h, w, 3))
+    if feature.get("dtype") == "image":
+        from PIL import Image
+        for src in sources:
+            for t, cell in enumerate(src["images"][key]):
+                try:
+                    image = Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else
+                                       os.path.join(root, cell["path"])).convert("RGB")
+                except Exception as e:
+                    raise UserError(f"{src['data_path']}: camera {key}, row {t} of episode {src['episode']} is "
+                                    f"not a readable image: {e}") from None
+                out[src["offset"] + t] = fit_frame(np.asarray(image), image_size, h, w, src["data_path"])
+    else:
+        wanted = defaultdict(dict)  # video file -> {frame slot: [cache rows]}
+        for src in sources:
+            video, start = src["videos"][key]
+            for t, slot in enumerate(np.round((start + src["timestamp"]) * fps).astype(int)):
+                wanted[video].setdefault(int(slot), []).append(src["offset"] + t)
+        for video, slots in wanted.items():
+            decode_video_frames(video, slots, fps, out, image_size, h, w)
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")
+
+
+def fit_frame(image, size, h, w, source):
+    """A decoded frame as the cache stores it: letterboxed to size x size as preprocess_image would
+    (padding 128 where it uses 0.5: 0.2% apart), or, with size None, as stored: (h, w) checked."""
+    if size:
+        return letterbox(image, size)
+    if image.shape[:2] != (h, w):
+        raise UserError(f"{source}: frames are {image.shape[1]}x{image.shape[0]}, meta/info.json says {w}x{h}")
+    return image
+
+
+def decode_video_frames(video, slots, fps, out, size, h, w):
+    """Decode `video` in order once, writing the frame at each wanted slot (round(time * fps)) to
+    its cache rows; frames past the last wanted slot are never decoded."""
+    av = lerobot_module("av")
+    if not os.path.isfile(video):
+        raise UserError(f"{video} not found: the dataset's metadata points there for camera frames")
+    need, last, n = dict(slots), max(slots), 0
+    try:
+        with av.open(video) as container:
+            stream = container.streams.video[0]
+            for n, frame in enumerate(container.decode(stream), 1):
+                slot = round(frame.time * fps) if frame.time is not None else n - 1
+                if slot in need:
+                    out[need.pop(slot)] = fit_frame(frame.to_ndarray(format="rgb24"), size, h, w, video)
+                if slot >= last:
+                    break
+    except av.error.FFmpegError as e:
+        raise UserError(f"{video} is not a readable video: {e}") from None
+    if need:
+        first = min(need)
+        raise UserError(f"{video} is shorter than its episodes: it has {n} frames, but rows need the frame at "
+                        f"t = {first / fps:.3f} s and up to {last / fps:.3f} s ({fps} fps)")
+
+
+def write_lerobot(src, dst, vcodec="libx264", crf=18):
+    """Our episode directory -> a LeRobotDataset v3.0 directory (one data file, one video file per
+    camera, each instruction a task). Read back with --demos=lerobot:DST --cameras=scene,wrist."""
+    pq, av = lerobot_module("pyarrow.parquet"), lerobot_module("av")
+    import pyarrow as pa
+    ds = EpisodeDataset(src, cameras=read_json(os.path.join(src, "meta.json"), "dataset metadata file")["cameras"])
+    meta, fps = ds.meta, ds.meta.get("fps", 10)
+    keys = [f"observation.images.{c}" for c in ds.cameras]
+    tasks = sorted({ep["instruction"] for ep in ds.episodes})
+    columns, episode_rows, start = defaultdict(list), [], 0
+    for e, ep in enumerate(ds.episodes):
+        T = ep["length"]
+        columns["observation.state"] += list(ep["state"])
+        columns["action"] += list(ep["action"])
+        columns["timestamp"] += list(np.arange(T, dtype=np.float32) / fps)
+        columns["frame_index"] += list(range(T))
+        columns["episode_index"] += [e] * T
+        columns["index"] += list(range(start, start + T))
+        columns["task_index"] += [tasks.index(ep["instruction"])] * T
+        row = {"episode_index": e, "tasks": [ep["instruction"]], "length": T, "data/chunk_index": 0,
+               "data/file_index": 0, "dataset_from_index": start, "dataset_to_index": start + T}
+        for k in keys:
+            row.update({f"videos/{k}/chunk_index": 0, f"videos/{k}/file_index": 0,
+                        f"videos/{k}/from_timestamp": start / fps, f"videos/{k}/to_timestamp": (start + T) / fps})
+        episode_rows.append(row)
+        start += T
+    S, A = len(meta["state_names"]), len(meta["action_names"])
+    vectors = lambda name, dims: pa.FixedSizeListArray.from_arrays(np.asarray(columns[name], np.float32).reshape(-1), dims)
+    table = {"observation.state": vectors("observation.state", S), "action": vectors("action", A),
+             "timestamp": pa.array(columns["timestamp"], pa.float32()),
+             **{k: pa.array(columns[k], pa.int64()) for k in ("frame_index", "episode_index", "index", "task_index")}}
+    os.makedirs(os.path.join(dst, "data", "chunk-000"), exist_ok=True)
+    pq.write_table(pa.table(table), os.path.join(dst, "data", "chunk-000", "file-000.parquet"))
+    os.makedirs(os.path.join(dst, "meta", "episodes", "chunk-000"), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(episode_rows), os.path.join(dst, "meta", "episodes", "chunk-000", "file-000.parquet"))
+    pq.write_table(pa.table({"task_index": list(range(len(tasks))), "task": tasks}), os.path.join(dst, "meta", "tasks.parquet"))
+    H, W = meta["image_size"]
+    for c, k in zip(ds.cameras, keys):
+        write_video(os.path.join(dst, "videos", k, "chunk-000", "file-000.mp4"),
+                    np.concatenate([ep["images"][ds.cameras.index(c)] for ep in ds.episodes]), fps, vcodec, crf)
+    with open(os.path.join(dst, "meta", "stats.json"), "w") as f:
+        json.dump({"observation.state": {**ds.stats["state"], "count": [start]},
+                   "action": {**ds.stats["action"], "count": [start]}}, f, indent=1)
+    features = {"observation.state": {"dtype": "float32", "shape": [S], "names": meta["state_names"]},
+                "action": {"dtype": "float32", "shape": [A], "names": meta["action_names"]},
+                **{k: {"dtype": "video", "shape": [H, W, 3], "names": ["height", "width", "channels"],
+                       "info": {"video.fps": fps, "video.codec": vcodec, "video.pix_fmt": "yuv420p"}} for k in keys},
+                **{k: {"dtype": "float32" if k == "timestamp" else "int64", "shape": [1], "names": None}
+                   for k in ("timestamp", "frame_index", "episode_index", "index", "task_index")}}
+    info = {"codebase_version": "v3.0", "robot_type": meta.get("robot_type", "nanofoundry-tabletop"), "fps": fps,
+            "total_episodes": len(ds.episodes), "total_frames": start, "total_tasks": len(tasks), "chunks_size": 1000,
+            "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+            "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4", "features": features}
+    with open(os.path.join(dst, "meta", "info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    return dst
+
+
+def read_lerobot_into_episodes(src, dst, cameras, image_size=None, cache_dir="out/frames"):
+    """A LeRobotDataset -> our episode directory (frames as read_lerobot gives them)."""
+    meta, _, episodes = read_lerobot(src, cameras, image_size, cache_dir)
+    w = EpisodeWriter(dst, cameras, meta["image_size"], meta["state_names"], meta["action_names"], meta["fps"],
+                      {"source": os.path.abspath(src)})
+    for ep in episodes:
+        w.add(dict(zip(cameras, ep["images"])), ep["state"], ep["action"], ep["instruction"], ep["task"])
+    w.close()
+    return dst
+
+
+def write_video(path, frames, fps, vcodec="libx264", crf=18):
+    """(T, H, W, 3) uint8 -> an mp4 (yuv420p: H and W even) through PyAV."""
+    av = lerobot_module("av")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with av.open(path, "w") as container:
+        stream = container.add_stream(vcodec, rate=fps, options={"crf": str(crf)} if vcodec == "libx264" else {})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")))
+        container.mux(stream.encode())
 
 
 class Normalizer:
@@ -922,12 +1369,12 @@ def vla_prompt(tokenizer, instruction, n_image_tokens, action_token=False):
 
 def vla_batch(items, tokenizer, n_visual_tokens, image_size, state_norm, action_norm=None, action_token=False):
     """Policy inputs from items as EpisodeDataset yields them (at inference: images, state and
-    instruction only):
+    instruction only; images may be a list of (n_frames, H, W, 3) per camera, sizes differing):
         idx (B, T) long: prompts right-padded with <|pad|> to the longest; prefix_mask (B, T) bool
         images (B, n_cam * n_frames, 3, S, S) in [-1, 1] (cameras outer, frames inner, prompt order)
         state (B, n_frames, S) normalized; actions (B, H, A) normalized; action_mask (B, H) bool
     Padding is at the end: a causal VLM never reads it, and the expert masks it out."""
-    n_images = items[0]["images"].shape[0] * items[0]["images"].shape[1]
+    n_images = sum(len(cam) for cam in items[0]["images"])  # cameras x frames
     prompts = [vla_prompt(tokenizer, it["instruction"], n_images * n_visual_tokens, action_token) for it in items]
     T = max(len(p) for p in prompts)
     pad = tokenizer.special("<|pad|>")

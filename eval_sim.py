@@ -39,12 +39,15 @@ CLI:  python eval_sim.py {collect,eval,compare,bench} --help   (pictures: figure
       Bad options or files are one line and exit code 2; collect into an existing dataset needs --overwrite.
 """
 import argparse
+import http.client
+import io
 import json
 import math
 import os
 import random
 import sys
 import time
+import urllib.parse
 
 import numpy as np
 from tqdm import tqdm
@@ -666,7 +669,58 @@ class NoopPolicy:
         return np.zeros((len(obs_list), 3), np.float32)
 
 
+class HTTPPolicy:
+    """A policy served by `python train_vla.py --serve=DIR` (stdlib and numpy only): act() posts the
+    observations to URL/act as one .npz and returns the served actions. With n_frames > 1 it keeps
+    each environment's last n_frames observations (one per call, restarted with each episode, as the
+    in-process policy does) and sends them all, so the server holds no state per client."""
+    name = "http"
+
+    def __init__(self, url):
+        self.url, self.envs, self.history, self.connection = url.rstrip("/"), None, {}, None
+        self.info = json.loads(self._request("/info"))
+
+    def bind(self, envs):
+        self.envs = envs
+
+    def _request(self, path, body=None, retry=True):
+        """One kept-alive connection (the server keeps one thread for it): a GET, or a POST of body."""
+        try:
+            if self.connection is None:
+                parts = urllib.parse.urlsplit(self.url)
+                kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+                self.connection = kind(parts.hostname, parts.port, timeout=600)
+            self.connection.request("GET" if body is None else "POST", path, body)
+            reply = self.connection.getresponse()
+            data = reply.read()
+        except (OSError, http.client.HTTPException) as e:
+            self.connection = None  # a kept-alive connection the server closed is retried once, fresh
+            if retry:
+                return self._request(path, body, retry=False)
+            raise UserError(f"policy server {self.url} unreachable: {e}") from None
+        if reply.status != 200:
+            raise UserError(f"policy server {self.url}: {data.decode(errors='replace')[:500]}")
+        return data
+
+    def act(self, obs_list):
+        n, past = self.info["n_frames"], []
+        envs = self.envs if self.envs is not None and len(self.envs) == len(obs_list) else [None] * len(obs_list)
+        for obs, env in zip(obs_list, envs):
+            key = env and (id(env), env.task, env.split, env.seed)
+            frames = [] if env is None or env.steps == 0 else self.history.get(key, [])
+            self.history[key] = frames = (frames + [obs])[-n:]
+            past.append([frames[0]] * (n - len(frames)) + frames)
+        arrays = {f"images/{c}": np.array([[o["images"][c] for o in p] for p in past]) for c in self.info["cameras"]}
+        buf = io.BytesIO()
+        np.savez(buf, state=np.array([[o["state"] for o in p] for p in past], np.float32),
+                 instruction=np.array([o["instruction"] for o in obs_list]), **arrays)
+        with np.load(io.BytesIO(self._request("/act", buf.getvalue()))) as reply:
+            return reply["actions"]
+
+
 def make_policy(spec):
+    if spec.startswith(("http://", "https://")):
+        return HTTPPolicy(spec)
     if spec == "expert":
         return ExpertPolicy()
     if spec == "random":
@@ -674,7 +728,7 @@ def make_policy(spec):
     if spec == "noop":
         return NoopPolicy()
     if not os.path.isdir(spec):
-        raise UserError(f"--policy must be a checkpoint directory or expert|random|noop, got {spec!r}")
+        raise UserError(f"--policy must be a checkpoint directory, http://host:port or expert|random|noop, got {spec!r}")
     from train_vla import load_policy  # the model and tokenizer are the stage-3 side's; imported only here
     return load_policy(spec)
 
@@ -991,7 +1045,8 @@ def main(argv=None):
     c.add_argument("--keep_failures", action="store_true", help="also keep failed episodes")
     c.add_argument("--overwrite", action="store_true", help="replace the dataset already in --out")
     e = sub.add_parser("eval", help="closed-loop evaluation; writes results.json and GIFs")
-    e.add_argument("--policy", required=True, help="checkpoint directory, or expert | random | noop")
+    e.add_argument("--policy", required=True, help="checkpoint directory, http://host:port (train_vla.py --serve), "
+                                                    "or expert | random | noop")
     e.add_argument("--episodes_per_task", type=_number(int, 1), default=50, help="per task and per split")
     e.add_argument("--tasks", default="all", help=f"comma list of {','.join(TASKS)}, or all")
     e.add_argument("--splits", default="seen,heldout", help="comma list of seen,heldout")

@@ -1606,3 +1606,304 @@ def test_stage3_on_a_tiny_hf_smolvlm_trains_and_runs_closed_loop(tiny_smolvlm_di
                             "--conditioning=action_token", "--vlm_layers=1", "--val_every=0", "--save_every=0"))
     vla, _ = M.load_vla(train_llm.find_checkpoint(str(tmp_path / "token")))
     assert vla.vlm.llm.config.n_layer == 1 and vla.action_expert.config.conditioning == "action_token"
+
+
+# ---- LeRobot data and the policy server (issue 19)
+import threading  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+import io  # noqa: E402
+
+
+def synthetic_episodes(n=3, size=(16, 16), seed=0):
+    """Episodes whose every frame is a distinct smooth colour ramp (video codecs keep those within a few
+    levels, and a frame matched to the wrong row would be far off), random states and actions."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, size[1])[None, :, None]
+    out = []
+    for e in range(n):
+        T = 5 + 2 * e
+        images = {c: np.stack([(30 + ramp * rng.integers(40, 200, 3) + 0 * np.ones((size[0], 1, 1))).astype(np.uint8)
+                               for _ in range(T)]) for c in ("scene", "wrist")}
+        out.append({"images": images, "state": rng.random((T, 4), dtype=np.float32),
+                    "action": rng.uniform(-1, 1, (T, 3)).astype(np.float32), "instruction": f"task number {e % 2}"})
+    return out
+
+
+def write_lerobot_v30(root, episodes, fps=10):
+    """Ours (EpisodeWriter) then data.write_lerobot: the converter is the v3.0 writer."""
+    w = data.EpisodeWriter(f"{root}_ours", ("scene", "wrist"), episodes[0]["images"]["scene"].shape[1:3],
+                           eval_sim.STATE_NAMES, eval_sim.ACTION_NAMES, fps)
+    for ep in episodes:
+        w.add(ep["images"], ep["state"], ep["action"], ep["instruction"], "synthetic")
+    w.close()
+    return data.write_lerobot(f"{root}_ours", str(root), crf=0)
+
+
+def write_lerobot_v21(root, episodes, fps=10):
+    """A v2.1 directory by hand: one parquet and one mp4 per episode; the wrist camera stored as PNG
+    images inside the parquet instead of a video."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    root, tasks = str(root), sorted({ep["instruction"] for ep in episodes})
+    os.makedirs(f"{root}/meta", exist_ok=True)
+    H, W = episodes[0]["images"]["scene"].shape[1:3]
+    png = lambda im: (lambda b: (Image.fromarray(im).save(b, "PNG"), b.getvalue())[1])(io.BytesIO())
+    lines, stats, start = [], [], 0
+    for e, ep in enumerate(episodes):
+        T = len(ep["action"])
+        os.makedirs(f"{root}/data/chunk-000", exist_ok=True)
+        pq.write_table(pa.table({
+            "observation.state": pa.array(list(ep["state"]), pa.list_(pa.float32())),
+            "action": pa.array(list(ep["action"]), pa.list_(pa.float32())),
+            "observation.images.wrist": pa.array([{"bytes": png(im), "path": None} for im in ep["images"]["wrist"]]),
+            "timestamp": pa.array(np.arange(T) / fps, pa.float32()), "frame_index": pa.array(range(T), pa.int64()),
+            "episode_index": pa.array([e] * T, pa.int64()), "index": pa.array(range(start, start + T), pa.int64()),
+            "task_index": pa.array([tasks.index(ep["instruction"])] * T, pa.int64())}),
+            f"{root}/data/chunk-000/episode_{e:06d}.parquet")
+        data.write_video(f"{root}/videos/chunk-000/observation.images.scene/episode_{e:06d}.mp4",
+                         ep["images"]["scene"], fps, crf=0)
+        lines.append({"episode_index": e, "tasks": [ep["instruction"]], "length": T})
+        stats.append({"episode_index": e, "stats": {k: {**data.episode_stats(ep[ours]), "count": [T]}
+                                                    for k, ours in (("observation.state", "state"), ("action", "action"))}})
+        start += T
+    feature = lambda dtype: {"dtype": dtype, "shape": [H, W, 3], "names": ["height", "width", "channels"]}
+    info = {"codebase_version": "v2.1", "fps": fps, "chunks_size": 1000, "total_episodes": len(episodes),
+            "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+            "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
+            "features": {"observation.state": {"dtype": "float32", "shape": [4], "names": eval_sim.STATE_NAMES},
+                         "action": {"dtype": "float32", "shape": [3], "names": {"motors": eval_sim.ACTION_NAMES}},
+                         "observation.images.scene": feature("video"), "observation.images.wrist": feature("image")}}
+    for name, rows in (("info.json", None), ("episodes.jsonl", lines), ("episodes_stats.jsonl", stats),
+                       ("tasks.jsonl", [{"task_index": i, "task": t} for i, t in enumerate(tasks)])):
+        with open(f"{root}/meta/{name}", "w") as f:
+            f.write(json.dumps(info, indent=1) if rows is None else "".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.mark.parametrize("version", ["v2.1", "v3.0"])
+def test_lerobot_windows_match_the_arrays_written_and_frames_are_decoded_once(version, tmp_path, monkeypatch):
+    size = (16, 24) if version == "v2.1" else (16, 16)  # v2.1: 24 wide, letterboxed to the model's 16 x 16
+    episodes = synthetic_episodes(size=size)
+    root = (write_lerobot_v21 if version == "v2.1" else write_lerobot_v30)(tmp_path / "lr", episodes)
+    open_ds = lambda: data.EpisodeDataset(f"lerobot:{root}", n_frames=2, chunk_size=4, cameras=("scene", "observation.images.wrist"),
+                                          frame_stride=2, image_size=16, frame_cache=str(tmp_path / "cache"))
+    ds = open_ds()
+    assert len(ds) == sum(len(ep["action"]) for ep in episodes) and ds.meta["state_names"] == eval_sim.STATE_NAMES
+    assert ds.meta["action_names"] == eval_sim.ACTION_NAMES and ds.meta["image_size"] == [16, 16]
+    everything = lambda k: np.concatenate([ep[k] for ep in episodes])
+    for key, ours in (("state", "state"), ("action", "action")):
+        assert np.allclose(ds.stats[key]["mean"], everything(ours).mean(0), atol=1e-5)
+        assert np.allclose(ds.stats[key]["std"], everything(ours).std(0), atol=1e-5)
+        assert np.allclose(ds.stats[key]["max"], everything(ours).max(0))
+    i = 0
+    for ep in episodes:
+        T = len(ep["action"])
+        for t in range(T):
+            item = ds[i]
+            i += 1
+            past = np.clip([t - 2, t], 0, None)
+            assert np.array_equal(item["state"].numpy(), ep["state"][past])
+            future = np.arange(t, t + 4)
+            assert np.array_equal(item["actions"].numpy(), ep["action"][np.minimum(future, T - 1)])
+            assert item["action_mask"].tolist() == (future < T).tolist() and item["instruction"] == ep["instruction"]
+            for c, cam in enumerate(("scene", "wrist")):
+                want = np.stack([data.letterbox(ep["images"][cam][p], 16) for p in past]).astype(int)
+                err = np.abs(item["images"][c].numpy().astype(int) - want)
+                assert err.mean() < 3 and err.max() <= 20, (cam, t, err.mean(), err.max())
+                if cam == "wrist" and version == "v2.1":
+                    assert err.max() == 0  # PNG images in the parquet are lossless
+    monkeypatch.setattr(data, "decode_video_frames", lambda *a: pytest.fail("decoded again"))
+    again = open_ds()  # the frame cache: memory-mapped, nothing decoded
+    assert isinstance(again.episodes[0]["images"][0], np.memmap)
+    assert all(torch.equal(ds[k]["images"], again[k]["images"]) for k in range(len(ds)))
+
+
+def test_lerobot_bad_inputs_are_one_line_errors_naming_the_file(tmp_path, monkeypatch, vla_world, capsys):
+    import shutil
+    root = write_lerobot_v30(tmp_path / "good", synthetic_episodes(n=2))
+    read = lambda r, cams=("scene",): data.EpisodeDataset(f"lerobot:{r}", cameras=cams, frame_cache=str(tmp_path / "c"))
+
+    def broken(name, edit):
+        bad = tmp_path / name
+        shutil.copytree(root, bad)
+        edit(str(bad))
+        return str(bad)
+
+    def rewrite_info(r, change):
+        info = json.load(open(f"{r}/meta/info.json"))
+        change(info)
+        json.dump(info, open(f"{r}/meta/info.json", "w"))
+
+    def short_video(r):
+        video = f"{r}/videos/observation.images.scene/chunk-000/file-000.mp4"
+        data.write_video(video, np.zeros((6, 16, 16, 3), np.uint8), 10)
+
+    cases = [(broken("noinfo", lambda r: os.remove(f"{r}/meta/info.json")), "meta/info.json not found"),
+             (broken("noeps", lambda r: shutil.rmtree(f"{r}/meta/episodes")), "meta/episodes/chunk-XXX/file-XXX.parquet not found"),
+             (broken("nostats", lambda r: os.remove(f"{r}/meta/stats.json")), "meta/stats.json not found"),
+             (broken("dims", lambda r: rewrite_info(r, lambda i: i["features"]["action"].update(shape=[7]))),
+              "file-000.parquet: action has 3 values per row, "),
+             (broken("version", lambda r: rewrite_info(r, lambda i: i.update(codebase_version="v1.6"))), "expected codebase_version v2.1"),
+             (broken("short", short_video), "file-000.mp4 is shorter than its episodes: it has 6 frames")]
+    stats = json.load(open(f"{root}/meta/stats.json"))
+    del stats["action"]["std"]
+    cases.append((broken("badstats", lambda r: json.dump(stats, open(f"{r}/meta/stats.json", "w"))),
+                  "meta/stats.json: expected mean, std, min and max of action"))
+    for bad, message in cases:
+        with pytest.raises(data.UserError, match=message.replace("(", r"\(")) as e:
+            read(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(data.UserError, match=r"info.json has no camera 'top': its cameras are \['observation.images.scene'"):
+        read(root, ("top",))
+    lengths = broken("lengths", lambda r: None)  # the episode table says 6 rows where the data holds 5
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = f"{lengths}/meta/episodes/chunk-000/file-000.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(table.column_names.index("length"), "length", pa.array([6, 7], pa.int64())), path)
+    with pytest.raises(data.UserError, match="file-000.parquet holds 5 rows of episode 0, but the episode metadata says length 6"):
+        read(lengths)
+    for module in ("pyarrow.parquet", "av"):  # the extras missing: pip install pyarrow av
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, module, None)
+            shutil.rmtree(tmp_path / "c", ignore_errors=True)
+            with pytest.raises(data.UserError, match=f"needs {module.split('.')[0]} .*: pip install pyarrow av"):
+                read(root)
+    with pytest.raises(SystemExit) as e:  # through the CLI: one line, exit code 2
+        train_llm.run(lambda: train_vla.main(vla_args(vla_world, tmp_path / "out", f"--demos=lerobot:{root}", "--cameras=top")))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "has no camera 'top'" in err, err
+
+
+def test_train_vla_trains_on_a_lerobot_dataset_and_scores_it_in_the_world(vla_world, tmp_path):
+    lr = data.write_lerobot(vla_world.demos, str(tmp_path / "lr"))  # the built-in demos as a LeRobot v3.0 dataset
+    out = str(tmp_path / "run")
+    train_vla.main(vla_args(vla_world, out, f"--demos=lerobot:{lr}", f"--frame_cache={tmp_path}/frames",
+                            "--max_steps=2", "--n_frames=2", "--eval_episodes=1", "--eval_splits=seen", "--gifs_per_task=0"))
+    cfg = json.load(open(f"{out}/step_000002/config.json"))
+    assert cfg["normalization"]["state_names"] == eval_sim.STATE_NAMES and cfg["policy"]["cameras"] == ["scene", "wrist"]
+    assert len(json.load(open(f"{out}/eval/results.json"))["episodes"]) == len(eval_sim.TASKS)
+    import glob
+    assert len(glob.glob(f"{tmp_path}/frames/lr-*/observation.images.wrist-16x16.npy")) == 1
+
+
+def tiny_policy(world, n_frames=1, seed=0):
+    """A random-weight tiny VLAPolicy (same weights for the same seed), as load_policy builds one."""
+    torch.manual_seed(seed)
+    vla = tiny_vla(world.tokenizer, chunk_size=4, n_frames=n_frames).eval()
+    stats = json.load(open(f"{world.demos}/stats.json"))
+    normalization = {"state": data.Normalizer(stats["state"]).to_dict(),
+                     "action": data.Normalizer(stats["action"], "minmax").to_dict(),
+                     "state_names": eval_sim.STATE_NAMES, "action_names": eval_sim.ACTION_NAMES}
+    settings = {"cameras": ["scene", "wrist"], "n_frames": n_frames, "chunk_size": 4, "execute_steps": 2,
+                "flow_steps": 2, "image_size": 16}
+    return train_vla.VLAPolicy(vla, world.tokenizer, settings, normalization)
+
+
+class served:
+    """`with served(policy) as url:` a policy server on a free loopback port, in a thread."""
+
+    def __init__(self, policy):
+        self.server = train_vla.make_server(policy, "127.0.0.1", 0)
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Recorded:
+    """A policy that keeps every chunk it returned."""
+
+    def __init__(self, policy):
+        self.policy, self.chunks = policy, []
+
+    def bind(self, envs):
+        self.policy.bind(envs)
+
+    def act(self, obs_list):
+        self.chunks.append(np.asarray(self.policy.act(obs_list)))
+        return self.chunks[-1]
+
+
+@pytest.mark.parametrize("n_frames", [1, 2])
+def test_closed_loop_evaluation_through_the_server_equals_in_process(vla_world, n_frames):
+    local, behind_server = Recorded(tiny_policy(vla_world, n_frames)), tiny_policy(vla_world, n_frames)
+    run = lambda policy: eval_sim.evaluate(policy, ["reach", "pick_place"], 2, ("seen",), image_size=16, num_envs=3)
+    with served(behind_server) as url:
+        remote = Recorded(eval_sim.make_policy(url))
+        assert remote.policy.info["cameras"] == ["scene", "wrist"] and remote.policy.info["n_frames"] == n_frames
+        remote_records = run(remote)
+    assert remote_records == run(local)  # the same successes and episode lengths on the same seeds
+    assert len(remote.chunks) == len(local.chunks) > 20  # and the same actions at every call, bit for bit
+    assert all(np.array_equal(a, b) for a, b in zip(remote.chunks, local.chunks))
+
+
+def post(url, arrays=None, raw=None):
+    """(HTTP status, reply body) of POST url/act with an .npz of arrays (or raw bytes)."""
+    if raw is None:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        raw = buf.getvalue()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url + "/act", raw), timeout=60) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def stress_server(url, seconds, clients=8):
+    """Each client, until `seconds` pass, alternates a well-formed observation batch with one of the
+    malformed requests; returns per client (answered well-formed, rejected malformed, failures)."""
+    rng = np.random.default_rng(0)
+    good = {"images/scene": rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8),
+            "images/wrist": rng.integers(0, 256, (2, 20, 12, 3), dtype=np.uint8),
+            "state": rng.random((2, 4), dtype=np.float32), "instruction": np.array(["put the red block in the bowl.", "x"])}
+    bad = [({k: v for k, v in good.items() if k != "images/wrist"}, "lacks images/wrist"),
+           (good | {"state": np.zeros((2, 5), np.float32)}, "state must be finite numbers of shape (2, 4)"),
+           (good | {"images/scene": np.zeros((2, 16, 16), np.uint8)}, "images/scene must be uint8"),
+           (good | {"images/scene": np.zeros((2, 16, 16, 3), np.float32)}, "images/scene must be uint8"),
+           (b"GET me an action", "request body is not an .npz"), ({"hello": np.zeros(3)}, "observation lacks")]
+    deadline, results = time.time() + seconds, []
+
+    def client(c):
+        ok = rejected = 0
+        failures = []
+        while time.time() < deadline:
+            status, body = post(url, good)
+            if status == 200 and np.load(io.BytesIO(body))["actions"].shape == (2, 2, 3):
+                ok += 1
+            else:
+                failures.append((status, body[:200]))
+            arrays, message = bad[(ok + rejected + c) % len(bad)]
+            status, body = post(url, *((None, arrays) if isinstance(arrays, bytes) else (arrays,)))
+            if status == 400 and message in json.loads(body)["error"]:
+                rejected += 1
+            else:
+                failures.append((status, body[:200], message))
+        results.append((ok, rejected, failures))
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_server_under_8_concurrent_clients_answers_every_good_request_and_rejects_bad_ones(vla_world):
+    seconds = float(os.environ.get("NANOFOUNDRY_SERVER_STRESS_S", 10))  # 30 by hand: docs/robot_data.md
+    with served(tiny_policy(vla_world)) as url:
+        results = stress_server(url, seconds)
+        assert json.loads(urllib.request.urlopen(url + "/info").read())["chunk_size"] == 4  # still serving
+    assert len(results) == 8 and all(ok > 0 and rejected > 0 and not failures for ok, rejected, failures in results), \
+        [r[2][:2] for r in results]
+    print(f"{seconds:g} s, 8 clients: {sum(r[0] for r in results)} well-formed requests answered, "
+          f"{sum(r[1] for r in results)} malformed ones rejected, no failures")  # shown with pytest -s
+    with pytest.raises(data.UserError, match="unreachable"):
+        eval_sim.make_policy(url)  # the server is gone: one line, not a traceback

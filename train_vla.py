@@ -9,6 +9,8 @@ scored closed-loop in that world at the end.
     python train_vla.py --bench                         # latency of one action chunk (prefix reuse vs not)
     python train_vla.py --init=hf:DIR                   # on a pretrained SmolVLM/Idefics3 directory (hf.py)
     python train_vla.py --probe_keypoints               # does a keypoint of out/vla follow the instructed object?
+    python train_vla.py --demos=lerobot:DIR --cameras=top,wrist   # a LeRobotDataset v2.1/v3.0 (pip install pyarrow av)
+    python train_vla.py --serve=out/vla --port=8000     # the policy over HTTP; eval_sim.py eval --policy http://127.0.0.1:8000
     torchrun --standalone --nproc_per_node=8 train_vla.py --demos=my_robot_dataset
     python train_vla.py --resume | --overwrite          # continue out_dir's run, or start over there
 
@@ -46,7 +48,9 @@ class TrainConfig:
                                         # or hf:DIR: a Hugging Face SmolVLM/Idefics3 directory (hf.py)
     vlm_layers: int = 0                 # with init=hf:DIR: run only the VLM's first N layers (SmolVLA: 16 of 32); 0 = all
     shape_from: str = "out/vlm"         # with init=scratch: the checkpoint whose architecture and tokenizer are copied
-    demos: str = ""                     # an episode dataset directory; '' = collect the built-in world's expert demos
+    demos: str = ""                     # an episode dataset directory, or lerobot:DIR (a LeRobotDataset v2.1/v3.0,
+                                        # --cameras = its observation.images.* keys); '' = the built-in world's expert demos
+    frame_cache: str = "out/frames"     # LeRobot video frames decoded once at the model's resolution (uint8 .npy, mmap)
     demos_cache: str = "out/demos"      # where collected demos are kept (one subdirectory per setting)
     episodes_per_task: int = 100        # demos collected per task (seen split) when demos=''
     val_fraction: float = 0.02          # share of episodes held out for the validation loss
@@ -105,6 +109,9 @@ class TrainConfig:
                                         # (with init=hf:DIR also parameters, load memory, one training step)
     bench_repeats: int = 20             # timed repeats of each --bench measurement
     probe_keypoints: bool = False       # instead of training: how well out_dir's keypoints track the instructed object
+    serve: str = ""                     # instead of training: serve this checkpoint's policy over HTTP (make_server)
+    host: str = "127.0.0.1"             # --serve: address to bind (0.0.0.0 exposes it to the network)
+    port: int = 8000
 
 
 # valid ranges (inclusive) and rules, checked before any work (train_llm.validate)
@@ -138,6 +145,8 @@ def main(argv=None):
         return bench_latency(cfg)
     if cfg.probe_keypoints:
         return probe_keypoints(cfg)
+    if cfg.serve:
+        return serve_policy(cfg)
     check_out_dir(cfg)
     dist = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed + dist.rank)
@@ -145,25 +154,8 @@ def main(argv=None):
     ckpt = find_checkpoint(cfg.out_dir) if cfg.resume else None
     cameras = tuple(cfg.cameras.split(","))
 
-    # --- demonstrations: collected once by rank 0 into the cache, then read by every rank
-    demos = cfg.demos or os.path.join(cfg.demos_cache, f"seen_{cfg.episodes_per_task}ep")
-    if not cfg.demos and dist.is_master and not os.path.isfile(os.path.join(demos, "meta.json")):
-        collect_demos(demos, cfg.episodes_per_task)
-    barrier(dist)
-    meta = D.read_json(os.path.join(demos, "meta.json"), "dataset metadata file")
-    n_episodes = meta.get("num_episodes", 0)
-    every = max(2, round(1 / cfg.val_fraction)) if cfg.val_fraction > 0 else n_episodes + 1
-    val_ids = [e for e in range(n_episodes) if e % every == every - 1]
-    train_ids = [e for e in range(n_episodes) if e % every != every - 1]
-    frame_stride = cfg.execute_steps  # past frames spaced as the policy sees them: one per re-plan
-    dataset = D.EpisodeDataset(demos, cfg.n_frames, cfg.chunk_size, cameras, train_ids, frame_stride)
-    val_set = D.EpisodeDataset(demos, cfg.n_frames, cfg.chunk_size, cameras, val_ids, frame_stride) if val_ids else None
-    state_norm = D.Normalizer(dataset.stats["state"], cfg.state_norm)
-    action_norm = D.Normalizer(dataset.stats["action"], cfg.action_norm)
-    normalization = {"state": state_norm.to_dict(), "action": action_norm.to_dict(),
-                     "state_names": meta["state_names"], "action_names": meta["action_names"]}
-
-    # --- model: the stage-2 VLM (or a random one of its shape, or a pretrained one) + a new action expert
+    # --- the stage-2 VLM (or a random one of its shape, or a pretrained one); its resolution is what
+    # LeRobot frames are decoded at
     hf_dir = hf.init_dir(cfg.init)
     if hf_dir and not ckpt:
         vlm, tokenizer = load_hf_vlm(hf_dir, cfg)
@@ -171,6 +163,33 @@ def main(argv=None):
         vlm, _, tokenizer = load_stage2(ckpt or (cfg.shape_from if cfg.init == "scratch" else cfg.init),
                                         random_init=cfg.init == "scratch" and not ckpt,
                                         action_token=cfg.conditioning == "action_token")
+
+    # --- demonstrations: collected once by rank 0 into the cache (or a LeRobot dataset's video decoded
+    # once by rank 0 into frame_cache), then read by every rank
+    demos = cfg.demos or os.path.join(cfg.demos_cache, f"seen_{cfg.episodes_per_task}ep")
+    if not cfg.demos and dist.is_master and not os.path.isfile(os.path.join(demos, "meta.json")):
+        collect_demos(demos, cfg.episodes_per_task)
+    frame_stride = cfg.execute_steps  # past frames spaced as the policy sees them: one per re-plan
+    read_demos = lambda: D.EpisodeDataset(demos, cfg.n_frames, cfg.chunk_size, cameras, frame_stride=frame_stride,
+                                          image_size=vlm.vision_config.image_size, frame_cache=cfg.frame_cache)
+    episodes = read_demos() if dist.is_master else None
+    barrier(dist)
+    episodes = episodes if episodes is not None else read_demos()
+    meta, n_episodes = episodes.meta, len(episodes.episodes)
+    every = max(2, round(1 / cfg.val_fraction)) if cfg.val_fraction > 0 else n_episodes + 1
+    val_ids = [e for e in range(n_episodes) if e % every == every - 1]
+    train_ids = [e for e in range(n_episodes) if e % every != every - 1]
+    dataset = episodes.subset(train_ids)
+    val_set = episodes.subset(val_ids) if val_ids else None
+    state_norm = D.Normalizer(dataset.stats["state"], cfg.state_norm)
+    action_norm = D.Normalizer(dataset.stats["action"], cfg.action_norm)
+    normalization = {"state": state_norm.to_dict(), "action": action_norm.to_dict(),
+                     "state_names": meta["state_names"], "action_names": meta["action_names"]}
+    # the built-in world can score the policy only if it was trained on the world's state, actions and cameras
+    in_world = (meta["state_names"] == eval_sim.STATE_NAMES and meta["action_names"] == eval_sim.ACTION_NAMES
+                and set(cameras) <= {"scene", "wrist"})
+
+    # --- the action expert, grown on the VLM
     expert_cfg = expert_config(cfg, vlm, cfg.n_frames, len(cameras), len(meta["state_names"]), len(meta["action_names"]))
     if ckpt:
         expert_cfg = M.config_from_dict(M.ExpertConfig, json.load(open(os.path.join(ckpt, "config.json")))["action_expert"])
@@ -289,7 +308,8 @@ def main(argv=None):
             record["grad_norm"] = round(grad_norm.item(), 4)
         if val_set is not None and dist.is_master and due(step, cfg.val_every, cfg.max_steps):
             record["val_loss"], record["val_action_err"] = (round(x, 6) for x in validation())
-        if dist.is_master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and cfg.eval_episodes:
+        if dist.is_master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and cfg.eval_episodes \
+                and in_world:
             record["success"] = closed_loop(f"eval_step_{step:06d}")["overall"]["all"]["rate"]
         log.write(record)
         bar.set_postfix(loss=f"{train_loss:.3f}", smp_s=f"{record['samples_per_s']:.1f}",
@@ -303,8 +323,11 @@ def main(argv=None):
     bar.close()
     if dist.is_master:
         print(f"trained {step} steps in {time.time() - t_start:.0f}s; checkpoint in {cfg.out_dir}")
-        if cfg.eval_episodes:
+        if cfg.eval_episodes and in_world:
             closed_loop("eval")
+        elif cfg.eval_episodes:
+            print(f"no closed-loop evaluation: the built-in world's state {eval_sim.STATE_NAMES}, actions "
+                  f"{eval_sim.ACTION_NAMES} and cameras scene,wrist differ from {demos}'s")
     teardown_distributed(dist)
 
 
@@ -399,6 +422,7 @@ class VLAPolicy:
         self.state_norm = D.Normalizer.from_dict(normalization["state"])
         self.action_norm = D.Normalizer.from_dict(normalization["action"])
         self.state_names = normalization.get("state_names", [f"s{i}" for i in range(len(self.state_norm.offset))])
+        self.action_names = normalization.get("action_names", [f"a{i}" for i in range(len(self.action_norm.offset))])
         self.device = next(vla.parameters()).device
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.autocast = autocast or contextlib.nullcontext()
@@ -408,16 +432,22 @@ class VLAPolicy:
         self.envs = envs
 
     def _item(self, obs, env):
-        """One observation -> {"images": (n_cam, n_frames, H, W, 3), "state": (n_frames, S), "instruction"}."""
+        """One observation -> {"images": [(n_frames, H, W, 3) per camera], "state": (n_frames, S), "instruction"}."""
         cams, n_frames = self.settings["cameras"], self.settings["n_frames"]
         missing = [c for c in cams if c not in obs.get("images", {})]
         if missing:
             raise D.UserError(f"observation lacks camera(s) {missing}: the policy needs images from {cams}")
         state = np.asarray(obs["state"], np.float32)
+        if state.ndim == 2:  # the caller kept the history (the policy server's clients): n_frames of each
+            if state.shape != (n_frames, len(self.state_names)):
+                raise D.UserError(f"observation state history has shape {state.shape}, the policy expects "
+                                  f"({n_frames}, {len(self.state_names)}): n_frames x {self.state_names}")
+            return {"images": [np.asarray(obs["images"][c]) for c in cams], "state": state,
+                    "instruction": obs["instruction"]}
         if state.shape != (len(self.state_names),):
             raise D.UserError(f"observation state has shape {state.shape}, the policy expects "
                             f"({len(self.state_names)},) = {self.state_names}")
-        frame = (np.stack([obs["images"][c] for c in cams]), state)
+        frame = ([obs["images"][c] for c in cams], state)  # cameras may differ in size: kept apart
         past = [frame]
         if n_frames > 1 and env is not None:  # history per environment, restarted with each episode
             key = (id(env), env.task, env.split, env.seed)
@@ -426,7 +456,7 @@ class VLAPolicy:
             self.history[key] = (self.history[key] + [frame])[-n_frames:]
             past = self.history[key]
         past = [past[0]] * (n_frames - len(past)) + past  # before the episode start: the first frame
-        return {"images": np.stack([p[0] for p in past], axis=1), "state": np.stack([p[1] for p in past]),
+        return {"images": [np.stack([p[0][c] for p in past]) for c in range(len(cams))], "state": np.stack([p[1] for p in past]),
                 "instruction": obs["instruction"]}
 
     def inputs(self, obs_list):
@@ -453,6 +483,117 @@ class VLAPolicy:
 
     def act(self, obs_list):
         return self.predict_actions(obs_list)[:, :self.settings["execute_steps"]]
+
+
+def serve_policy(cfg):
+    """--serve=DIR: the checkpoint's policy over HTTP at cfg.host:cfg.port until interrupted."""
+    policy = load_policy(cfg.serve, device=None if cfg.device == "auto" else cfg.device)
+    server = make_server(policy, cfg.host, cfg.port)
+    s = policy.settings
+    print(f"serving {cfg.serve} on http://{cfg.host}:{server.server_address[1]} (GET /info, POST /act .npz): cameras "
+          f"{','.join(s['cameras'])} x {s['n_frames']} frame(s), state {policy.state_names}, chunk {s['chunk_size']} "
+          f"(first {s['execute_steps']} to execute) | python eval_sim.py eval --policy http://{cfg.host}:{server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def make_server(policy, host="127.0.0.1", port=8000):
+    """A ThreadingHTTPServer (not yet serving: call serve_forever) answering with `policy`; one lock
+    around the model, so concurrent clients queue for it.
+        GET  /info -> JSON: cameras, n_frames, state_names, action_names, chunk_size, execute_steps
+        POST /act  <- .npz: images/<camera> (N, n_frames, H, W, 3) uint8 (or (N, H, W, 3): the current frame
+                      only, repeated as history), state (N, n_frames, S) float32 (or (N, S)), instruction (N,) str
+                   -> .npz: actions (N, execute_steps, A) float32 = act(); chunk (N, chunk_size, A)
+    A malformed request gets HTTP 400 and JSON {"error": one line naming the problem}; serving goes on."""
+    import io
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    lock = threading.Lock()
+    s = policy.settings
+    info = {"cameras": list(s["cameras"]), "n_frames": s["n_frames"], "state_names": list(policy.state_names),
+            "action_names": policy.action_names, "chunk_size": s["chunk_size"], "execute_steps": s["execute_steps"]}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
+
+        def log_message(self, *args):  # quiet: one line per request would drown the console
+            pass
+
+        def reply(self, code, body, kind="application/json"):
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def error(self, code, message):
+            self.reply(code, json.dumps({"error": message}).encode())
+
+        def do_GET(self):
+            if self.path.rstrip("/") in ("", "/info"):
+                return self.reply(200, json.dumps(info).encode())
+            self.error(404, f"unknown path {self.path}: GET /info or POST /act")
+
+        def do_POST(self):
+            length = self.headers.get("Content-Length", "")
+            if not length.isdigit() or int(length) > 1 << 30:
+                self.close_connection = True  # the body cannot be skipped: answer, then hang up
+                return self.error(411, f"POST /act needs a Content-Length of at most 1 GiB, got {length!r}")
+            body = self.rfile.read(int(length))
+            if self.path != "/act":
+                return self.error(404, f"unknown path {self.path}: GET /info or POST /act")
+            try:
+                obs_list = observations_from_npz(body, info)
+                with lock:
+                    chunk = policy.predict_actions(obs_list)
+            except D.UserError as e:
+                return self.error(400, str(e))
+            except Exception as e:  # a bug or an unforeseen input: say so, keep serving
+                return self.error(500, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            buf = io.BytesIO()
+            np.savez(buf, actions=chunk[:, :s["execute_steps"]], chunk=chunk)
+            self.reply(200, buf.getvalue(), "application/octet-stream")
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def observations_from_npz(body, info):
+    """A request body -> eval_sim-style observations, or a UserError naming what is wrong."""
+    import io
+    import zipfile
+    expected = "an .npz with images/<camera> for " + ",".join(info["cameras"]) + ", state and instruction"
+    try:
+        with np.load(io.BytesIO(body), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        raise D.UserError(f"request body is not {expected}") from None
+    missing = [k for k in [f"images/{c}" for c in info["cameras"]] + ["state", "instruction"] if k not in arrays]
+    if missing:
+        raise D.UserError(f"observation lacks {', '.join(missing)}: expected {expected}")
+    instruction, state = arrays["instruction"], arrays["state"]
+    if instruction.dtype.kind != "U" or instruction.ndim != 1:
+        raise D.UserError(f"instruction must be a 1-D array of strings (one per observation), got {instruction.dtype} "
+                          f"{instruction.shape}")
+    n, n_frames, S = len(instruction), info["n_frames"], len(info["state_names"])
+    if state.dtype.kind not in "fiu" or state.shape not in ((n, S), (n, n_frames, S)) or not np.isfinite(state).all():
+        raise D.UserError(f"state must be finite numbers of shape ({n}, {S}) or ({n}, {n_frames}, {S}) "
+                          f"({info['state_names']}), got {state.dtype} {state.shape}")
+    for c in info["cameras"]:
+        im = arrays[f"images/{c}"]
+        frames_ok = im.ndim == 4 or (im.ndim == 5 and im.shape[1] == n_frames and state.ndim == 3)
+        if im.dtype != np.uint8 or not frames_ok or len(im) != n or im.shape[-1] != 3 or 0 in im.shape:
+            raise D.UserError(f"images/{c} must be uint8 of shape ({n}, H, W, 3) or ({n}, {n_frames}, H, W, 3) "
+                              f"with state ({n}, {n_frames}, {S}), got {im.dtype} {im.shape}")
+    if state.ndim == 3 and any(arrays[f"images/{c}"].ndim == 4 for c in info["cameras"]):
+        raise D.UserError(f"state has a history of {n_frames} frames, so every camera needs one too")
+    return [{"images": {c: arrays[f"images/{c}"][i] for c in info["cameras"]}, "state": state[i].astype(np.float32),
+             "instruction": str(instruction[i])} for i in range(n)]
 
 
 
@@ -550,6 +691,7 @@ def bench_latency(cfg):
     t_act = float(np.median([(lambda t0: (policy.act([obs]), time.perf_counter() - t0)[1])(time.perf_counter())
                              for _ in range(repeats)]))
     diff = (a_reuse - a_full).abs().max().item()
+    served = {n: bench_server(policy, n, image_size=policy.settings["image_size"], repeats=repeats) for n in (1, 32)}
     print(f"device: {device} x{torch.get_num_threads()} threads | torch {torch.__version__} | "
           f"{'checkpoint ' + ckpt if ckpt else cfg.init if hf_dir else 'random weights, default shape'}")
     result = {}
@@ -567,7 +709,12 @@ def bench_latency(cfg):
     print(f"  prefix recomputed every step: {t_full * 1000:8.1f} ms   ({ratio:.1f}x slower, median of paired runs)")
     print(f"  policy.act incl. preprocessing: {t_act * 1000:6.1f} ms")
     print(f"  max |reuse - recompute| = {diff:.2e}")
-    return {**result, "reuse_ms": t_reuse * 1000, "recompute_ms": t_full * 1000, "ratio": ratio, "max_abs_diff": diff}
+    for n, (local, remote, transport) in served.items():
+        print(f"  policy server on loopback, batch {n:2d}: {remote * 1000:6.1f} ms vs {local * 1000:6.1f} ms in process; "
+              f"the transport alone (.npz over HTTP, {len(policy.settings['cameras'])} x {policy.settings['image_size']} px "
+              f"images each) {transport * 1000:.1f} ms")
+    return {**result, "reuse_ms": t_reuse * 1000, "recompute_ms": t_full * 1000, "ratio": ratio,
+            "max_abs_diff": diff, "served_ms": {n: [x * 1000 for x in v] for n, v in served.items()}}
 
 
 def peak_rss_mb():
@@ -599,6 +746,33 @@ def bench_train_step(vla, batch, cfg, device):
         times.append(time.perf_counter() - t0)
     vla.eval()
     return times[1:]
+
+
+def bench_server(policy, n, image_size, repeats=20):
+    """Median seconds per act() on n observations: in process, through make_server on a free loopback
+    port (eval_sim.HTTPPolicy; the two alternate, so load on a shared machine hits both), and the
+    transport alone (.npz and HTTP: the same server with a policy that answers zeros at once)."""
+    import threading
+
+    class Zeros:  # the served policy's interface, without the model
+        settings, state_names, action_names = policy.settings, policy.state_names, policy.action_names
+        predict_actions = lambda self, obs_list: np.zeros((len(obs_list), policy.settings["chunk_size"], 3), np.float32)
+
+    obs = [eval_sim.TabletopEnv(eval_sim.TASKS[i % len(eval_sim.TASKS)], image_size).reset(eval_sim.EVAL_SEED + i)[0]
+           for i in range(n)]
+    timed = lambda act: (lambda t0: (act(obs), time.perf_counter() - t0)[1])(time.perf_counter())
+    servers = [make_server(p, "127.0.0.1", 0) for p in (policy, Zeros())]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    remote, transport = (eval_sim.HTTPPolicy(f"http://127.0.0.1:{s.server_address[1]}") for s in servers)
+    try:
+        timed(policy.act), timed(remote.act), timed(transport.act)  # warm-up
+        runs = [(timed(policy.act), timed(remote.act), timed(transport.act)) for _ in range(repeats)]
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    return tuple(float(np.median([r[k] for r in runs])) for k in (0, 1, 2))
 
 
 def probe_keypoints(cfg, scenes_per_task=40):

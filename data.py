@@ -940,10 +940,10 @@ def lerobot_task_table(root, v3):
         path = os.path.join(root, "meta", "tasks.parquet")
         table = read_parquet(lerobot_module("pyarrow.parquet"), path)
         # written by pandas with the task strings as the index: a column 'task' or '__index_level_0__'
-        text = next((c for c in ("task", "__index_level_0__") if c in table.column_names), None)
-        rows = [{"task_index": i, "task": t} for i, t in zip(table.column("task_index").to_pylist(),
-                                                                table.column(text).to_pylist())] if text and \
-            "task_index" in table.column_names else []
+        columns = table.column_names
+        text = next((c for c in ("task", "__index_level_0__") if c in columns), None)
+        rows = [] if text is None or "task_index" not in columns else \
+            [{"task_index": i, "task": t} for i, t in zip(table.column("task_index").to_pylist(), table.column(text).to_pylist())]
     try:
         tasks = {int(r["task_index"]): str(r["task"]) for r in rows}
     except (KeyError, TypeError, ValueError):

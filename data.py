@@ -1134,7 +1134,8 @@ def decode_video_frames(video, slots, fps, out, size, h, w):
 def write_lerobot(src, dst, vcodec="libx264", crf=18):
     """Our episode directory -> a LeRobotDataset v3.0 directory (one data file, one video file per
     camera, each instruction a task). Read back with --demos=lerobot:DST --cameras=scene,wrist."""
-    pq, av = lerobot_module("pyarrow.parquet"), lerobot_module("av")
+    pq = lerobot_module("pyarrow.parquet")
+    lerobot_module("av")  # missing extras fail before anything is written
     import pyarrow as pa
     ds = EpisodeDataset(src, cameras=read_json(os.path.join(src, "meta.json"), "dataset metadata file")["cameras"])
     meta, fps = ds.meta, ds.meta.get("fps", 10)
@@ -1165,8 +1166,10 @@ def write_lerobot(src, dst, vcodec="libx264", crf=18):
     os.makedirs(os.path.join(dst, "data", "chunk-000"), exist_ok=True)
     pq.write_table(pa.table(table), os.path.join(dst, "data", "chunk-000", "file-000.parquet"))
     os.makedirs(os.path.join(dst, "meta", "episodes", "chunk-000"), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(episode_rows), os.path.join(dst, "meta", "episodes", "chunk-000", "file-000.parquet"))
-    pq.write_table(pa.table({"task_index": list(range(len(tasks))), "task": tasks}), os.path.join(dst, "meta", "tasks.parquet"))
+    pq.write_table(pa.Table.from_pylist(episode_rows),
+                   os.path.join(dst, "meta", "episodes", "chunk-000", "file-000.parquet"))
+    pq.write_table(pa.table({"task_index": list(range(len(tasks))), "task": tasks}),
+                   os.path.join(dst, "meta", "tasks.parquet"))
     H, W = meta["image_size"]
     for c, k in zip(ds.cameras, keys):
         write_video(os.path.join(dst, "videos", k, "chunk-000", "file-000.mp4"),

@@ -1074,8 +1074,9 @@ def test_lerobot_windows_match_the_arrays_written_and_frames_are_decoded_once(ve
     size = (16, 24) if version == "v2.1" else (16, 16)  # v2.1: 24 wide, letterboxed to the model's 16 x 16
     episodes = synthetic_episodes(size=size)
     root = (write_lerobot_v21 if version == "v2.1" else write_lerobot_v30)(tmp_path / "lr", episodes)
-    open_ds = lambda: data.EpisodeDataset(f"lerobot:{root}", n_frames=2, chunk_size=4, cameras=("scene", "observation.images.wrist"),
-                                          frame_stride=2, image_size=16, frame_cache=str(tmp_path / "cache"))
+    cameras = ("scene", "observation.images.wrist")  # a camera by its short name or its feature key
+    open_ds = lambda: data.EpisodeDataset(f"lerobot:{root}", n_frames=2, chunk_size=4, cameras=cameras, frame_stride=2,
+                                          image_size=16, frame_cache=str(tmp_path / "cache"))
     ds = open_ds()
     assert len(ds) == sum(len(ep["action"]) for ep in episodes) and ds.meta["state_names"] == eval_sim.STATE_NAMES
     assert ds.meta["action_names"] == eval_sim.ACTION_NAMES and ds.meta["image_size"] == [16, 16]
@@ -1128,11 +1129,13 @@ def test_lerobot_bad_inputs_are_one_line_errors_naming_the_file(tmp_path, monkey
         data.write_video(video, np.zeros((6, 16, 16, 3), np.uint8), 10)
 
     cases = [(broken("noinfo", lambda r: os.remove(f"{r}/meta/info.json")), "meta/info.json not found"),
-             (broken("noeps", lambda r: shutil.rmtree(f"{r}/meta/episodes")), "meta/episodes/chunk-XXX/file-XXX.parquet not found"),
+             (broken("noeps", lambda r: shutil.rmtree(f"{r}/meta/episodes")),
+              "meta/episodes/chunk-XXX/file-XXX.parquet not found"),
              (broken("nostats", lambda r: os.remove(f"{r}/meta/stats.json")), "meta/stats.json not found"),
              (broken("dims", lambda r: rewrite_info(r, lambda i: i["features"]["action"].update(shape=[7]))),
               "file-000.parquet: action has 3 values per row, "),
-             (broken("version", lambda r: rewrite_info(r, lambda i: i.update(codebase_version="v1.6"))), "expected codebase_version v2.1"),
+             (broken("version", lambda r: rewrite_info(r, lambda i: i.update(codebase_version="v1.6"))),
+              "expected codebase_version v2.1"),
              (broken("short", short_video), "file-000.mp4 is shorter than its episodes: it has 6 frames")]
     stats = json.load(open(f"{root}/meta/stats.json"))
     del stats["action"]["std"]
@@ -1150,7 +1153,8 @@ def test_lerobot_bad_inputs_are_one_line_errors_naming_the_file(tmp_path, monkey
     path = f"{lengths}/meta/episodes/chunk-000/file-000.parquet"
     table = pq.read_table(path)
     pq.write_table(table.set_column(table.column_names.index("length"), "length", pa.array([6, 7], pa.int64())), path)
-    with pytest.raises(data.UserError, match="file-000.parquet holds 5 rows of episode 0, but the episode metadata says length 6"):
+    with pytest.raises(data.UserError, match="file-000.parquet holds 5 rows of episode 0, but the episode metadata says "
+                                             "length 6"):
         read(lengths)
     for module in ("pyarrow.parquet", "av"):  # the extras missing: pip install pyarrow av
         with monkeypatch.context() as m:
@@ -1159,7 +1163,8 @@ def test_lerobot_bad_inputs_are_one_line_errors_naming_the_file(tmp_path, monkey
             with pytest.raises(data.UserError, match=f"needs {module.split('.')[0]} .*: pip install pyarrow av"):
                 read(root)
     with pytest.raises(SystemExit) as e:  # through the CLI: one line, exit code 2
-        train_llm.run(lambda: train_vla.main(vla_args(vla_world, tmp_path / "out", f"--demos=lerobot:{root}", "--cameras=top")))
+        train_llm.run(lambda: train_vla.main(vla_args(vla_world, tmp_path / "out", f"--demos=lerobot:{root}",
+                                                      "--cameras=top")))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "has no camera 'top'" in err, err
 

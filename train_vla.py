@@ -428,7 +428,8 @@ class VLAPolicy:
             self.history[key] = (self.history[key] + [frame])[-n_frames:]
             past = self.history[key]
         past = [past[0]] * (n_frames - len(past)) + past  # before the episode start: the first frame
-        return {"images": [np.stack([p[0][c] for p in past]) for c in range(len(cams))], "state": np.stack([p[1] for p in past]),
+        return {"images": [np.stack([p[0][c] for p in past]) for c in range(len(cams))],
+                "state": np.stack([p[1] for p in past]),
                 "instruction": obs["instruction"]}
 
     def inputs(self, obs_list):
@@ -461,10 +462,10 @@ def serve_policy(cfg):
     """--serve=DIR: the checkpoint's policy over HTTP at cfg.host:cfg.port until interrupted."""
     policy = load_policy(cfg.serve, device=None if cfg.device == "auto" else cfg.device)
     server = make_server(policy, cfg.host, cfg.port)
-    s = policy.settings
-    print(f"serving {cfg.serve} on http://{cfg.host}:{server.server_address[1]} (GET /info, POST /act .npz): cameras "
-          f"{','.join(s['cameras'])} x {s['n_frames']} frame(s), state {policy.state_names}, chunk {s['chunk_size']} "
-          f"(first {s['execute_steps']} to execute) | python eval_sim.py eval --policy http://{cfg.host}:{server.server_address[1]}", flush=True)
+    s, url = policy.settings, f"http://{cfg.host}:{server.server_address[1]}"
+    print(f"serving {cfg.serve} on {url} (GET /info, POST /act .npz): cameras {','.join(s['cameras'])} x "
+          f"{s['n_frames']} frame(s), state {policy.state_names}, chunk {s['chunk_size']} (first {s['execute_steps']} "
+          f"to execute) | python eval_sim.py eval --policy {url}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

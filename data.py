@@ -869,7 +869,7 @@ def read_lerobot(root, cameras, image_size=None, cache_dir="out/frames"):
             chunk_index=m.get("data/chunk_index", 0), file_index=m.get("data/file_index", 0),
             episode_chunk=chunk, episode_index=e))
         if data_path not in files:
-            files[data_path] = lerobot_rows(pq, data_path, image_keys)
+            files[data_path] = lerobot_rows(pq, data_path)
         rows, order, sorted_episodes = files[data_path]
         sel = order[np.searchsorted(sorted_episodes, e, "left"):np.searchsorted(sorted_episodes, e, "right")]
         if len(sel) != m["length"]:
@@ -890,9 +890,8 @@ def read_lerobot(root, cameras, image_size=None, cache_dir="out/frames"):
             video_key=k, chunk_index=m.get(f"videos/{k}/chunk_index", 0), file_index=m.get(f"videos/{k}/file_index", 0),
             episode_chunk=chunk, episode_index=e)), float(m.get(f"videos/{k}/from_timestamp", 0.0)))
             for k in keys if k not in image_keys}
-        sources.append({"episode": e, "data_path": data_path, "offset": offset, "length": len(sel),
-                        "timestamp": rows["timestamp"][sel], "videos": videos,
-                        "images": {k: [rows[k][i] for i in sel] for k in image_keys}})
+        sources.append({"episode": e, "data_path": data_path, "rows": sel, "offset": offset, "length": len(sel),
+                        "timestamp": rows["timestamp"][sel], "videos": videos})
         offset += len(sel)
     frames = [lerobot_frames(root, key, features[key], sources, fps, image_size, cache_dir) for key in keys]
     if len({f.shape[1:] for f in frames}) > 1:
@@ -977,10 +976,11 @@ def read_parquet(pq, path, columns=None):
                         f"{str(e).splitlines()[0][:200]}") from None
 
 
-def lerobot_rows(pq, path, image_keys):
-    """The columns we use of one data parquet file, as numpy arrays (images: their encoded bytes), and
-    the row order by episode and timestamp with the episode of each row in that order."""
-    columns = ["episode_index", "timestamp", "task_index", "observation.state", "action"] + image_keys
+def lerobot_rows(pq, path):
+    """The columns we use of one data parquet file, as numpy arrays, and the row order by episode and
+    timestamp with the episode of each row in that order. (Image columns are read only to fill the
+    frame cache.)"""
+    columns = ["episode_index", "timestamp", "task_index", "observation.state", "action"]
     table = read_parquet(pq, path, columns)
     out = {}
     for name in columns:
@@ -990,8 +990,6 @@ def lerobot_rows(pq, path, image_keys):
             if len(values) % max(1, len(column)):
                 raise UserError(f"{path}: {name} rows have different lengths")
             out[name] = values.reshape(len(column), -1)
-        elif name in image_keys:
-            out[name] = column.to_pylist()  # {"bytes": PNG/JPEG bytes, "path": ...} per row
         else:
             out[name] = np.asarray(column.to_numpy(zero_copy_only=False))
     order = np.lexsort((out["timestamp"], out["episode_index"]))  # by episode, then time
@@ -1072,10 +1070,14 @@ def lerobot_frames(root, key, feature, sources, fps, image_size, cache_dir):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"  # renamed when complete: a killed decode leaves no half cache
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n_rows, h, w, 3))
-    if feature.get("dtype") == "image":
+    if feature.get("dtype") == "image":  # encoded images in the data parquet: {"bytes": PNG/JPEG, "path"} per row
         from PIL import Image
+        pq, column, column_of = lerobot_module("pyarrow.parquet"), None, None
         for src in sources:
-            for t, cell in enumerate(src["images"][key]):
+            if column_of != src["data_path"]:
+                column_of = src["data_path"]
+                column = read_parquet(pq, column_of, [key]).column(key)
+            for t, cell in enumerate(column.take(src["rows"]).to_pylist()):
                 try:
                     image = Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else
                                        os.path.join(root, cell["path"])).convert("RGB")

@@ -1102,7 +1102,8 @@ def test_lerobot_windows_match_the_arrays_written_and_frames_are_decoded_once(ve
                 assert err.mean() < 3 and err.max() <= 20, (cam, t, err.mean(), err.max())
                 if cam == "wrist" and version == "v2.1":
                     assert err.max() == 0  # PNG images in the parquet are lossless
-    monkeypatch.setattr(data, "decode_video_frames", lambda *a: pytest.fail("decoded again"))
+    monkeypatch.setattr(data, "decode_video_frames", lambda *a: pytest.fail("video decoded again"))
+    monkeypatch.setattr(data, "fit_frame", lambda *a: pytest.fail("an image decoded again"))
     again = open_ds()  # the frame cache: memory-mapped, nothing decoded
     assert isinstance(again.episodes[0]["images"][0], np.memmap)
     assert all(torch.equal(ds[k]["images"], again[k]["images"]) for k in range(len(ds)))

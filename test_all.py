@@ -1107,6 +1107,9 @@ def test_lerobot_windows_match_the_arrays_written_and_frames_are_decoded_once(ve
     again = open_ds()  # the frame cache: memory-mapped, nothing decoded
     assert isinstance(again.episodes[0]["images"][0], np.memmap)
     assert all(torch.equal(ds[k]["images"], again[k]["images"]) for k in range(len(ds)))
+    ours = data.read_lerobot_into_episodes(root, str(tmp_path / "ours"), ("scene", "wrist"), 16, str(tmp_path / "cache"))
+    back = data.EpisodeDataset(ours, n_frames=2, chunk_size=4, frame_stride=2)  # the converter to our format
+    assert all(torch.equal(ds[k][f], back[k][f]) for k in range(len(ds)) for f in ("images", "state", "actions"))
 
 
 def test_lerobot_bad_inputs_are_one_line_errors_naming_the_file(tmp_path, monkeypatch, vla_world, capsys):

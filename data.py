@@ -973,7 +973,7 @@ def read_lerobot(root, cameras, image_size=None, cache_dir="out/frames"):
             chunk_index=m.get("data/chunk_index", 0), file_index=m.get("data/file_index", 0),
             episode_chunk=chunk, episode_index=e))
         if data_path not in files:
-            files[data_path] = lerobot_rows(pq, data_path, image_keys)
+            files[data_path] = lerobot_rows(pq, data_path)
         rows, order, sorted_episodes = files[data_path]
         sel = order[np.searchsorted(sorted_episodes, e, "left"):np.searchsorted(sorted_episodes, e, "right")]
         if len(sel) != m["length"]:
@@ -995,9 +995,8 @@ def read_lerobot(root, cameras, image_size=None, cache_dir="out/frames"):
             video_key=k, chunk_index=m.get(f"videos/{k}/chunk_index", 0), file_index=m.get(f"videos/{k}/file_index", 0),
             episode_chunk=chunk, episode_index=e)), float(m.get(f"videos/{k}/from_timestamp", 0.0)))
             for k in keys if k not in image_keys}
-        sources.append({"episode": e, "data_path": data_path, "offset": offset, "length": len(sel),
-                        "timestamp": rows["timestamp"][sel], "videos": videos,
-                        "images": {k: [rows[k][i] for i in sel] for k in image_keys}})
+        sources.append({"episode": e, "data_path": data_path, "rows": sel, "offset": offset, "length": len(sel),
+                        "timestamp": rows["timestamp"][sel], "videos": videos})
         offset += len(sel)
     frames = [lerobot_frames(root, key, features[key], sources, fps, image_size, cache_dir) for key in keys]
     if len({f.shape[1:] for f in frames}) > 1:
@@ -1045,10 +1044,10 @@ def lerobot_task_table(root, v3):
         path = os.path.join(root, "meta", "tasks.parquet")
         table = read_parquet(lerobot_module("pyarrow.parquet"), path)
         # written by pandas with the task strings as the index: a column 'task' or '__index_level_0__'
-        text = next((c for c in ("task", "__index_level_0__") if c in table.column_names), None)
-        rows = [{"task_index": i, "task": t} for i, t in zip(table.column("task_index").to_pylist(),
-                                                                table.column(text).to_pylist())] if text and \
-            "task_index" in table.column_names else []
+        columns = table.column_names
+        text = next((c for c in ("task", "__index_level_0__") if c in columns), None)
+        rows = [] if text is None or "task_index" not in columns else \
+            [{"task_index": i, "task": t} for i, t in zip(table.column("task_index").to_pylist(), table.column(text).to_pylist())]
     try:
         tasks = {int(r["task_index"]): str(r["task"]) for r in rows}
     except (KeyError, TypeError, ValueError):
@@ -1082,10 +1081,11 @@ def read_parquet(pq, path, columns=None):
                         f"{str(e).splitlines()[0][:200]}") from None
 
 
-def lerobot_rows(pq, path, image_keys):
-    """The columns we use of one data parquet file, as numpy arrays (images: their encoded bytes), and
-    the row order by episode and timestamp with the episode of each row in that order."""
-    columns = ["episode_index", "timestamp", "task_index", "observation.state", "action"] + image_keys
+def lerobot_rows(pq, path):
+    """The columns we use of one data parquet file, as numpy arrays, and the row order by episode and
+    timestamp with the episode of each row in that order. (Image columns are read only to fill the
+    frame cache.)"""
+    columns = ["episode_index", "timestamp", "task_index", "observation.state", "action"]
     table = read_parquet(pq, path, columns)
     out = {}
     for name in columns:
@@ -1095,8 +1095,6 @@ def lerobot_rows(pq, path, image_keys):
             if len(values) % max(1, len(column)):
                 raise UserError(f"{path}: {name} rows have different lengths")
             out[name] = values.reshape(len(column), -1)
-        elif name in image_keys:
-            out[name] = column.to_pylist()  # {"bytes": PNG/JPEG bytes, "path": ...} per row
         else:
             out[name] = np.asarray(column.to_numpy(zero_copy_only=False))
     order = np.lexsort((out["timestamp"], out["episode_index"]))  # by episode, then time
@@ -1177,10 +1175,14 @@ def lerobot_frames(root, key, feature, sources, fps, image_size, cache_dir):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"  # renamed when complete: a killed decode leaves no half cache
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n_rows, h, w, 3))
-    if feature.get("dtype") == "image":
+    if feature.get("dtype") == "image":  # encoded images in the data parquet: {"bytes": PNG/JPEG, "path"} per row
         from PIL import Image
+        pq, column, column_of = lerobot_module("pyarrow.parquet"), None, None
         for src in sources:
-            for t, cell in enumerate(src["images"][key]):
+            if column_of != src["data_path"]:
+                column_of = src["data_path"]
+                column = read_parquet(pq, column_of, [key]).column(key)
+            for t, cell in enumerate(column.take(src["rows"]).to_pylist()):
                 try:
                     image = Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else
                                        os.path.join(root, cell["path"])).convert("RGB")
@@ -1239,7 +1241,8 @@ def decode_video_frames(video, slots, fps, out, size, h, w):
 def write_lerobot(src, dst, vcodec="libx264", crf=18):
     """Our episode directory -> a LeRobotDataset v3.0 directory (one data file, one video file per
     camera, each instruction a task). Read back with --demos=lerobot:DST --cameras=scene,wrist."""
-    pq, av = lerobot_module("pyarrow.parquet"), lerobot_module("av")
+    pq = lerobot_module("pyarrow.parquet")
+    lerobot_module("av")  # missing extras fail before anything is written
     import pyarrow as pa
     ds = EpisodeDataset(src, cameras=read_json(os.path.join(src, "meta.json"), "dataset metadata file")["cameras"])
     meta, fps = ds.meta, ds.meta.get("fps", 10)
@@ -1270,8 +1273,10 @@ def write_lerobot(src, dst, vcodec="libx264", crf=18):
     os.makedirs(os.path.join(dst, "data", "chunk-000"), exist_ok=True)
     pq.write_table(pa.table(table), os.path.join(dst, "data", "chunk-000", "file-000.parquet"))
     os.makedirs(os.path.join(dst, "meta", "episodes", "chunk-000"), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(episode_rows), os.path.join(dst, "meta", "episodes", "chunk-000", "file-000.parquet"))
-    pq.write_table(pa.table({"task_index": list(range(len(tasks))), "task": tasks}), os.path.join(dst, "meta", "tasks.parquet"))
+    pq.write_table(pa.Table.from_pylist(episode_rows),
+                   os.path.join(dst, "meta", "episodes", "chunk-000", "file-000.parquet"))
+    pq.write_table(pa.table({"task_index": list(range(len(tasks))), "task": tasks}),
+                   os.path.join(dst, "meta", "tasks.parquet"))
     H, W = meta["image_size"]
     for c, k in zip(ds.cameras, keys):
         write_video(os.path.join(dst, "videos", k, "chunk-000", "file-000.mp4"),

@@ -670,10 +670,9 @@ class NoopPolicy:
 
 
 class HTTPPolicy:
-    """A policy served by `python train_vla.py --serve=DIR` (stdlib and numpy only): act() posts the
-    observations to URL/act as one .npz and returns the served actions. With n_frames > 1 it keeps
-    each environment's last n_frames observations (one per call, restarted with each episode, as the
-    in-process policy does) and sends them all, so the server holds no state per client."""
+    """A policy behind `python train_vla.py --serve=DIR` (stdlib + numpy): act() posts the observations
+    as one .npz to URL/act. With n_frames > 1 it sends each environment's last n_frames observations
+    (one per call, restarted each episode, as the in-process policy keeps them): the server is stateless."""
     name = "http"
 
     def __init__(self, url):
@@ -684,12 +683,11 @@ class HTTPPolicy:
         self.envs = envs
 
     def _request(self, path, body=None, retry=True):
-        """One kept-alive connection (the server keeps one thread for it): a GET, or a POST of body."""
+        """GET path, or POST body, on one kept-alive connection (so the server keeps one thread for it)."""
         try:
             if self.connection is None:
                 parts = urllib.parse.urlsplit(self.url)
-                kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-                self.connection = kind(parts.hostname, parts.port, timeout=600)
+                self.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
             self.connection.request("GET" if body is None else "POST", path, body)
             reply = self.connection.getresponse()
             data = reply.read()
@@ -706,7 +704,7 @@ class HTTPPolicy:
         n, past = self.info["n_frames"], []
         envs = self.envs if self.envs is not None and len(self.envs) == len(obs_list) else [None] * len(obs_list)
         for obs, env in zip(obs_list, envs):
-            key = env and (id(env), env.task, env.split, env.seed)
+            key = None if env is None else (id(env), env.task, env.split, env.seed)
             frames = [] if env is None or env.steps == 0 else self.history.get(key, [])
             self.history[key] = frames = (frames + [obs])[-n:]
             past.append([frames[0]] * (n - len(frames)) + frames)
@@ -719,7 +717,7 @@ class HTTPPolicy:
 
 
 def make_policy(spec):
-    if spec.startswith(("http://", "https://")):
+    if spec.startswith("http://"):
         return HTTPPolicy(spec)
     if spec == "expert":
         return ExpertPolicy()

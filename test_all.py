@@ -1687,8 +1687,9 @@ def test_lerobot_windows_match_the_arrays_written_and_frames_are_decoded_once(ve
     size = (16, 24) if version == "v2.1" else (16, 16)  # v2.1: 24 wide, letterboxed to the model's 16 x 16
     episodes = synthetic_episodes(size=size)
     root = (write_lerobot_v21 if version == "v2.1" else write_lerobot_v30)(tmp_path / "lr", episodes)
-    open_ds = lambda: data.EpisodeDataset(f"lerobot:{root}", n_frames=2, chunk_size=4, cameras=("scene", "observation.images.wrist"),
-                                          frame_stride=2, image_size=16, frame_cache=str(tmp_path / "cache"))
+    cameras = ("scene", "observation.images.wrist")  # a camera by its short name or its feature key
+    open_ds = lambda: data.EpisodeDataset(f"lerobot:{root}", n_frames=2, chunk_size=4, cameras=cameras, frame_stride=2,
+                                          image_size=16, frame_cache=str(tmp_path / "cache"))
     ds = open_ds()
     assert len(ds) == sum(len(ep["action"]) for ep in episodes) and ds.meta["state_names"] == eval_sim.STATE_NAMES
     assert ds.meta["action_names"] == eval_sim.ACTION_NAMES and ds.meta["image_size"] == [16, 16]
@@ -1714,10 +1715,14 @@ def test_lerobot_windows_match_the_arrays_written_and_frames_are_decoded_once(ve
                 assert err.mean() < 3 and err.max() <= 20, (cam, t, err.mean(), err.max())
                 if cam == "wrist" and version == "v2.1":
                     assert err.max() == 0  # PNG images in the parquet are lossless
-    monkeypatch.setattr(data, "decode_video_frames", lambda *a: pytest.fail("decoded again"))
+    monkeypatch.setattr(data, "decode_video_frames", lambda *a: pytest.fail("video decoded again"))
+    monkeypatch.setattr(data, "fit_frame", lambda *a: pytest.fail("an image decoded again"))
     again = open_ds()  # the frame cache: memory-mapped, nothing decoded
     assert isinstance(again.episodes[0]["images"][0], np.memmap)
     assert all(torch.equal(ds[k]["images"], again[k]["images"]) for k in range(len(ds)))
+    ours = data.read_lerobot_into_episodes(root, str(tmp_path / "ours"), ("scene", "wrist"), 16, str(tmp_path / "cache"))
+    back = data.EpisodeDataset(ours, n_frames=2, chunk_size=4, frame_stride=2)  # the converter to our format
+    assert all(torch.equal(ds[k][f], back[k][f]) for k in range(len(ds)) for f in ("images", "state", "actions"))
 
 
 def test_lerobot_bad_inputs_are_one_line_errors_naming_the_file(tmp_path, monkeypatch, vla_world, capsys):
@@ -1741,11 +1746,13 @@ def test_lerobot_bad_inputs_are_one_line_errors_naming_the_file(tmp_path, monkey
         data.write_video(video, np.zeros((6, 16, 16, 3), np.uint8), 10)
 
     cases = [(broken("noinfo", lambda r: os.remove(f"{r}/meta/info.json")), "meta/info.json not found"),
-             (broken("noeps", lambda r: shutil.rmtree(f"{r}/meta/episodes")), "meta/episodes/chunk-XXX/file-XXX.parquet not found"),
+             (broken("noeps", lambda r: shutil.rmtree(f"{r}/meta/episodes")),
+              "meta/episodes/chunk-XXX/file-XXX.parquet not found"),
              (broken("nostats", lambda r: os.remove(f"{r}/meta/stats.json")), "meta/stats.json not found"),
              (broken("dims", lambda r: rewrite_info(r, lambda i: i["features"]["action"].update(shape=[7]))),
               "file-000.parquet: action has 3 values per row, "),
-             (broken("version", lambda r: rewrite_info(r, lambda i: i.update(codebase_version="v1.6"))), "expected codebase_version v2.1"),
+             (broken("version", lambda r: rewrite_info(r, lambda i: i.update(codebase_version="v1.6"))),
+              "expected codebase_version v2.1"),
              (broken("short", short_video), "file-000.mp4 is shorter than its episodes: it has 6 frames")]
     stats = json.load(open(f"{root}/meta/stats.json"))
     del stats["action"]["std"]
@@ -1763,7 +1770,8 @@ def test_lerobot_bad_inputs_are_one_line_errors_naming_the_file(tmp_path, monkey
     path = f"{lengths}/meta/episodes/chunk-000/file-000.parquet"
     table = pq.read_table(path)
     pq.write_table(table.set_column(table.column_names.index("length"), "length", pa.array([6, 7], pa.int64())), path)
-    with pytest.raises(data.UserError, match="file-000.parquet holds 5 rows of episode 0, but the episode metadata says length 6"):
+    with pytest.raises(data.UserError, match="file-000.parquet holds 5 rows of episode 0, but the episode metadata says "
+                                             "length 6"):
         read(lengths)
     for module in ("pyarrow.parquet", "av"):  # the extras missing: pip install pyarrow av
         with monkeypatch.context() as m:
@@ -1772,7 +1780,8 @@ def test_lerobot_bad_inputs_are_one_line_errors_naming_the_file(tmp_path, monkey
             with pytest.raises(data.UserError, match=f"needs {module.split('.')[0]} .*: pip install pyarrow av"):
                 read(root)
     with pytest.raises(SystemExit) as e:  # through the CLI: one line, exit code 2
-        train_llm.run(lambda: train_vla.main(vla_args(vla_world, tmp_path / "out", f"--demos=lerobot:{root}", "--cameras=top")))
+        train_llm.run(lambda: train_vla.main(vla_args(vla_world, tmp_path / "out", f"--demos=lerobot:{root}",
+                                                      "--cameras=top")))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "has no camera 'top'" in err, err
 

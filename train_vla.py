@@ -19,11 +19,16 @@ closed-loop evaluation. The plumbing (config CLI, DDP, schedule, checkpoints) is
 """
 import contextlib
 import copy
+import io
 import json
 import os
 import shutil
+import threading
 import time
+import traceback
+import zipfile
 from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import torch
@@ -456,7 +461,8 @@ class VLAPolicy:
             self.history[key] = (self.history[key] + [frame])[-n_frames:]
             past = self.history[key]
         past = [past[0]] * (n_frames - len(past)) + past  # before the episode start: the first frame
-        return {"images": [np.stack([p[0][c] for p in past]) for c in range(len(cams))], "state": np.stack([p[1] for p in past]),
+        return {"images": [np.stack([p[0][c] for p in past]) for c in range(len(cams))],
+                "state": np.stack([p[1] for p in past]),
                 "instruction": obs["instruction"]}
 
     def inputs(self, obs_list):
@@ -489,10 +495,10 @@ def serve_policy(cfg):
     """--serve=DIR: the checkpoint's policy over HTTP at cfg.host:cfg.port until interrupted."""
     policy = load_policy(cfg.serve, device=None if cfg.device == "auto" else cfg.device)
     server = make_server(policy, cfg.host, cfg.port)
-    s = policy.settings
-    print(f"serving {cfg.serve} on http://{cfg.host}:{server.server_address[1]} (GET /info, POST /act .npz): cameras "
-          f"{','.join(s['cameras'])} x {s['n_frames']} frame(s), state {policy.state_names}, chunk {s['chunk_size']} "
-          f"(first {s['execute_steps']} to execute) | python eval_sim.py eval --policy http://{cfg.host}:{server.server_address[1]}", flush=True)
+    s, url = policy.settings, f"http://{cfg.host}:{server.server_address[1]}"
+    print(f"serving {cfg.serve} on {url} (GET /info, POST /act .npz): cameras {','.join(s['cameras'])} x "
+          f"{s['n_frames']} frame(s), state {policy.state_names}, chunk {s['chunk_size']} (first {s['execute_steps']} "
+          f"to execute) | python eval_sim.py eval --policy {url}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -509,9 +515,6 @@ def make_server(policy, host="127.0.0.1", port=8000):
                       only, repeated as history), state (N, n_frames, S) float32 (or (N, S)), instruction (N,) str
                    -> .npz: actions (N, execute_steps, A) float32 = act(); chunk (N, chunk_size, A)
     A malformed request gets HTTP 400 and JSON {"error": one line naming the problem}; serving goes on."""
-    import io
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     lock = threading.Lock()
     s = policy.settings
     info = {"cameras": list(s["cameras"]), "n_frames": s["n_frames"], "state_names": list(policy.state_names),
@@ -519,6 +522,7 @@ def make_server(policy, host="127.0.0.1", port=8000):
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
+        disable_nagle_algorithm = True  # headers and body are two writes: Nagle + delayed ACK would stall ~40 ms
 
         def log_message(self, *args):  # quiet: one line per request would drown the console
             pass
@@ -552,8 +556,9 @@ def make_server(policy, host="127.0.0.1", port=8000):
                     chunk = policy.predict_actions(obs_list)
             except D.UserError as e:
                 return self.error(400, str(e))
-            except Exception as e:  # a bug or an unforeseen input: say so, keep serving
-                return self.error(500, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            except Exception as e:  # a bug or an unforeseen input: say so (and print it here), keep serving
+                traceback.print_exc()
+                return self.error(500, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
             buf = io.BytesIO()
             np.savez(buf, actions=chunk[:, :s["execute_steps"]], chunk=chunk)
             self.reply(200, buf.getvalue(), "application/octet-stream")
@@ -565,8 +570,6 @@ def make_server(policy, host="127.0.0.1", port=8000):
 
 def observations_from_npz(body, info):
     """A request body -> eval_sim-style observations, or a UserError naming what is wrong."""
-    import io
-    import zipfile
     expected = "an .npz with images/<camera> for " + ",".join(info["cameras"]) + ", state and instruction"
     try:
         with np.load(io.BytesIO(body), allow_pickle=False) as z:
@@ -752,15 +755,20 @@ def bench_server(policy, n, image_size, repeats=20):
     """Median seconds per act() on n observations: in process, through make_server on a free loopback
     port (eval_sim.HTTPPolicy; the two alternate, so load on a shared machine hits both), and the
     transport alone (.npz and HTTP: the same server with a policy that answers zeros at once)."""
-    import threading
 
     class Zeros:  # the served policy's interface, without the model
         settings, state_names, action_names = policy.settings, policy.state_names, policy.action_names
-        predict_actions = lambda self, obs_list: np.zeros((len(obs_list), policy.settings["chunk_size"], 3), np.float32)
+        def predict_actions(self, obs_list):
+            return np.zeros((len(obs_list), policy.settings["chunk_size"], len(policy.action_names)), np.float32)
 
     obs = [eval_sim.TabletopEnv(eval_sim.TASKS[i % len(eval_sim.TASKS)], image_size).reset(eval_sim.EVAL_SEED + i)[0]
            for i in range(n)]
-    timed = lambda act: (lambda t0: (act(obs), time.perf_counter() - t0)[1])(time.perf_counter())
+
+    def timed(act):
+        t0 = time.perf_counter()
+        act(obs)
+        return time.perf_counter() - t0
+
     servers = [make_server(p, "127.0.0.1", 0) for p in (policy, Zeros())]
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -9,7 +9,7 @@ scored closed-loop in that world at the end.
     python train_vla.py --bench                         # latency of one action chunk (prefix reuse vs not)
     python train_vla.py --probe_keypoints               # does a keypoint of out/vla follow the instructed object?
     torchrun --standalone --nproc_per_node=8 train_vla.py --demos=my_robot_dataset
-    python train_vla.py --resume | --overwrite          # continue out_dir's run, or start over there
+    python train_vla.py --resume                        # continue out_dir's run (--overwrite: start over there)
 
 Reads top to bottom: config, demonstrations, model, optimizer, loop (with EMA weights), checkpoint,
 closed-loop evaluation. The plumbing (config CLI, DDP, schedule, checkpoints) is train_llm.py's.
@@ -305,6 +305,7 @@ def collect_demos(path, episodes_per_task):
     t0 = time.time()
     n = eval_sim.collect(tmp, episodes_per_task, progress=False)
     os.rename(tmp, path)
+    D.fsync_dir(os.path.dirname(os.path.abspath(path)))
     print(f"collected {n} expert demonstrations -> {path} ({time.time() - t0:.1f}s)")
 
 
@@ -327,7 +328,9 @@ def load_stage2(path, random_init=False, action_token=False):
     if not random_init and cfg.get("stage") != "vla":
         try:
             M.load_weights(vlm, os.path.join(path, "model.safetensors"))
-        except (ValueError, RuntimeError) as e:  # missing/unexpected names, or shapes
+        except M.UnreadableWeights:
+            raise
+        except M.WeightsError as e:  # missing/unexpected names, or shapes
             raise D.UserError(f"{path}: weights do not match its config.json: {first_detail(e)}") from None
     return vlm, cfg, tokenizer
 

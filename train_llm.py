@@ -173,6 +173,7 @@ def main(argv=None):
         remove_checkpoints(cfg.out_dir)
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), dist.is_master, resume_step=step)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_master, dynamic_ncols=True)
+    record = {}  # a resumed run already at max_steps trains nothing
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         lr_scale = lr_multiplier(step, cfg)

@@ -1369,3 +1369,12 @@ def test_out_dir_with_checkpoints_needs_resume_or_overwrite_and_overwrite_replac
     train_llm.main(args + ["--max_steps=1", "--overwrite"])
     assert sorted(os.listdir(out)) == ["data", "latest", "metrics.jsonl", "step_000001"]
     assert len(open(out / "metrics.jsonl").readlines()) == 1
+
+
+def test_every_numeric_setting_of_the_training_clis_has_a_range_or_a_rule():
+    from dataclasses import fields
+    for stage in (train_llm, train_vlm, train_vla):
+        ruled = " ".join(message for _, message in stage.RULES)
+        numeric = [f.name for f in fields(stage.TrainConfig) if type(f.default) in (int, float)]
+        unchecked = [n for n in numeric if n not in stage.RANGES and "{" + n + "}" not in ruled]
+        assert not unchecked, (stage.__name__, unchecked)

@@ -323,8 +323,12 @@ def sample_token(logits, temperature=1.0, top_k=None, generator=None):
 # Weights on disk: model.safetensors (+ config.json written by the caller)
 
 class WeightsError(ValueError):
-    """A weight file that cannot be read or does not fit the model; the message is one line naming
-    the file and what was expected (the CLIs print it and exit with code 2)."""
+    """A weight file that does not fit the model (or cannot be read: UnreadableWeights); the message
+    is one line naming the file and what was expected (the CLIs print it and exit with code 2)."""
+
+
+class UnreadableWeights(WeightsError):
+    """Not a safetensors file (a renamed pickle), truncated, or missing."""
 
 
 def save_weights(model, path):
@@ -350,11 +354,11 @@ def load_weights(model, path, strict=True):
         tensors = load_file(path)
     except Exception as e:  # SafetensorError, OSError: not safetensors (a renamed pickle), truncated, missing
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise WeightsError(f"{path} is not a readable safetensors file (truncated, or another format?): {detail}") from None
+        raise UnreadableWeights(f"{path} is not a readable safetensors file (truncated, or another format?): {detail}") from None
     expected = model.state_dict()
     for name, t in tensors.items():
         if name in expected and t.shape != expected[name].shape:
-            raise WeightsError(f"{path}: {name} has shape {list(t.shape)}, the model its config describes expects "
+            raise WeightsError(f"{path}: {name} has shape {list(t.shape)}, the configured model expects "
                                f"{list(expected[name].shape)}")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {n for n in missing if _is_tied_alias(model, n)}

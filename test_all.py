@@ -1337,9 +1337,9 @@ def test_nan_in_demonstrations_is_refused_at_write_and_at_read(tmp_path):
 
 
 def test_nan_mid_training_stops_the_run_and_latest_stays_on_the_last_finite_checkpoint(
-        vla_world, tmp_path, monkeypatch, capsys):
-    """Stage 1 with a loss that turns NaN at step 5, stage 3 with a gradient norm that does at
-    step 3: exit 2 with one line naming the step, nothing of that step saved or logged."""
+        tiny_llm_checkpoint, vla_world, tmp_path, monkeypatch, capsys):
+    """Stage 1 with a loss that turns NaN at step 5, stages 2 and 3 with a gradient norm that does
+    at step 3: exit 2 with one line naming the step, nothing of that step saved or logged."""
     forward, calls = M.Transformer.forward, []
 
     def nan_from_step_5(self, *args, **kwargs):
@@ -1362,11 +1362,14 @@ def test_nan_mid_training_stops_the_run_and_latest_stays_on_the_last_finite_chec
         norm = clip(*args, **kwargs)
         return norm * float("nan") if len(steps) == 3 else norm
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_norm_at_step_3)
-    out = tmp_path / "vla"
-    with pytest.raises(data.UserError, match=r"step 3: loss [0-9.]+, grad norm nan: not finite"):
-        train_vla.main(vla_args(vla_world, out, "--val_every=0"))
-    assert (out / "latest").read_text().strip() == "step_000002" and not (out / "step_000003").exists()
-    assert load_tensors(f"{out}/step_000002/model.safetensors")  # the last good one loads
+    for stage, out, args in [
+            (train_vlm, tmp_path / "vlm", tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "vlm") + ["--save_every=2", "--max_steps=4"]),
+            (train_vla, tmp_path / "vla", vla_args(vla_world, tmp_path / "vla", "--val_every=0"))]:
+        steps.clear()
+        with pytest.raises(data.UserError, match=r"step 3: loss [0-9.]+, grad norm nan: not finite"):
+            stage.main(args)
+        assert (out / "latest").read_text().strip() == "step_000002" and not (out / "step_000003").exists()
+        assert load_tensors(f"{out}/step_000002/model.safetensors")  # the last good one loads
 
 
 def test_out_dir_with_checkpoints_needs_resume_or_overwrite_and_overwrite_replaces_them(tmp_path, capsys):
@@ -1378,6 +1381,15 @@ def test_out_dir_with_checkpoints_needs_resume_or_overwrite_and_overwrite_replac
     train_llm.main(args + ["--max_steps=1", "--overwrite"])
     assert sorted(os.listdir(out)) == ["data", "latest", "metrics.jsonl", "step_000001"]
     assert len(open(out / "metrics.jsonl").readlines()) == 1
+
+
+def test_every_numeric_setting_of_the_training_clis_has_a_range_or_a_rule():
+    from dataclasses import fields
+    for stage in (train_llm, train_vlm, train_vla):
+        ruled = " ".join(message for _, message in stage.RULES)
+        numeric = [f.name for f in fields(stage.TrainConfig) if type(f.default) in (int, float)]
+        unchecked = [n for n in numeric if n not in stage.RANGES and "{" + n + "}" not in ruled]
+        assert not unchecked, (stage.__name__, unchecked)
 
 
 # ---- Hugging Face backbones (issue 16)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import data as D
 import hf
-from model import GPTConfig, Transformer, WeightsError, grow_embeddings, load_weights, save_config, save_weights
+from model import GPTConfig, Transformer, UnreadableWeights, WeightsError, grow_embeddings, load_weights, save_config, save_weights
 
 
 @dataclass
@@ -185,6 +185,7 @@ def main(argv=None):
         remove_checkpoints(cfg.out_dir)
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), dist.is_master, resume_step=step)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_master, dynamic_ncols=True)
+    record = {}  # a resumed run already at max_steps trains nothing
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         lr_scale = lr_multiplier(step, cfg)
@@ -264,8 +265,7 @@ def prepare_text_data(cfg, data_dir, ckpt):
     D.tokenize_to_shards(train_docs, tokenizer, data_dir, "train")
     D.tokenize_to_shards(val_docs, tokenizer, data_dir, "val")
     tokenizer.save(os.path.join(data_dir, "tokenizer.json"))
-    with open(meta_path, "w") as f:
-        json.dump(spec, f)
+    D.write_durably(meta_path, lambda f: json.dump(spec, f))  # last: a cache with meta.json is complete
     print(f"data: {len(train_docs):,} train / {len(val_docs):,} val documents, vocab {tokenizer.n_vocab} "
           f"-> {data_dir} ({time.time() - t0:.1f}s)")
 
@@ -591,9 +591,10 @@ def load_plain(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError (an object that would run code), truncated, not a .pt file
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        detail = next((line for line in lines if "Unsupported" in line or "WeightsUnpickler" in line), lines[0])
-        raise D.UserError(f"{path} is refused: only tensors and plain values are loaded from checkpoints ({detail[:200]})") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        detail = f"it holds a pickled {found.group(1)}" if found else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise D.UserError(f"{path} is refused: checkpoints are loaded as tensors and plain values only, never "
+                          f"objects or code ({detail})") from None
 
 
 def load_checkpoint(path, raw_model, optimizer, loader):
@@ -603,6 +604,8 @@ def load_checkpoint(path, raw_model, optimizer, loader):
             raise D.UserError(f"{path} has weights but no {f}: it cannot be resumed exactly")
     try:
         load_weights(raw_model, os.path.join(path, "model.safetensors"))
+    except UnreadableWeights:
+        raise
     except WeightsError as e:
         raise D.UserError(f"cannot resume: the configured model differs from the checkpoint's ({e})") from None
     optimizer_state, state = (load_plain(os.path.join(path, f)) for f in ("optimizer.pt", "state.pt"))

@@ -12,7 +12,7 @@ scored closed-loop in that world at the end.
     python train_vla.py --demos=lerobot:DIR --cameras=top,wrist   # a LeRobotDataset v2.1/v3.0 (pip install pyarrow av)
     python train_vla.py --serve=out/vla --port=8000     # the policy over HTTP; eval_sim.py eval --policy http://127.0.0.1:8000
     torchrun --standalone --nproc_per_node=8 train_vla.py --demos=my_robot_dataset
-    python train_vla.py --resume | --overwrite          # continue out_dir's run, or start over there
+    python train_vla.py --resume                        # continue out_dir's run (--overwrite: start over there)
 
 Reads top to bottom: config, demonstrations, model, optimizer, loop (with EMA weights), checkpoint,
 closed-loop evaluation. The plumbing (config CLI, DDP, schedule, checkpoints) is train_llm.py's.
@@ -124,7 +124,8 @@ RANGES = {**SHARED_RANGES, "episodes_per_task": (1, None), "n_frames": (1, None)
           "execute_steps": (1, None), "flow_steps": (1, None), "expert_n_embd": (2, None), "expert_mlp_hidden": (1, None),
           "cond_layers": (1, None), "keypoints": (0, None), "batch_size": (1, None), "noise_repeats": (1, None),
           "lr_vision": (0, None), "lr_projector": (0, None), "lr_llm": (0, None), "val_every": (0, None),
-          "eval_episodes": (0, None), "num_envs": (1, None), "gifs_per_task": (0, None)}
+          "eval_episodes": (0, None), "num_envs": (1, None), "gifs_per_task": (0, None), "vlm_layers": (0, None),
+          "bench_repeats": (1, None), "port": (1, 65535)}
 RULES = SHARED_RULES + [
     (lambda c, w: c.execute_steps <= c.chunk_size, "--execute_steps={execute_steps} must be between 1 and "
      "--chunk_size={chunk_size}: a policy cannot execute more actions than a chunk holds"),
@@ -344,6 +345,7 @@ def collect_demos(path, episodes_per_task):
     t0 = time.time()
     n = eval_sim.collect(tmp, episodes_per_task, progress=False)
     os.rename(tmp, path)
+    D.fsync_dir(os.path.dirname(os.path.abspath(path)))
     print(f"collected {n} expert demonstrations -> {path} ({time.time() - t0:.1f}s)")
 
 
@@ -366,7 +368,9 @@ def load_stage2(path, random_init=False, action_token=False):
     if not random_init and cfg.get("stage") != "vla":
         try:
             M.load_weights(vlm, os.path.join(path, "model.safetensors"))
-        except (ValueError, RuntimeError) as e:  # missing/unexpected names, or shapes
+        except M.UnreadableWeights:
+            raise
+        except M.WeightsError as e:  # missing/unexpected names, or shapes
             raise D.UserError(f"{path}: weights do not match its config.json: {first_detail(e)}") from None
     return vlm, cfg, tokenizer
 

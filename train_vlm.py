@@ -5,7 +5,7 @@ Stage 2: the stage-1 language model grows eyes and becomes a vision-language mod
     python train_vlm.py --blank_images                    # the control: same run, every image zeroed
     python train_vlm.py --data=pairs.jsonl,shards/*.tar   # your image-text data (see data.py)
     torchrun --standalone --nproc_per_node=8 train_vlm.py --init=out/llm --out_dir=out/vlm
-    python train_vlm.py --resume | --overwrite           # continue out_dir's run, or start over there
+    python train_vlm.py --resume                          # continue out_dir's run (--overwrite: start over there)
 
 Loads a stage-1 checkpoint (weights and tokenizer), adds a ViT and a pixel-shuffle projector
 (model.py: VLM) and trains on chat sequences whose <|image|> placeholders carry the image, with

@@ -1221,3 +1221,10 @@ def test_stage3_on_a_tiny_hf_smolvlm_trains_and_runs_closed_loop(tiny_smolvlm_di
                             "--conditioning=action_token", "--vlm_layers=1", "--val_every=0", "--save_every=0"))
     vla, _ = M.load_vla(train_llm.find_checkpoint(str(tmp_path / "token")))
     assert vla.vlm.llm.config.n_layer == 1 and vla.action_expert.config.conditioning == "action_token"
+
+
+def test_the_load_train_and_serve_path_never_imports_transformers(tiny_smolvlm_dir):
+    code = ("import sys, hf, train_llm, train_vlm, train_vla, eval_sim; hf.load_vlm(sys.argv[1]); "
+            "assert 'transformers' not in sys.modules and 'tokenizers' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code, tiny_smolvlm_dir], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-1000:]

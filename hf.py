@@ -207,7 +207,7 @@ def load_llm(hf_dir, weights=True):
     llm = M.Transformer(config)
     if weights:
         load_weights(llm, llm_names("model.", "", config), hf_dir)
-    return llm, load_tokenizer(hf_dir, eos_id=cfg.get("eos_token_id"))
+    return llm, load_tokenizer(hf_dir)
 
 
 def load_vision(hf_dir):
@@ -257,9 +257,16 @@ def load_vlm(hf_dir, n_layers=0, weights=True):
     vlm = M.VLM(llm_cfg, vision_cfg, cfg["image_token_id"])
     if weights:
         load_weights(vlm, vlm_names(llm_cfg, vision_cfg), hf_dir)
-    tokenizer = load_tokenizer(hf_dir, eos_id=text.get("eos_token_id", cfg.get("eos_token_id")),
-                               image_id=cfg["image_token_id"])
-    return vlm, tokenizer
+    return vlm, load_tokenizer(hf_dir)
+
+
+def add_chat_tokens(llm, tokenizer, action=False):
+    """Our prompt roles the model's tokenizer lacks (<|user|>, <|assistant|>, <|pad|>, and <|action|>
+    for action_token conditioning) as new tokens, their embedding rows at the mean of the others
+    (model.grow_embeddings); the model's own image and end-of-text tokens are kept. Returns the tokenizer."""
+    tokenizer = D.add_special_tokens(tokenizer, list(D.CHAT_TOKENS) + (["<|action|>"] if action else []))
+    M.grow_embeddings(llm, -(-tokenizer.n_vocab // 64) * 64)
+    return tokenizer
 
 
 def image_size(hf_dir):
@@ -283,6 +290,7 @@ def init_dir(init):
     path = init[3:]
     if not os.path.isdir(path):
         raise D.UserError(f"--init={init}: {path} is not a directory (expected a Hugging Face model directory)")
+    read_config(path)  # a supported architecture, or one line saying what is not
     return path
 
 
@@ -322,11 +330,14 @@ def pre_tokenizer_pattern(pre, where):
                       f"Split+ByteLevel or Digits+ByteLevel)")
 
 
-def load_tokenizer(hf_dir, eos_id=None, image_id=None):
+def load_tokenizer(hf_dir):
     """tokenizer.json -> data.Tokenizer with the same ids: ranks = vocabulary ids (tiktoken merges
     the adjacent pair whose concatenation has the lowest rank; equal to BPE's merge order when the
     ids grow with the merges, which is checked), every added token a tiktoken special token, and
     roles naming the model's end-of-text, pad and image tokens for our prompt builders."""
+    model_cfg, arch = read_config(hf_dir)
+    eos_id = model_cfg.get("eos_token_id", model_cfg.get("text_config", {}).get("eos_token_id"))
+    image_id = model_cfg.get("image_token_id") if arch in VLM_ARCHS else None
     path = os.path.join(hf_dir, "tokenizer.json")
     if not os.path.isfile(path):
         raise D.UserError(f"{path} not found: the model directory needs its tokenizer")
@@ -351,7 +362,7 @@ def load_tokenizer(hf_dir, eos_id=None, image_id=None):
     for merge in bpe.get("merges", []):
         a, b = merge.split(" ") if isinstance(merge, str) else merge
         rank = ranks.get(bytes(byte_of[ch] for ch in a + b))
-        if rank is None or rank <= last:
+        if rank is None or rank < last:  # equal: another split of the same token
             raise D.UserError(f"{path}: merge {a!r} + {b!r} is out of vocabulary-id order; tiktoken cannot "
                               f"reproduce this BPE exactly")
         last = rank

@@ -7,6 +7,7 @@ scored closed-loop in that world at the end.
     python train_vla.py --init=scratch                  # the same budget from a random VLM of the same shape
     python train_vla.py --conditioning=action_token     # the VLA Foundry paper's conditioning
     python train_vla.py --bench                         # latency of one action chunk (prefix reuse vs not)
+    python train_vla.py --init=hf:DIR                   # on a pretrained SmolVLM/Idefics3 directory (hf.py)
     python train_vla.py --probe_keypoints               # does a keypoint of out/vla follow the instructed object?
     torchrun --standalone --nproc_per_node=8 train_vla.py --demos=my_robot_dataset
 
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 import data as D
 import eval_sim
+import hf
 import model as M
 from train_llm import (all_reduce_mean, autocast_context, barrier, due, find_checkpoint, load_checkpoint,
                        lr_multiplier, make_optimizer, parse_config, peak_flops, resolve_dtype, run,
@@ -37,7 +39,9 @@ from train_llm import (all_reduce_mean, autocast_context, barrier, due, find_che
 class TrainConfig:
     # I/O
     out_dir: str = "out/vla"            # checkpoints, metrics.jsonl, eval/ (results.json + GIFs)
-    init: str = "out/vlm"               # stage-2 checkpoint to grow from, or 'scratch' (random VLM, same shape)
+    init: str = "out/vlm"               # stage-2 checkpoint to grow from, or 'scratch' (random VLM, same shape),
+                                        # or hf:DIR: a Hugging Face SmolVLM/Idefics3 directory (hf.py)
+    vlm_layers: int = 0                 # with init=hf:DIR: run only the VLM's first N layers (SmolVLA: 16 of 32); 0 = all
     shape_from: str = "out/vlm"         # with init=scratch: the checkpoint whose architecture and tokenizer are copied
     demos: str = ""                     # an episode dataset directory; '' = collect the built-in world's expert demos
     demos_cache: str = "out/demos"      # where collected demos are kept (one subdirectory per setting)
@@ -94,6 +98,8 @@ class TrainConfig:
     seed: int = 1337
     resume: bool = False
     bench: bool = False                 # instead of training: latency of one action chunk, prefix reuse vs recompute
+                                        # (with init=hf:DIR also parameters, load memory, one training step)
+    bench_repeats: int = 20             # timed repeats of each --bench measurement
     probe_keypoints: bool = False       # instead of training: how well out_dir's keypoints track the instructed object
 
 
@@ -128,10 +134,14 @@ def main(argv=None):
     normalization = {"state": state_norm.to_dict(), "action": action_norm.to_dict(),
                      "state_names": meta["state_names"], "action_names": meta["action_names"]}
 
-    # --- model: the stage-2 VLM (or a random one of its shape) + a new action expert
-    vlm, vlm_cfg, tokenizer = load_stage2(ckpt or (cfg.shape_from if cfg.init == "scratch" else cfg.init),
-                                          random_init=cfg.init == "scratch" and not ckpt,
-                                          action_token=cfg.conditioning == "action_token")
+    # --- model: the stage-2 VLM (or a random one of its shape, or a pretrained one) + a new action expert
+    hf_dir = hf.init_dir(cfg.init)
+    if hf_dir and not ckpt:
+        vlm, tokenizer = load_hf_vlm(hf_dir, cfg)
+    else:
+        vlm, _, tokenizer = load_stage2(ckpt or (cfg.shape_from if cfg.init == "scratch" else cfg.init),
+                                        random_init=cfg.init == "scratch" and not ckpt,
+                                        action_token=cfg.conditioning == "action_token")
     expert_cfg = expert_config(cfg, vlm, cfg.n_frames, len(cameras), len(meta["state_names"]), len(meta["action_names"]))
     if ckpt:
         expert_cfg = M.config_from_dict(M.ExpertConfig, json.load(open(os.path.join(ckpt, "config.json")))["action_expert"])
@@ -319,6 +329,15 @@ def load_stage2(path, random_init=False, action_token=False):
     return vlm, cfg, tokenizer
 
 
+def load_hf_vlm(hf_dir, cfg, weights=True):
+    """A pretrained SmolVLM/Idefics3 directory as the policy's VLM: (VLM, tokenizer with our roles)."""
+    if hf.architecture(hf_dir) != "vlm":
+        raise D.UserError(f"--init=hf:{hf_dir} is a {hf.architecture(hf_dir)} model; stage 3 needs a vision-language "
+                          f"model (SmolVLM/Idefics3), or first `python train_vlm.py --init=hf:{hf_dir}`")
+    vlm, tokenizer = hf.load_vlm(hf_dir, cfg.vlm_layers, weights)
+    return vlm, hf.add_chat_tokens(vlm.llm, tokenizer, action=cfg.conditioning == "action_token")
+
+
 def first_detail(error):
     """The informative line of a load_state_dict error (the first size mismatch), for a one-line message."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -351,21 +370,34 @@ def run_evaluation(policy, cfg, out, image_size, name):
 
 
 def expert_config(cfg, vlm, n_frames, n_cameras, state_dim, action_dim):
-    """The action expert's shape: train_vla's settings, the VLM's layers, heads and vision grid."""
-    llm = vlm.llm.config
+    """The action expert's shape: train_vla's settings, the VLM's layers, heads and vision grid.
+    The suffix's RoPE positions start at 128, or past the images + 96 prompt tokens when those need more."""
+    llm, vision = vlm.llm.config, vlm.vision_config
+    language_keypoints = cfg.language_keypoints
+    table = llm.vocab_size * vision.n_embd * cfg.keypoints
+    if language_keypoints and cfg.keypoints and table > 50_000_000:  # a pretrained 49k-152k vocabulary x a wide tower
+        print(f"language_keypoints off: their query table would hold {table / 1e6:.0f}M parameters "
+              f"(vocab {llm.vocab_size} x patch width {vision.n_embd} x {cfg.keypoints} keypoints)")
+        language_keypoints = False
+    n_images = n_cameras * n_frames
     return M.ExpertConfig(
         conditioning=cfg.conditioning, n_layer=llm.n_layer, n_embd=cfg.expert_n_embd, mlp_hidden=cfg.expert_mlp_hidden,
         n_head=llm.n_head, n_kv_head=llm.n_kv_head, head_dim=llm.head_dim, state_dim=state_dim, action_dim=action_dim,
-        n_frames=n_frames, n_images=n_cameras * n_frames, keypoints=cfg.keypoints,
-        language_keypoints=cfg.language_keypoints, vocab_size=llm.vocab_size, patch_grid=vlm.vision_config.grid,
+        n_frames=n_frames, n_images=n_images, keypoints=cfg.keypoints,
+        suffix_start=128 if n_images * vlm.n_visual_tokens <= 96 else -(-(n_images * vlm.n_visual_tokens + 96) // 64) * 64,
+        language_keypoints=language_keypoints, vocab_size=llm.vocab_size, patch_grid=vlm.vision_config.grid,
         patch_dim=vlm.vision_config.n_embd, predict=cfg.predict, chunk_size=cfg.chunk_size, vlm_n_embd=llm.n_embd,
         cond_layers=min(cfg.cond_layers, llm.n_layer), rope_theta=llm.rope_theta, qk_norm=llm.qk_norm)
 
 
-def bench_latency(cfg, repeats=20):
+def bench_latency(cfg):
     """Latency of one action chunk (batch 1, CPU threads as set) for the default policy: the VLM
-    prefix computed once and reused by the K Euler steps, vs recomputed at every step."""
+    prefix computed once and reused by the K Euler steps, vs recomputed at every step. With
+    --init=hf:DIR also the parameters, the peak memory (RSS) of loading and one training step."""
     torch.manual_seed(cfg.seed)
+    repeats = cfg.bench_repeats
+    hf_dir = hf.init_dir(cfg.init)
+    loading = {}
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     ckpt = None
@@ -375,9 +407,16 @@ def bench_latency(cfg, repeats=20):
         pass
     if ckpt:  # the trained policy
         policy = eval_sim.load_policy(ckpt, device=device)
+    elif hf_dir:  # a pretrained VLM with a new expert: how heavy is it to load and to train?
+        rss_before, t0 = peak_rss_mb(), time.perf_counter()
+        vlm, tokenizer = load_hf_vlm(hf_dir, cfg)
+        loading = {"load_s": time.perf_counter() - t0, "rss_before_mb": rss_before, "load_peak_rss_mb": peak_rss_mb()}
     else:  # a random policy of the default shape: latency does not depend on the weights
         vlm, _, tokenizer = load_stage2(cfg.shape_from if cfg.init == "scratch" else cfg.init, random_init=True)
+    if not ckpt:
         vla = M.VLA(vlm, expert_config(cfg, vlm, 1, len(cfg.cameras.split(",")), 4, 3)).to(device).eval()
+        for p in vla.unused_parameters():
+            p.requires_grad_(False)
         identity = lambda dims, mode: D.Normalizer(D.episode_stats(np.zeros((2, dims))), mode).to_dict()
         policy = eval_sim.VLAPolicy(vla, tokenizer, {"cameras": cfg.cameras.split(","), "n_frames": 1,
                                     "chunk_size": cfg.chunk_size, "execute_steps": cfg.execute_steps,
@@ -407,13 +446,54 @@ def bench_latency(cfg, repeats=20):
                              for _ in range(repeats)]))
     diff = (a_reuse - a_full).abs().max().item()
     print(f"device: {device} x{torch.get_num_threads()} threads | torch {torch.__version__} | "
-          f"{'checkpoint ' + ckpt if ckpt else 'random weights, default shape'}")
+          f"{'checkpoint ' + ckpt if ckpt else cfg.init if hf_dir else 'random weights, default shape'}")
+    result = {}
+    if hf_dir and not ckpt:
+        counts = {**vla.vlm.param_counts(), "expert": sum(p.numel() for p in vla.action_expert.parameters())}
+        train_s = bench_train_step(vla, batch, cfg, device)
+        result = {**loading, "params": counts, "train_step_s": train_s}
+        print(f"parameters: {', '.join(f'{k} {v:,}' for k, v in counts.items())} (total {sum(counts.values()):,})")
+        print(f"loading {hf_dir}: {loading['load_s']:.1f} s, peak RSS {loading['load_peak_rss_mb']:,.0f} MB "
+              f"(process before loading: {loading['rss_before_mb']:,.0f} MB)")
+        print(f"one training step (micro_batch {cfg.micro_batch}, {cfg.noise_repeats} noise draws, AdamW), median of "
+              f"{len(train_s)}: {float(np.median(train_s)):.2f} s  (each: {', '.join(f'{t:.2f}' for t in train_s)})")
     print(f"one action chunk (batch 1, H = {vla.action_expert.config.chunk_size}, K = {cfg.flow_steps} Euler steps), median of {repeats}:")
     print(f"  prefix computed once, reused: {t_reuse * 1000:8.1f} ms")
     print(f"  prefix recomputed every step: {t_full * 1000:8.1f} ms   ({ratio:.1f}x slower, median of paired runs)")
     print(f"  policy.act incl. preprocessing: {t_act * 1000:6.1f} ms")
     print(f"  max |reuse - recompute| = {diff:.2e}")
-    return {"reuse_ms": t_reuse * 1000, "recompute_ms": t_full * 1000, "ratio": ratio, "max_abs_diff": diff}
+    return {**result, "reuse_ms": t_reuse * 1000, "recompute_ms": t_full * 1000, "ratio": ratio, "max_abs_diff": diff}
+
+
+def peak_rss_mb():
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_train_step(vla, batch, cfg, device):
+    """Seconds of each of bench_repeats training steps (forward, backward, AdamW) on micro_batch
+    copies of one observation with random target actions, after one warm-up step."""
+    B, r, c = cfg.micro_batch, cfg.noise_repeats, vla.action_expert.config
+    inputs = {k: v.expand(B, *v.shape[1:]).contiguous() for k, v in batch.items()}
+    actions = torch.randn(B, c.chunk_size, c.action_dim, device=device)
+    action_mask = torch.ones(B, c.chunk_size, dtype=torch.bool, device=device)
+    optimizer = make_optimizer({"policy": (vla.parameters(), cfg.lr)}, cfg, device)
+    vla.train()
+    times = []
+    for _ in range(cfg.bench_repeats + 1):
+        t0 = time.perf_counter()
+        noise = torch.randn(B * r, c.chunk_size, c.action_dim, device=device)
+        loss = vla(**inputs, actions=actions, action_mask=action_mask, noise=noise,
+                   t=M.sample_flow_time(B * r, device=device))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    vla.eval()
+    return times[1:]
 
 
 def probe_keypoints(cfg, scenes_per_task=40):

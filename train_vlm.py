@@ -24,6 +24,7 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 
 import data as D
+import hf
 import model as M
 from train_llm import (MetricsLog, all_reduce_mean, autocast_context, barrier, due, find_checkpoint, load_checkpoint,
                        lr_multiplier, make_optimizer, parse_config, peak_flops, resolve_dtype, round_up, run,
@@ -33,7 +34,9 @@ from train_llm import (MetricsLog, all_reduce_mean, autocast_context, barrier, d
 @dataclass
 class TrainConfig:
     # I/O
-    init: str = "out/llm"               # stage-1 checkpoint: a run directory (its 'latest') or a step_* directory
+    init: str = "out/llm"               # stage-1 checkpoint: a run directory (its 'latest') or a step_* directory;
+                                        # or hf:DIR: a Hugging Face VLM (SmolVLM/Idefics3: fine-tuned whole, the vision
+                                        # flags and image_size are its own) or LLM (Qwen3/Llama: a new tower around it)
     out_dir: str = "out/vlm"            # checkpoints (step_XXXXXX/ + 'latest'), metrics.jsonl
     data: str = "world"                 # 'world' = scenes rendered by eval_sim.py, else .jsonl/.tar paths or globs, comma-separated
     world_train: int = 100000           # training scenes for data=world, rendered on demand (~0.5 ms each)
@@ -85,6 +88,9 @@ class TrainConfig:
 
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv)
+    hf_dir = hf.init_dir(cfg.init)
+    if hf_dir and hf.architecture(hf_dir) == "vlm":
+        cfg.image_size = hf.image_size(hf_dir)  # the data is rendered at the pretrained tower's resolution
     dist = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed + dist.rank)
     cfg.dtype = resolve_dtype(dist.device, cfg.dtype)
@@ -104,6 +110,9 @@ def main(argv=None):
     # --- model: the stage-1 LLM + a new vision tower and projector (on resume: the saved VLM)
     if resume_ckpt:
         raw_model, _, tokenizer = load_vlm(resume_ckpt)
+    elif hf_dir and hf.architecture(hf_dir) == "vlm":
+        raw_model, tokenizer = hf.load_vlm(hf_dir)
+        tokenizer = hf.add_chat_tokens(raw_model.llm, tokenizer)
     else:
         raw_model, tokenizer = vlm_from_llm(cfg, pixel_stats(train_examples, n_train, cfg))
     raw_model.to(dist.device)
@@ -227,15 +236,19 @@ def pixel_stats(examples, n_examples, cfg, n=256):
 
 
 def vlm_from_llm(cfg, pixel_mean_std):
-    """A new VLM around the stage-1 LLM of cfg.init: (model, tokenizer)."""
-    if not os.path.exists(cfg.init):
-        raise D.UserError(f"no stage-1 checkpoint at --init={cfg.init}: run `python train_llm.py` first "
-                          f"(or point --init at its out_dir)")
-    path = find_checkpoint(cfg.init)
-    llm, llm_cfg = M.load_llm(path)
-    if llm_cfg.get("stage", "llm") != "llm":
-        raise D.UserError(f"--init={cfg.init} is a {llm_cfg['stage']} checkpoint; stage 2 starts from a stage-1 (llm) one")
-    tokenizer = D.add_special_tokens(D.Tokenizer.load(os.path.join(path, "tokenizer.json")), D.CHAT_TOKENS)
+    """A new VLM around the stage-1 LLM of cfg.init (ours, or hf:DIR's Qwen3/Llama): (model, tokenizer)."""
+    if hf.init_dir(cfg.init):
+        llm, tokenizer = hf.load_llm(hf.init_dir(cfg.init))
+    else:
+        if not os.path.exists(cfg.init):
+            raise D.UserError(f"no stage-1 checkpoint at --init={cfg.init}: run `python train_llm.py` first "
+                              f"(or point --init at its out_dir)")
+        path = find_checkpoint(cfg.init)
+        llm, llm_cfg = M.load_llm(path)
+        if llm_cfg.get("stage", "llm") != "llm":
+            raise D.UserError(f"--init={cfg.init} is a {llm_cfg['stage']} checkpoint; stage 2 starts from a stage-1 (llm) one")
+        tokenizer = D.Tokenizer.load(os.path.join(path, "tokenizer.json"))
+    tokenizer = D.add_special_tokens(tokenizer, D.CHAT_TOKENS)
     M.grow_embeddings(llm, round_up(tokenizer.n_vocab, 64))  # a no-op unless tokens were added
     vision = M.VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.vision_layers,
                             n_embd=cfg.vision_embd, n_head=cfg.vision_heads, head_dim=cfg.vision_head_dim,

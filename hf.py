@@ -621,10 +621,7 @@ def load_qwen3vl(hf_dir, n_layers=0, weights=True, image_size=0):
     vlm = M.VLM(llm_cfg, vision_cfg, cfg["image_token_id"])
     if weights:
         load_weights(vlm, qwen3vl_names(llm_cfg, vision_cfg), hf_dir)
-    text = cfg["text_config"]
-    tokenizer = load_tokenizer(hf_dir, eos_id=text.get("eos_token_id", cfg.get("eos_token_id")),
-                               image_id=cfg["image_token_id"])
-    return vlm, tokenizer
+    return vlm, load_tokenizer(hf_dir)
 
 
 QWEN3VL_SHAPES = {  # Qwen3-VL-2B-Instruct's config.json sizes (as released); 'tiny' for tests and smoke runs

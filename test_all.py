@@ -1132,3 +1132,29 @@ def test_qwen3vl_unsupported_directories_are_one_line_errors_and_exit_2(qwen3vl_
         assert e.value.code == 2 and message in err and err.count("\n") == 1, err
     with pytest.raises(data.UserError, match="image size 40 is not a multiple of"):
         hf.load_qwen3vl(str(source), image_size=40)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl_dir(tmp_path_factory):
+    """`python hf.py random-qwen3vl DIR --size=tiny`: a Qwen3-VL-shaped directory (DeepStack on, 64 px images)."""
+    import hf
+    return hf.write_random_qwen3vl(str(tmp_path_factory.mktemp("qwen3vl_tiny")), "tiny",
+                                   vocab_text=eval_sim.language_corpus(60))
+
+
+def test_qwen3vl_backbone_trains_stage2_and_stage3_end_to_end_with_both_conditionings(tiny_qwen3vl_dir, vla_world, tmp_path):
+    """--init=hf:DIR on a tiny Qwen3-VL: stage 2 a few steps; stage 3 demos -> training -> closed-loop
+    evaluation with prefix K/V, and training with the action token."""
+    train_vlm.main([f"--init=hf:{tiny_qwen3vl_dir}", f"--out_dir={tmp_path}/vlm", "--max_steps=2", "--batch_size=4",
+                    "--micro_batch=2", "--world_train=16", "--world_val=4", "--eval_every=100", "--eval_batches=1",
+                    "--show_captions=0", "--compile=False", "--dtype=float32"])
+    assert json.load(open(train_llm.find_checkpoint(f"{tmp_path}/vlm") + "/config.json"))["vision"]["deepstack_layers"] == [0]
+    hf_args = lambda out, *extra: vla_args(vla_world, out, f"--init=hf:{tiny_qwen3vl_dir}", "--compile=False", *extra)
+    train_vla.main(hf_args(tmp_path / "prefix", "--max_steps=2", "--eval_episodes=1"))
+    results = json.load(open(tmp_path / "prefix" / "eval" / "results.json"))
+    assert results["image_size"] == 16 and math.isfinite(json.loads(open(tmp_path / "prefix" / "metrics.jsonl").readline())["loss"])
+    policy = eval_sim.load_policy(str(tmp_path / "prefix"))
+    assert policy.vla.vlm.llm.config.mrope_section == [2, 3, 3] and len(policy.vla.vlm.deepstack_projectors) == 1
+    train_vla.main(hf_args(tmp_path / "token", "--max_steps=2", "--conditioning=action_token", "--eval_episodes=0"))
+    log = [json.loads(line) for line in open(tmp_path / "token" / "metrics.jsonl")]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)

@@ -519,7 +519,7 @@ def write_random_smolvlm(out_dir, size="256m", vocab_text=None):
 #   vision tower  VisionTower(temporal_patch_size=2, position_grid, rope_theta, deepstack_layers) with
 #                 SigLIP-like blocks (LayerNorm, GELU(tanh) MLP, biases; qkv stored fused, split here)
 #   merger        merger.norm = the tower's post_layernorm; 2x2 pixel shuffle + MLP = Projector('mlp')
-#   DeepStack     deepstack_merger_list.k = VLM.deepstack_projectors[k] (LayerNorm after the shuffle)
+#   DeepStack     deepstack_merger_list.k = VLM.projector.deepstack[k] (LayerNorm after the shuffle)
 #   text model    Qwen3 blocks, interleaved multimodal RoPE (GPTConfig.mrope_section)
 #
 # Limits: one still image per placeholder run at a fixed square resolution (QWEN3VL_MERGED_SIDE visual
@@ -586,7 +586,7 @@ def qwen3vl_configs(cfg, where, n_layers=0, image_size=0, pixel_mean=(0.5, 0.5, 
 
 
 def qwen3vl_names(llm_cfg, vision_cfg):
-    """model.visual.* -> vision.*, projector.*, deepstack_projectors.*; model.language_model.* -> llm.*"""
+    """model.visual.* -> vision.*, projector.* (DeepStack's: projector.deepstack.*); model.language_model.* -> llm.*"""
     v = "model.visual."
     table = {f"{v}pos_embed.weight": "vision.position_embedding"}
     merger = {"norm": None, "linear_fc1": "linear_1", "linear_fc2": "linear_2"}
@@ -597,7 +597,7 @@ def qwen3vl_names(llm_cfg, vision_cfg):
             table[f"{v}merger.{theirs}.{kind}"] = f"projector.{merger[theirs]}.{kind}"
         for k in range(len(vision_cfg.deepstack_layers)):
             for theirs, mine in merger.items():
-                table[f"{v}deepstack_merger_list.{k}.{theirs}.{kind}"] = f"deepstack_projectors.{k}.{mine or 'norm'}.{kind}"
+                table[f"{v}deepstack_merger_list.{k}.{theirs}.{kind}"] = f"projector.deepstack.{k}.{mine or 'norm'}.{kind}"
         for i in range(vision_cfg.n_layer):
             ours = f"vision.layers.{i}."
             table.update({f"{v}blocks.{i}.norm1.{kind}": f"{ours}input_layernorm.{kind}",
@@ -677,21 +677,20 @@ def write_random_qwen3vl(out_dir, size="2b", vocab_text=None, shard_bytes=2 ** 3
     llm_cfg, vision_cfg = qwen3vl_configs(config, os.path.join(out_dir, "config.json"))
     vlm = M.VLM(llm_cfg, vision_cfg, config["image_token_id"])
     params = dict(vlm.named_parameters())
-    shards, shard, size_now = [], {}, 0
+    tensor = lambda ours: torch.cat([params[n] for n in ours]) if isinstance(ours, tuple) else params[ours]
+    shards, size_now = [[]], 0  # names per shard, then each shard converted and written alone
     for hf_name, ours in qwen3vl_names(llm_cfg, vision_cfg).items():
-        t = torch.cat([params[n] for n in ours]) if isinstance(ours, tuple) else params[ours]
-        shard[hf_name] = t.detach().to(torch.bfloat16).contiguous()
-        size_now += shard[hf_name].numel() * 2
         if size_now >= shard_bytes:
-            shards.append(shard)
-            shard, size_now = {}, 0
-    shards.append(shard)
+            shards.append([])
+            size_now = 0
+        shards[-1].append((hf_name, ours))
+        size_now += sum(params[n].numel() for n in (ours if isinstance(ours, tuple) else (ours,))) * 2
     weight_map = {}
-    for k, tensors in enumerate(shards):
-        name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
-        weight_map.update({n: name for n in tensors})
-    shards.clear()
+    for k, names in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensor(ours).detach().to(torch.bfloat16).contiguous() for n, ours in names},
+                  os.path.join(out_dir, file), metadata={"format": "pt"})
+        weight_map.update({n: file for n, _ in names})
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
     write_tokenizer(tokenizer, os.path.join(out_dir, "tokenizer.json"))

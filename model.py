@@ -534,6 +534,9 @@ class Projector(nn.Module):
             raise ValueError(f"projector must be 'mlp' or 'linear', got {c.projector!r}")
         # shuffled_norm: a LayerNorm over the stacked channels first (Qwen3-VL's DeepStack projectors)
         self.norm = nn.LayerNorm(c.n_embd * c.pixel_shuffle ** 2, c.norm_eps) if shuffled_norm else None
+        if c.deepstack_layers and not shuffled_norm:  # Qwen3-VL: one more projector per DeepStack layer, kept
+            # here so the projector's optimizer group, learning rate and parameter count include them
+            self.deepstack = nn.ModuleList(Projector(c, llm_width, shuffled_norm=True) for _ in c.deepstack_layers)
         if c.projector == "linear":
             self.linear = nn.Linear(c.n_embd * c.pixel_shuffle ** 2, llm_width, bias=False)
         else:
@@ -569,9 +572,6 @@ class VLM(nn.Module):
         self.llm = llm if llm is not None else Transformer(llm_config)
         self.vision = VisionTower(vision_config)
         self.projector = Projector(vision_config, llm_config.n_embd)
-        if vision_config.deepstack_layers:  # Qwen3-VL: one projector per DeepStack layer
-            self.deepstack_projectors = nn.ModuleList(Projector(vision_config, llm_config.n_embd, shuffled_norm=True)
-                                                      for _ in vision_config.deepstack_layers)
         self.image_token_id = image_token_id
         self.n_visual_tokens = vision_config.n_visual_tokens  # LLM positions per image
         self.init_vision_weights()
@@ -593,8 +593,7 @@ class VLM(nn.Module):
           biases zeros, RMSNorm weights ones
         """
         std = 0.02
-        deepstack = self.deepstack_projectors.named_parameters(prefix="deepstack") if self.vision.config.deepstack_layers else []
-        for name, p in [*self.vision.named_parameters(), *self.projector.named_parameters(prefix="projector"), *deepstack]:
+        for name, p in [*self.vision.named_parameters(), *self.projector.named_parameters(prefix="projector")]:
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.vision.config.n_layer))
             elif name.endswith("bias"):
@@ -645,7 +644,7 @@ class VLM(nn.Module):
         patches, layers = self.vision(images.flatten(0, 1), return_layers=True)
         x = x.masked_scatter(is_image.unsqueeze(-1), self.projector(patches).to(x.dtype))
         deepstack = [x.new_zeros(x.shape).masked_scatter(is_image.unsqueeze(-1), projector(h).to(x.dtype))
-                     for projector, h in zip(self.deepstack_projectors, layers)] if layers else []
+                     for projector, h in zip(self.projector.deepstack, layers)] if layers else []
         return {"embeds": x, "patches": patches, "positions": positions, "deepstack": deepstack}
 
     def forward(self, idx, images, targets=None):

@@ -1154,7 +1154,7 @@ def test_qwen3vl_backbone_trains_stage2_and_stage3_end_to_end_with_both_conditio
     results = json.load(open(tmp_path / "prefix" / "eval" / "results.json"))
     assert results["image_size"] == 16 and math.isfinite(json.loads(open(tmp_path / "prefix" / "metrics.jsonl").readline())["loss"])
     policy = eval_sim.load_policy(str(tmp_path / "prefix"))
-    assert policy.vla.vlm.llm.config.mrope_section == [2, 3, 3] and len(policy.vla.vlm.deepstack_projectors) == 1
+    assert policy.vla.vlm.llm.config.mrope_section == [2, 3, 3] and len(policy.vla.vlm.projector.deepstack) == 1
     train_vla.main(hf_args(tmp_path / "token", "--max_steps=2", "--conditioning=action_token", "--eval_episodes=0"))
     log = [json.loads(line) for line in open(tmp_path / "token" / "metrics.jsonl")]
     assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)

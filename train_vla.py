@@ -293,9 +293,9 @@ def main(argv=None):
     bar.close()
     if dist.is_master:
         print(f"trained {step} steps in {time.time() - t_start:.0f}s; checkpoint in {cfg.out_dir}")
-        if cfg.eval_episodes and cfg.fsdp:  # the last checkpoint's full weights, unsharded, on rank 0
-            weights = nn.ModuleDict({"ema" if cfg.ema_decay > 0 else "policy": eval_sim.load_policy(cfg.out_dir).vla})
-            vla = weights["ema" if cfg.ema_decay > 0 else "policy"]
+        if cfg.eval_episodes and cfg.fsdp:  # the last checkpoint's full weights (EMA if on), unsharded, on rank 0
+            vla = eval_sim.load_policy(cfg.out_dir, device=dist.device).vla
+            weights = {"ema": vla, "policy": vla}
         if cfg.eval_episodes:
             closed_loop("eval")
     teardown_distributed(dist)

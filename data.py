@@ -149,6 +149,16 @@ class Tokenizer:
             raise UserError(f"tokenizer has no special token {name}; it has {sorted(self.special_ids)}")
         return self.special_ids[name]
 
+    def image_placeholders(self, n):
+        """n <|image|> placeholders, inside the model's own image markers when its tokenizer has
+        them (roles <|image_start|>, <|image_global|>, <|image_end|>: SmolVLM's global image is
+        <fake_token_around_image> <global-img> <image> x n <fake_token_around_image>)."""
+        ids = [self.special("<|image|>")] * n
+        if n and "<|image_start|>" in self.roles:
+            ids = [self.roles[r] for r in ("<|image_start|>", "<|image_global|>") if r in self.roles] + ids + \
+                  [self.roles["<|image_end|>"]]
+        return ids
+
     @property
     def eot_id(self):
         return self.special("<|endoftext|>")
@@ -550,14 +560,16 @@ def encode_chat(tokenizer, turns, n_image_tokens, max_len=None):
         <|endoftext|> <|user|> <|image|> x n_image_tokens ␣question <|assistant|> ␣answer <|endoftext|>
                       <|user|> ␣question 2 <|assistant|> ␣answer 2 <|endoftext|> ...
 
-    n_image_tokens = images x visual tokens per image, all in the first turn. loss_mask marks the
+    n_image_tokens = images x visual tokens per image, all in the first turn (inside the model's image
+    markers if a pretrained tokenizer has them: Tokenizer.image_placeholders). loss_mask marks the
     tokens the model learns to predict: each answer and its closing <|endoftext|>. A last turn with
     answer None ends at <|assistant|>: a prompt for generation. With max_len, turns that do not fit
     whole are dropped (the first is cut instead)."""
-    eot, user, assistant, image = (tokenizer.special(s) for s in ("<|endoftext|>", "<|user|>", "<|assistant|>", "<|image|>"))
+    eot, user, assistant = (tokenizer.special(s) for s in ("<|endoftext|>", "<|user|>", "<|assistant|>"))
     ids, mask = [eot], [False]
     for k, (question, answer) in enumerate(turns):
-        prompt = [user] + [image] * (n_image_tokens if k == 0 else 0) + tokenizer.encode(" " + question) + [assistant]
+        prompt = [user] + tokenizer.image_placeholders(n_image_tokens if k == 0 else 0) + \
+                 tokenizer.encode(" " + question) + [assistant]
         reply = [] if answer is None else tokenizer.encode(" " + answer) + [eot]
         if k > 0 and max_len and len(ids) + len(prompt) + len(reply) > max_len:
             break

@@ -380,8 +380,12 @@ def load_tokenizer(hf_dir):
     pad = token_name(config.get("pad_token"))
     if "<|pad|>" not in added and pad in added:
         roles["<|pad|>"] = added[pad]
-    if image_id is not None:
+    if image_id is not None:  # and the markers around a global image (SmolVLM's processor, without tiling)
         roles["<|image|>"] = image_id
+        for role, token in [("<|image_start|>", "<fake_token_around_image>"), ("<|image_global|>", "<global-img>"),
+                            ("<|image_end|>", "<fake_token_around_image>")]:
+            if token in added:
+                roles[role] = added[token]
     tokenizer = D.Tokenizer(ranks, pattern, added, roles, nfc=normalizer == "NFC")
     return D.add_special_tokens(tokenizer, ["<|endoftext|>"])  # stage 1 needs it; the others come with stage 2
 

@@ -995,6 +995,234 @@ def test_vlm_bad_input_is_one_clear_line_and_exit_code_2(tiny_llm_checkpoint, tm
         assert code == 2 and msg in err and err.count("\n") == 1, err
 
 
+# ---- Hugging Face backbones (issue 16)
+# Tiny random models built and saved by transformers itself; our loader (hf.py, no transformers) must
+# reproduce their forward pass. transformers and tokenizers are test dependencies only.
+
+import hf  # noqa: E402
+
+HF_TEXT = "Hello  world!! 12345 it's <image> the\tquick\n\n brown   fox's <|endoftext|>3.14 naïve café  x"
+
+
+def hf_tokenizer(directory, pre="digits"):
+    """A byte-level BPE trained by `tokenizers`, saved as directory/tokenizer.json. pre: the
+    pre-tokenizer of SmolLM2 ('digits'), GPT-2 ('gpt2') or Qwen (a Split regex, with NFC)."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre != "qwen")
+    tok.pre_tokenizer = {"gpt2": byte_level,
+                         "digits": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
+                         "qwen": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(
+                             r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                             r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""), behavior="isolated"), byte_level])}[pre]
+    if pre == "qwen":
+        tok.normalizer = normalizers.NFC()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<image>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(eval_sim.language_corpus(40) + [HF_TEXT] * 5, trainer)
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    return tok
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """{name: (directory, transformers model)}: Qwen3 tied with GQA 2:1, head_dim 16 != width/heads 8 and
+    rope_theta 1e6; Qwen3 untied with GQA 4:1; Llama; a SigLIP tower; a SmolVLM (SigLIP + pixel shuffle + Llama)."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    text = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    built = {
+        "qwen3_tied_gqa2": transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            **text, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e6, tie_word_embeddings=True)),
+        "qwen3_untied_gqa4": transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            **text, num_attention_heads=4, num_key_value_heads=1, head_dim=8, tie_word_embeddings=False)),
+        "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **text, num_attention_heads=4, num_key_value_heads=2, rope_theta=1e5)),
+        "siglip": transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**vision)),
+        "smolvlm": transformers.SmolVLMForConditionalGeneration(transformers.SmolVLMConfig(
+            text_config=dict(**text, num_attention_heads=4, num_key_value_heads=2), vision_config=vision,
+            scale_factor=2, image_token_id=1)),
+    }
+    out = {}
+    hf_tokenizer(root / "tokenizer")
+    for name, m in built.items():
+        m.eval().save_pretrained(root / name)
+        if name != "siglip":
+            import shutil
+            shutil.copy(root / "tokenizer" / "tokenizer.json", root / name / "tokenizer.json")
+        out[name] = (str(root / name), m)
+    return out
+
+
+def random_pixels(n=2, size=32, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))  # ours: [0, 1]; theirs: *2 - 1
+
+
+@pytest.mark.parametrize("name", ["qwen3_tied_gqa2", "qwen3_untied_gqa4", "llama"])
+def test_hf_llm_logits_and_greedy_generation_equal_transformers(hf_models, name):
+    directory, theirs = hf_models[name]
+    ours, _ = hf.load_llm(directory)
+    ours.eval()
+    idx = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (theirs(idx).logits - ours(idx)[0]).abs().max().item()
+    assert diff <= 1e-4, diff
+    expected = theirs.generate(idx[:1], max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    assert torch.equal(ours.generate(idx[:1], 20, temperature=0), expected)
+
+
+def test_hf_siglip_tower_features_equal_transformers(hf_models):
+    directory, theirs = hf_models["siglip"]
+    tower = hf.load_vision(directory).eval()
+    px = random_pixels()
+    with torch.no_grad():
+        diff = (theirs(pixel_values=px * 2 - 1).last_hidden_state - tower(px)).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_hf_smolvlm_image_features_logits_and_generation_equal_transformers(hf_models):
+    directory, theirs = hf_models["smolvlm"]
+    vlm, tokenizer = hf.load_vlm(directory)
+    vlm.eval()
+    assert vlm.n_visual_tokens == 4 and tokenizer.special("<|image|>") == 1  # (32 / 8 / 2)^2; the model's <image>
+    px = random_pixels(1)
+    prompt = [tokenizer.special("<|endoftext|>"), 2] + [1] * 4 + tokenizer.encode(" put the red block in the bowl")
+    idx = torch.tensor([prompt])
+    with torch.no_grad():
+        patches = theirs.model.vision_model(pixel_values=px * 2 - 1).last_hidden_state
+        assert (patches - vlm.vision(px)).abs().max().item() <= 1e-4
+        assert (theirs.model.connector(patches) - vlm.projector(patches)).abs().max().item() <= 1e-4
+        diff = (theirs(input_ids=idx, pixel_values=px[None] * 2 - 1).logits - vlm(idx, px[None])[0]).abs().max().item()
+    assert diff <= 1e-4, diff
+    expected = theirs.generate(input_ids=idx, pixel_values=px[None] * 2 - 1, max_new_tokens=20, min_new_tokens=20,
+                               do_sample=False)
+    assert torch.equal(vlm.generate(idx, px[None], 20, temperature=0), expected)
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "digits", "qwen"])
+def test_hf_tokenizer_ids_equal_the_tokenizers_library_and_survive_our_writer(tmp_path, pre):
+    from tokenizers import Tokenizer
+    theirs = hf_tokenizer(tmp_path, pre)
+    json.dump({"architectures": ["LlamaForCausalLM"]}, open(tmp_path / "config.json", "w"))
+    ours = hf.load_tokenizer(str(tmp_path))
+    assert ours.encode(HF_TEXT, allow_special=True) == theirs.encode(HF_TEXT).ids
+    assert ours.decode(theirs.encode(HF_TEXT).ids) == HF_TEXT
+    ours.save(str(tmp_path / "ours.json"))  # our checkpoint format keeps ids, roles and NFC
+    assert data.Tokenizer.load(str(tmp_path / "ours.json")).encode(HF_TEXT, True) == theirs.encode(HF_TEXT).ids
+    hf.write_tokenizer(ours, str(tmp_path / "written.json"))  # what export writes, read by `tokenizers`
+    assert Tokenizer.from_file(str(tmp_path / "written.json")).encode(HF_TEXT).ids == theirs.encode(HF_TEXT).ids
+
+
+def test_export_round_trip_transformers_logits_equal_ours(tiny_llm_checkpoint, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf.main(["export", tiny_llm_checkpoint, str(tmp_path / "exported")])
+    ours, _ = M.load_llm(train_llm.find_checkpoint(tiny_llm_checkpoint))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported")).eval()
+    assert type(theirs).__name__ == "Qwen3ForCausalLM"
+    idx = torch.randint(0, ours.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (theirs(idx).logits - ours.eval()(idx)[0]).abs().max().item() <= 1e-4
+        again, tokenizer = hf.load_llm(str(tmp_path / "exported"))
+        assert torch.equal(again.eval()(idx)[0], ours(idx)[0])
+    saved = data.Tokenizer.load(os.path.join(train_llm.find_checkpoint(tiny_llm_checkpoint), "tokenizer.json"))
+    assert tokenizer.encode("the red block.") == saved.encode("the red block.")
+
+
+def test_bad_hf_directories_are_one_line_errors_with_exit_code_2(hf_models, vla_world, tmp_path, capsys):
+    import shutil
+    source = hf_models["smolvlm"][0]
+
+    def broken(name, edit):
+        d = tmp_path / name
+        shutil.copytree(source, d)
+        edit(d)
+        with pytest.raises(SystemExit) as e:
+            train_llm.run(lambda: train_vla.main(vla_args(vla_world, tmp_path / "out", f"--init=hf:{d}")))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        return err
+
+    def config_edit(**changes):
+        def edit(d):
+            cfg = json.load(open(d / "config.json"))
+            for key, value in changes.items():
+                section, _, field = key.rpartition("__")
+                (cfg[section] if section else cfg)[field] = value
+            json.dump(cfg, open(d / "config.json", "w"))
+        return edit
+
+    def shard(d):  # an index naming two shards, one of them gone
+        tensors = load_tensors(d / "model.safetensors")
+        names = sorted(tensors)
+        from safetensors.torch import save_file
+        save_file({n: tensors[n] for n in names[:10]}, d / "model-00001-of-00002.safetensors")
+        json.dump({"weight_map": {n: f"model-0000{1 + (i >= 10)}-of-00002.safetensors" for i, n in enumerate(names)}},
+                  open(d / "model.safetensors.index.json", "w"))
+        os.remove(d / "model.safetensors")
+
+    def pickle_only(d):
+        torch.save(load_tensors(d / "model.safetensors"), d / "pytorch_model.bin")
+        os.remove(d / "model.safetensors")
+
+    def pickle_named_safetensors(d):  # a pickle under the safetensors name (written beside, then renamed over it)
+        torch.save({k: v.clone() for k, v in load_tensors(d / "model.safetensors").items()}, d / "pickle.pt")
+        os.replace(d / "pickle.pt", d / "model.safetensors")
+
+    assert "architecture GPT2LMHeadModel is not supported" in broken("arch", config_edit(architectures=["GPT2LMHeadModel"]))
+    assert "model-00002-of-00002.safetensors, which is missing" in broken("shard", shard)
+    assert "has shape (32, 64), config.json implies (32, 48)" in broken("shape", config_edit(text_config__intermediate_size=48))
+    assert "pytorch_model.bin is a pickle; expected model.safetensors" in broken("pickle", pickle_only)
+    assert "model.safetensors is not a safetensors file" in broken("fake", pickle_named_safetensors)
+    assert "rope scaling llama3 is not supported" in broken("rope", config_edit(text_config__rope_scaling={
+        "rope_type": "llama3", "factor": 8.0}))
+    assert "stage 3 needs a vision-language model" in broken("llm", lambda d: [
+        shutil.rmtree(d), shutil.copytree(hf_models["llama"][0], d)])
+
+
+def test_hf_init_runs_stage_1_and_stage_2(hf_models, tmp_path):
+    train_llm.main(TINY + [f"--init=hf:{hf_models['qwen3_tied_gqa2'][0]}", f"--out_dir={tmp_path}/llm", "--max_steps=1"])
+    llm, cfg = M.load_llm(train_llm.find_checkpoint(f"{tmp_path}/llm"))
+    assert cfg["model"]["rope_theta"] == 1e6 and llm.config.head_dim == 16  # the pretrained shape, not TINY's
+    train_vlm.main(tiny_vlm_args(f"hf:{hf_models['smolvlm'][0]}", tmp_path / "vlm") + ["--max_steps=1", "--show_captions=0"])
+    vlm, cfg, tokenizer = train_vlm.load_vlm(str(tmp_path / "vlm"))
+    assert cfg["vision"]["image_size"] == 32 and cfg["vision"]["projector"] == "linear"
+    assert vlm.image_token_id == tokenizer.special("<|image|>") == 1
+    train_vlm.main(tiny_vlm_args(f"hf:{hf_models['llama'][0]}", tmp_path / "tower") + ["--max_steps=1", "--show_captions=0"])
+    vlm, cfg, _ = train_vlm.load_vlm(str(tmp_path / "tower"))  # a pretrained LLM with a new tower of ours
+    assert cfg["model"]["qk_norm"] is False and cfg["vision"]["projector"] == "mlp"
+
+
+@pytest.fixture(scope="module")
+def tiny_smolvlm_dir(tmp_path_factory):
+    """The documented command's tiny directory: `python hf.py random-smolvlm DIR --size=tiny`."""
+    d = tmp_path_factory.mktemp("smolvlm") / "tiny"
+    hf.write_random_smolvlm(str(d), "tiny", vocab_text=eval_sim.language_corpus(40))
+    return str(d)
+
+
+def test_stage3_on_a_tiny_hf_smolvlm_trains_and_runs_closed_loop(tiny_smolvlm_dir, vla_world, tmp_path):
+    out = str(tmp_path / "vla")
+    train_vla.main(vla_args(vla_world, out, f"--init=hf:{tiny_smolvlm_dir}", "--max_steps=6", "--keypoints=3",
+                            "--val_every=0", "--save_every=0"))
+    cfg = json.load(open(f"{train_llm.find_checkpoint(out)}/config.json"))
+    tokenizer = data.Tokenizer.load(f"{train_llm.find_checkpoint(out)}/tokenizer.json")
+    marker, glob, image = (tokenizer.special_tokens[t] for t in ("<fake_token_around_image>", "<global-img>", "<image>"))
+    assert data.vla_prompt(tokenizer, "reach the red block.", 4)[2:9] == [marker, glob] + [image] * 4 + [marker]
+    assert cfg["action_expert"]["n_layer"] == 2 and cfg["action_expert"]["head_dim"] == 16  # the backbone's
+    assert cfg["action_expert"]["patch_grid"] == 4 and cfg["action_expert"]["patch_dim"] == 32
+    policy = eval_sim.load_policy(out)
+    records = eval_sim.evaluate(policy, tasks=["reach"], episodes_per_task=1, splits=("seen",), image_size=16)
+    assert len(records) == 1
+    train_vla.main(vla_args(vla_world, tmp_path / "token", f"--init=hf:{tiny_smolvlm_dir}", "--max_steps=1",
+                            "--conditioning=action_token", "--vlm_layers=1", "--val_every=0", "--save_every=0"))
+    vla, _ = M.load_vla(train_llm.find_checkpoint(str(tmp_path / "token")))
+    assert vla.vlm.llm.config.n_layer == 1 and vla.action_expert.config.conditioning == "action_token"
+
+
 # ---- Qwen3-VL (issue 17)
 # Tiny random Qwen3VLForConditionalGeneration models that transformers builds and saves; ours load them
 # from the directory (hf.py) and must give the same logits and greedy tokens for a prompt with one image.

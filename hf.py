@@ -625,7 +625,11 @@ def load_qwen3vl(hf_dir, n_layers=0, weights=True, image_size=0):
     vlm = M.VLM(llm_cfg, vision_cfg, cfg["image_token_id"])
     if weights:
         load_weights(vlm, qwen3vl_names(llm_cfg, vision_cfg), hf_dir)
-    return vlm, load_tokenizer(hf_dir)
+    tokenizer = load_tokenizer(hf_dir)
+    for role, token in [("<|image_start|>", "<|vision_start|>"), ("<|image_end|>", "<|vision_end|>")]:
+        if token in tokenizer.special_tokens:  # Qwen's template: <|vision_start|> <|image_pad|> x n <|vision_end|>
+            tokenizer.roles[role] = tokenizer.special_tokens[token]
+    return vlm, tokenizer
 
 
 QWEN3VL_SHAPES = {  # Qwen3-VL-2B-Instruct's config.json sizes (as released); 'tiny' for tests and smoke runs

@@ -1324,8 +1324,10 @@ def test_qwen3vl_random_directory_writer_is_one_transformers_loads(tmp_path):
     ref = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ours, tokenizer = hf.load_qwen3vl(str(tmp_path))
     px = ours.vision_config.image_size
-    ids = torch.tensor([[3, 4, tokenizer.special("<|vision_start|>")] + [tokenizer.special("<|image|>")] * ours.n_visual_tokens
-                        + [tokenizer.special("<|vision_end|>"), 5, 6]])
+    image_tokens = tokenizer.image_placeholders(ours.n_visual_tokens)  # what our prompt builders write
+    assert image_tokens == [tokenizer.special("<|vision_start|>")] + [tokenizer.special("<|image_pad|>")] * \
+        ours.n_visual_tokens + [tokenizer.special("<|vision_end|>")]
+    ids = torch.tensor([[3, 4] + image_tokens + [5, 6]])
     image = torch.rand(1, 3, px, px)
     inputs = qwen3vl_reference_inputs(image, ids, patch=4)
     inputs["mm_token_type_ids"] = (ids == tokenizer.special("<|image|>")).int()

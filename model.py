@@ -12,7 +12,9 @@ The decoder block (used unchanged by every tower):
 
 Module and parameter names follow Hugging Face Qwen3/Llama (q_proj, k_proj, v_proj, o_proj,
 q_norm, k_norm, gate_proj, up_proj, down_proj, input_layernorm, post_attention_layernorm,
-embed_tokens, norm, lm_head) so pretrained weights map onto these modules one to one.
+embed_tokens, norm, lm_head) so pretrained weights map onto these modules one to one (hf.py holds
+the name tables). A pretrained SigLIP tower's differences (LayerNorm, GELU-tanh MLP, biases) are
+settings of the same Block, and SmolVLM's connector is Projector(projector='linear').
 
 Imports torch (and safetensors for the weight files) only.
 """

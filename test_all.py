@@ -1223,6 +1223,13 @@ def test_stage3_on_a_tiny_hf_smolvlm_trains_and_runs_closed_loop(tiny_smolvlm_di
     assert vla.vlm.llm.config.n_layer == 1 and vla.action_expert.config.conditioning == "action_token"
 
 
+def test_the_load_train_and_serve_path_never_imports_transformers(tiny_smolvlm_dir):
+    code = ("import sys, hf, train_llm, train_vlm, train_vla, eval_sim; hf.load_vlm(sys.argv[1]); "
+            "assert 'transformers' not in sys.modules and 'tokenizers' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code, tiny_smolvlm_dir], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+
+
 # ---- Qwen3-VL (issue 17)
 # Tiny random Qwen3VLForConditionalGeneration models that transformers builds and saves; ours load them
 # from the directory (hf.py) and must give the same logits and greedy tokens for a prompt with one image.

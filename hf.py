@@ -7,6 +7,7 @@ copy each tensor to the parameter one explicit name table gives. `transformers` 
     SiglipVisionModel                            -> model.VisionTower (norm='layer', mlp='gelu_tanh', bias)
     SmolVLMForConditionalGeneration,
     Idefics3ForConditionalGeneration             -> model.VLM (SigLIP tower, pixel shuffle + one linear, Llama)
+    Qwen3VLForConditionalGeneration              -> model.VLM (its tower, 2x2 merger, DeepStack, M-RoPE Qwen3)
 
 One global image at the model's resolution, no tiling (the released SmolVLM processor also splits
 large images into tiles). Weights are read shard by shard, tensor by tensor, so loading needs about
@@ -16,6 +17,8 @@ the model's size in memory. Anything we cannot represent exactly is refused with
     python hf.py export out/llm DIR            our stage-1 checkpoint -> a Qwen3ForCausalLM directory
     python hf.py random-smolvlm DIR [--size=256m|tiny]
                                                a SmolVLM2-shaped directory with random weights (our init)
+    python hf.py random-qwen3vl DIR [--size=2b|tiny]
+                                               a Qwen3-VL-2B-shaped one (issue 17)
 """
 import json
 import os
@@ -27,7 +30,7 @@ import data as D
 import model as M
 
 LLM_ARCHS = ("Qwen3ForCausalLM", "LlamaForCausalLM")
-VLM_ARCHS = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
+VLM_ARCHS = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration", "Qwen3VLForConditionalGeneration")
 VISION_ARCHS = ("SiglipVisionModel",)
 
 
@@ -174,12 +177,15 @@ def load_weights(module, table, hf_dir, optional=("head.", "rotary_emb.")):
                 for name in f.keys():
                     if name not in table:
                         continue
-                    ours = params[table[name]]
+                    # a tuple of our names: a fused tensor (Qwen3-VL's qkv) split along dim 0 into them
+                    parts = [params[n] for n in (table[name] if isinstance(table[name], tuple) else (table[name],))]
+                    want = (sum(p.size(0) for p in parts), *parts[0].shape[1:])
                     shape = tuple(f.get_slice(name).get_shape())
-                    if shape != tuple(ours.shape):
-                        raise D.UserError(f"{path}: {name} has shape {shape}, config.json implies {tuple(ours.shape)}")
+                    if shape != want:
+                        raise D.UserError(f"{path}: {name} has shape {shape}, config.json implies {want}")
                     with torch.no_grad():
-                        ours.copy_(f.get_tensor(name))
+                        for ours, part in zip(parts, f.get_tensor(name).split([p.size(0) for p in parts])):
+                            ours.copy_(part)
                     found.add(name)
         except (SafetensorError, OSError) as e:
             raise D.UserError(f"{path} is not a safetensors file ({str(e).splitlines()[0][:120]})") from None
@@ -237,6 +243,8 @@ def load_vlm(hf_dir, n_layers=0, weights=True):
     if arch not in VLM_ARCHS:
         raise D.UserError(f"{hf_dir}/config.json: {arch} is not a vision-language model; expected "
                           f"{' or '.join(VLM_ARCHS)}")
+    if arch == "Qwen3VLForConditionalGeneration":
+        return load_qwen3vl(hf_dir, n_layers, weights)
     where = os.path.join(hf_dir, "config.json")
     text, vision = cfg["text_config"], cfg["vision_config"]
     tied = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
@@ -263,7 +271,9 @@ def add_chat_tokens(llm, tokenizer, action=False):
 
 def image_size(hf_dir):
     """The vision tower's input resolution of a VLM directory (stage 2 renders its data at it)."""
-    cfg, _ = read_config(hf_dir)
+    cfg, arch = read_config(hf_dir)
+    if arch == "Qwen3VLForConditionalGeneration":
+        return qwen3vl_image_size(cfg.get("vision_config", {}))
     return cfg.get("vision_config", {}).get("image_size", 0)
 
 
@@ -417,7 +427,8 @@ def write_safetensors(module, table, path):
     """module's tensors under their Hugging Face names (the inverse of a name table)."""
     from safetensors.torch import save_file
     params = dict(module.named_parameters())
-    save_file({hf: params[ours].detach().cpu().contiguous() for hf, ours in table.items()}, path,
+    tensor = lambda ours: torch.cat([params[n] for n in ours]) if isinstance(ours, tuple) else params[ours]
+    save_file({hf: tensor(ours).detach().cpu().contiguous() for hf, ours in table.items()}, path,
               metadata={"format": "pt"})
 
 
@@ -506,6 +517,196 @@ def write_random_smolvlm(out_dir, size="256m", vocab_text=None):
     return out_dir
 
 
+# -----------------------------------------------------------------------------------------------
+# --- Qwen3-VL (issue 17): Qwen3VLForConditionalGeneration -> model.VLM
+#
+#   vision tower  VisionTower(temporal_patch_size=2, position_grid, rope_theta, deepstack_layers) with
+#                 SigLIP-like blocks (LayerNorm, GELU(tanh) MLP, biases; qkv stored fused, split here)
+#   merger        merger.norm = the tower's post_layernorm; 2x2 pixel shuffle + MLP = Projector('mlp')
+#   DeepStack     deepstack_merger_list.k = VLM.projector.deepstack[k] (LayerNorm after the shuffle)
+#   text model    Qwen3 blocks, interleaved multimodal RoPE (GPTConfig.mrope_section)
+#
+# Limits: one still image per placeholder run at a fixed square resolution (QWEN3VL_MERGED_SIDE visual
+# tokens a side: 256 px for the released 16-px patches), no video, no dynamic resolution.
+
+QWEN3VL_MERGED_SIDE = 8  # visual tokens per image side: image_size = 8 * patch_size * spatial_merge_size
+
+
+def qwen3vl_image_size(vision):
+    return QWEN3VL_MERGED_SIDE * vision.get("patch_size", 16) * vision.get("spatial_merge_size", 2)
+
+
+def qwen3vl_configs(cfg, where, n_layers=0, image_size=0, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5)):
+    """Our (GPTConfig, VisionConfig) for a Qwen3-VL config.json; what we cannot represent is a UserError."""
+    text, vision = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
+    if "image_token_id" not in cfg:
+        raise D.UserError(f"{where}: no image_token_id (a video-only model?); we take still images")
+    if text.get("model_type", "qwen3_vl_text") != "qwen3_vl_text":
+        raise D.UserError(f"{where}: text model {text.get('model_type')} is not supported (expected qwen3_vl_text)")
+    # transformers 5 writes mrope_section into rope_parameters, 4.x into rope_scaling (type 'default')
+    params, scaling = text.get("rope_parameters") or {}, text.get("rope_scaling") or {}
+    section = params.get("mrope_section") or scaling.get("mrope_section")
+    mrope = lambda d: {k: v for k, v in d.items() if k not in ("mrope_section", "mrope_interleaved")}
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = {}
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    if not section or len(section) != 3 or sum(section) != head_dim // 2:
+        raise D.UserError(f"{where}: mrope_section {section} must be three counts summing to head_dim / 2 = {head_dim // 2}")
+    tied = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    llm_cfg = llm_config({**text, "rope_parameters": mrope(params), "rope_scaling": mrope(scaling) or None},
+                         "Qwen3ForCausalLM", where, tied, n_layers)
+    llm_cfg.max_seq_len = min(llm_cfg.max_seq_len, 32768)  # the 1-D RoPE table (262,144 positions would be 268 MB)
+    llm_cfg.mrope_section = tuple(section)
+    checks = {"hidden_act": (vision.get("hidden_act", "gelu_pytorch_tanh"), "gelu_pytorch_tanh"),
+              "in_channels": (vision.get("in_channels", 3), 3),
+              "rope_type": ((vision.get("rope_parameters") or {}).get("rope_type", "axial"), "axial"),
+              "out_hidden_size": (vision.get("out_hidden_size"), text["hidden_size"])}
+    for key, (got, want) in checks.items():
+        if got != want:
+            raise D.UserError(f"{where}: vision_config {key} = {got!r} is not supported (expected {want!r})")
+    for key in ("patch_size", "temporal_patch_size", "spatial_merge_size"):
+        if not isinstance(vision.get(key, 2), int):
+            raise D.UserError(f"{where}: vision_config {key} = {vision[key]!r}: expected one integer")
+    patch, merge, depth = vision.get("patch_size", 16), vision.get("spatial_merge_size", 2), vision["depth"]
+    image_size = image_size or qwen3vl_image_size(vision)
+    if image_size % (patch * merge):
+        raise D.UserError(f"image size {image_size} is not a multiple of patch_size x spatial_merge_size = {patch * merge} ({where})")
+    side = round(vision.get("num_position_embeddings", 2304) ** 0.5)
+    if side * side != vision.get("num_position_embeddings", 2304):
+        raise D.UserError(f"{where}: num_position_embeddings {vision['num_position_embeddings']} is not a square grid")
+    deepstack = tuple(vision.get("deepstack_visual_indexes", ()))
+    if any(not 0 <= i < depth for i in deepstack) or len(deepstack) > llm_cfg.n_layer:
+        raise D.UserError(f"{where}: deepstack_visual_indexes {list(deepstack)} need tower layers < depth {depth} and "
+                          f"at most {llm_cfg.n_layer} LLM layers to add to")
+    hidden, n_head = vision["hidden_size"], vision["num_heads"]
+    vision_cfg = M.VisionConfig(
+        image_size=image_size, patch_size=patch, n_layer=depth, n_embd=hidden, n_head=n_head,
+        head_dim=hidden // n_head, mlp_hidden=vision["intermediate_size"], pixel_shuffle=merge,
+        projector_hidden=hidden * merge * merge, qk_norm=False, norm_eps=1e-6, norm="layer", mlp="gelu_tanh", bias=True,
+        projector="mlp", pixel_mean=tuple(pixel_mean), pixel_std=tuple(pixel_std),
+        temporal_patch_size=vision.get("temporal_patch_size", 2), position_grid=side,
+        rope_theta=float((vision.get("rope_parameters") or {}).get("rope_theta", 10000.0)), deepstack_layers=deepstack)
+    return llm_cfg, vision_cfg
+
+
+def qwen3vl_names(llm_cfg, vision_cfg):
+    """model.visual.* -> vision.*, projector.* (DeepStack's: projector.deepstack.*); model.language_model.* -> llm.*"""
+    v = "model.visual."
+    table = {f"{v}pos_embed.weight": "vision.position_embedding"}
+    merger = {"norm": None, "linear_fc1": "linear_1", "linear_fc2": "linear_2"}
+    for kind in ("weight", "bias"):
+        table[f"{v}patch_embed.proj.{kind}"] = f"vision.patch_embedding.{kind}"
+        table[f"{v}merger.norm.{kind}"] = f"vision.post_layernorm.{kind}"
+        for theirs in ("linear_fc1", "linear_fc2"):
+            table[f"{v}merger.{theirs}.{kind}"] = f"projector.{merger[theirs]}.{kind}"
+        for k in range(len(vision_cfg.deepstack_layers)):
+            for theirs, mine in merger.items():
+                table[f"{v}deepstack_merger_list.{k}.{theirs}.{kind}"] = f"projector.deepstack.{k}.{mine or 'norm'}.{kind}"
+        for i in range(vision_cfg.n_layer):
+            ours = f"vision.layers.{i}."
+            table.update({f"{v}blocks.{i}.norm1.{kind}": f"{ours}input_layernorm.{kind}",
+                          f"{v}blocks.{i}.norm2.{kind}": f"{ours}post_attention_layernorm.{kind}",
+                          f"{v}blocks.{i}.attn.qkv.{kind}": tuple(f"{ours}self_attn.{p}_proj.{kind}" for p in "qkv"),
+                          f"{v}blocks.{i}.attn.proj.{kind}": f"{ours}self_attn.o_proj.{kind}",
+                          f"{v}blocks.{i}.mlp.linear_fc1.{kind}": f"{ours}mlp.fc1.{kind}",
+                          f"{v}blocks.{i}.mlp.linear_fc2.{kind}": f"{ours}mlp.fc2.{kind}"})
+    return {**table, **llm_names("model.language_model.", "llm.", llm_cfg)}
+
+
+def load_qwen3vl(hf_dir, n_layers=0, weights=True, image_size=0):
+    """A Qwen3VLForConditionalGeneration directory -> (VLM, Tokenizer). image_size 0: the fixed default
+    (qwen3vl_image_size); pixel statistics from preprocessor_config.json when present (else 0.5, 0.5)."""
+    cfg, _ = read_config(hf_dir)
+    where = os.path.join(hf_dir, "config.json")
+    pre = os.path.join(hf_dir, "preprocessor_config.json")
+    pre = D.read_json(pre, "preprocessor config") if os.path.isfile(pre) else {}
+    llm_cfg, vision_cfg = qwen3vl_configs(cfg, where, n_layers, image_size, pre.get("image_mean", (0.5,) * 3),
+                                          pre.get("image_std", (0.5,) * 3))
+    vlm = M.VLM(llm_cfg, vision_cfg, cfg["image_token_id"])
+    if weights:
+        load_weights(vlm, qwen3vl_names(llm_cfg, vision_cfg), hf_dir)
+    tokenizer = load_tokenizer(hf_dir)
+    for role, token in [("<|image_start|>", "<|vision_start|>"), ("<|image_end|>", "<|vision_end|>")]:
+        if token in tokenizer.special_tokens:  # Qwen's template: <|vision_start|> <|image_pad|> x n <|vision_end|>
+            tokenizer.roles[role] = tokenizer.special_tokens[token]
+    return vlm, tokenizer
+
+
+QWEN3VL_SHAPES = {  # Qwen3-VL-2B-Instruct's config.json sizes (as released); 'tiny' for tests and smoke runs
+    "2b": dict(text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                         num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                         rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20],
+                                              mrope_interleaved=True)),
+               vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
+                           num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
+               vocab=151936, tied=True),
+    "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                           rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[2, 3, 3],
+                                                mrope_interleaved=True)),
+                 vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                             num_position_embeddings=16, deepstack_visual_indexes=[0]),
+                 vocab=640, tied=True),
+}
+
+
+def world_tokenizer(vocab_text, specials):
+    """A 512-rank BPE trained on the built-in world's language (or vocab_text), then the given specials."""
+    if vocab_text is None:
+        from eval_sim import language_corpus
+        vocab_text = language_corpus(300, seed=0, split="train")
+    base = D.Tokenizer.train(vocab_text, 512)
+    return D.Tokenizer(base.ranks, base.pattern, {s: len(base.ranks) + i for i, s in enumerate(specials)})
+
+
+def write_random_qwen3vl(out_dir, size="2b", vocab_text=None, shard_bytes=2 ** 30):
+    """out_dir = a Qwen3VLForConditionalGeneration directory with our init's random weights: config.json,
+    bf16 safetensors shards (as released) + index, and a tokenizer.json (a small BPE trained on the
+    built-in world's language; the embedding keeps the real vocabulary's rows). Written one shard at a time."""
+    if size not in QWEN3VL_SHAPES:
+        raise D.UserError(f"--size={size}: expected one of {', '.join(QWEN3VL_SHAPES)}")
+    from safetensors.torch import save_file
+    shape = QWEN3VL_SHAPES[size]
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = world_tokenizer(vocab_text, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                                             "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
+    ids = tokenizer.special_tokens
+    text = {**shape["text"], "vocab_size": shape["vocab"], "model_type": "qwen3_vl_text", "hidden_act": "silu",
+            "rms_norm_eps": 1e-6, "attention_bias": False, "eos_token_id": ids["<|im_end|>"]}
+    vision = {**shape["vision"], "model_type": "qwen3_vl_vision", "hidden_act": "gelu_pytorch_tanh", "in_channels": 3,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": text["hidden_size"],
+              "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0}}
+    config = {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
+              "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+              "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+              "tie_word_embeddings": shape["tied"], "text_config": text, "vision_config": vision}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    llm_cfg, vision_cfg = qwen3vl_configs(config, os.path.join(out_dir, "config.json"))
+    vlm = M.VLM(llm_cfg, vision_cfg, config["image_token_id"])
+    params = dict(vlm.named_parameters())
+    tensor = lambda ours: torch.cat([params[n] for n in ours]) if isinstance(ours, tuple) else params[ours]
+    shards, size_now = [[]], 0  # names per shard, then each shard converted and written alone
+    for hf_name, ours in qwen3vl_names(llm_cfg, vision_cfg).items():
+        if size_now >= shard_bytes:
+            shards.append([])
+            size_now = 0
+        shards[-1].append((hf_name, ours))
+        size_now += sum(params[n].numel() for n in (ours if isinstance(ours, tuple) else (ours,))) * 2
+    weight_map = {}
+    for k, names in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensor(ours).detach().to(torch.bfloat16).contiguous() for n, ours in names},
+                  os.path.join(out_dir, file), metadata={"format": "pt"})
+        weight_map.update({n: file for n, _ in names})
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    write_tokenizer(tokenizer, os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, f)
+    return out_dir
+
+
 def main(argv=None):
     args = sys.argv[1:] if argv is None else argv
     options = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
@@ -513,12 +714,15 @@ def main(argv=None):
     if words[:1] == ["export"] and len(words) == 3:
         out = export_llm(words[1], words[2])
         print(f"exported {words[1]} -> {out} (config.json, model.safetensors, tokenizer.json)")
+    elif words[:1] == ["random-qwen3vl"] and len(words) == 2:
+        out = write_random_qwen3vl(words[1], options.get("size", "2b"))
+        print(f"wrote a random Qwen3-VL-{options.get('size', '2b')}-shaped model -> {out}")
     elif words[:1] == ["random-smolvlm"] and len(words) == 2:
         out = write_random_smolvlm(words[1], options.get("size", "256m"))
         print(f"wrote a random SmolVLM2-{options.get('size', '256m')}-shaped model -> {out}")
     else:
         raise D.UserError("usage: python hf.py export CHECKPOINT OUT_DIR | python hf.py random-smolvlm OUT_DIR "
-                          "[--size=256m|tiny]")
+                          "[--size=256m|tiny] | python hf.py random-qwen3vl OUT_DIR [--size=2b|tiny]")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ class GPTConfig:
     qk_norm: bool = True          # RMSNorm on q and k per head (Qwen3): steadier at high LR
     tie_embeddings: bool = True   # lm_head shares embed_tokens.weight
     norm_eps: float = 1e-6
+    mrope_section: tuple = ()     # Qwen3-VL: (t, h, w) frequency counts of interleaved multimodal RoPE
+                                  # (sum = head_dim / 2); () = plain RoPE. See mrope_table
 
 
 def config_from_dict(cls, d):
@@ -77,6 +79,32 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).type_as(x)
+
+
+def mrope_table(positions, head_dim, theta, section):
+    """Qwen3-VL's interleaved multimodal RoPE: positions (3, B, T) = (temporal, height, width) ids
+    -> cos, sin (B, 1, T, head_dim). Frequency j of the head_dim / 2 turns with the height id when
+    j % 3 == 1 and j < 3 * section[1], with the width id when j % 3 == 2 and j < 3 * section[2], and
+    with the temporal id otherwise. Text tokens have t = h = w, which makes this plain RoPE."""
+    j = torch.arange(head_dim // 2, device=positions.device)
+    axis = torch.zeros_like(j)
+    axis[(j % 3 == 1) & (j < 3 * section[1])] = 1
+    axis[(j % 3 == 2) & (j < 3 * section[2])] = 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    angles = positions.float()[axis].permute(1, 2, 0) * inv_freq  # (B, T, head_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def vision_rope_table(grid, head_dim, theta):
+    """2-D RoPE of a grid x grid patch tower (Qwen3-VL), patches in raster order -> cos, sin (P, head_dim):
+    the first quarter of the frequencies turns with the patch's row, the second with its column
+    (each quarter with theta's frequencies over head_dim / 2), repeated for rotate-half."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float32) / (head_dim // 2)))
+    k = torch.arange(grid * grid)
+    angles = torch.cat([torch.outer((k // grid).float(), inv_freq), torch.outer((k % grid).float(), inv_freq)], dim=-1)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
 
 
 class KVCache:
@@ -240,17 +268,29 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + length} positions > max_seq_len {self.rope_cos.size(0)}")
         return self.rope_cos[start:start + length], self.rope_sin[start:start + length]
 
-    def forward(self, idx=None, targets=None, embeds=None, mask=None, kv_cache=None, return_hidden=False):
+    def rope_at(self, start, length, positions=None):
+        """cos, sin for `length` positions from `start`, or for explicit Qwen3-VL positions (3, B, T)."""
+        if positions is None:
+            return self.rope(start, length)
+        c = self.config
+        return mrope_table(positions, c.head_dim, c.rope_theta, c.mrope_section)
+
+    def forward(self, idx=None, targets=None, embeds=None, mask=None, kv_cache=None, return_hidden=False,
+                positions=None, deepstack=None):
         """idx: (B, T) token ids, or embeds: (B, T, C) precomputed inputs (stage 2 scatters image
         embeddings into them). targets: (B, T) ids, -1 = no loss. Returns (logits, loss); loss is
         None without targets. With targets only the loss path runs the lm_head over all positions;
         without, the logits of every position are returned (generation slices the last).
+        Qwen3-VL (VLM.llm_inputs makes both): positions (3, B, T) multimodal RoPE ids, and deepstack,
+        a list of (B, T, C) added to the hidden states after layers 0, 1, ... (zero off the image).
         """
         x = self.embed_tokens(idx) if embeds is None else embeds
         start = kv_cache.pos if kv_cache is not None else 0
-        rope = self.rope(start, x.size(1))
+        rope = self.rope_at(start, x.size(1), positions)
         for i, block in enumerate(self.layers):
             x = block(x, rope, mask=mask, causal=True, kv_cache=kv_cache, layer=i)
+            if deepstack is not None and i < len(deepstack):
+                x = x + deepstack[i]
         if kv_cache is not None:
             kv_cache.pos += x.size(1)
         x = self.norm(x)
@@ -270,14 +310,18 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, generator=None,
-                 valid_vocab=None, embeds=None):
+                 valid_vocab=None, embeds=None, positions=None, deepstack=None):
         """Sample continuations of idx (B, T) with a KV cache: one prefill pass, then one token per
         step. temperature 0 = greedy. Stops early when every row has produced stop_token.
         valid_vocab: the tokenizer's size; the embedding's padding rows are never sampled.
-        embeds: (B, T, C) inputs for the prefill instead of idx's embeddings (stage 2: with images)."""
+        embeds: (B, T, C) inputs for the prefill instead of idx's embeddings (stage 2: with images).
+        positions, deepstack: Qwen3-VL's prefill inputs (forward); each new token's position is then
+        the cache length + (the prompt's largest position + 1 - T), as transformers continues them."""
         B, T = idx.shape
         cache = self.new_kv_cache(B, min(T + max_new_tokens, self.config.max_seq_len))
-        logits, _ = self(idx if embeds is None else None, embeds=embeds, kv_cache=cache)
+        logits, _ = self(idx if embeds is None else None, embeds=embeds, kv_cache=cache, positions=positions,
+                         deepstack=deepstack)
+        delta = None if positions is None else positions.amax(dim=(0, 2)) + 1 - T  # (B,)
         out, done = [], torch.zeros(B, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             next_token = sample_token(logits[:, -1, :valid_vocab], temperature, top_k, generator)
@@ -288,7 +332,8 @@ class Transformer(nn.Module):
                     break
             if cache.pos >= cache.k.size(3):
                 break
-            logits, _ = self(next_token, kv_cache=cache)
+            step_positions = None if delta is None else (cache.pos + delta).view(1, B, 1).expand(3, B, 1)
+            logits, _ = self(next_token, kv_cache=cache, positions=step_positions)
         return torch.cat([idx] + out, dim=1)
 
     def num_params(self, exclude_embedding=False):
@@ -421,6 +466,14 @@ class VisionConfig:
     projector: str = "mlp"        # 'mlp' (linear -> GELU -> linear) | 'linear' (one bias-free linear: Idefics3/SmolVLM)
     pixel_mean: tuple = (0.5, 0.5, 0.5)  # per-channel statistics of the training images (train_vlm.py
     pixel_std: tuple = (0.5, 0.5, 0.5)   # measures them): inputs are standardized inside the tower
+    # Qwen3-VL's tower (hf.py sets these; the defaults leave our tower and SigLIP's unchanged)
+    temporal_patch_size: int = 1  # 2: a Conv3d patch embedding over frame pairs; a still image is the pair of
+                                  # two identical frames, i.e. a Conv2d with the two temporal kernels summed
+    position_grid: int = 0        # side of the learned position table; 0 = the patch grid. Otherwise the
+                                  # table is resized to the grid bilinearly (align_corners, as transformers)
+    rope_theta: float = 0.0       # > 0: 2-D rotary positions (row, column) in every tower block
+    deepstack_layers: tuple = ()  # tower layers whose features (own projectors) are added to the LLM's
+                                  # hidden states at the image's positions after LLM layers 0, 1, ... (DeepStack)
 
     @property
     def grid(self):  # patches per side
@@ -447,8 +500,16 @@ class VisionTower(nn.Module):
         if c.image_size % c.patch_size or c.grid % c.pixel_shuffle:
             raise ValueError(f"image_size {c.image_size} must be a multiple of patch_size {c.patch_size}, and the "
                              f"{c.grid} x {c.grid} patch grid a multiple of pixel_shuffle {c.pixel_shuffle}")
-        self.patch_embedding = nn.Conv2d(3, c.n_embd, c.patch_size, stride=c.patch_size)
-        self.position_embedding = nn.Parameter(torch.zeros(c.grid * c.grid, c.n_embd))
+        if c.temporal_patch_size > 1:  # Qwen3-VL: weights (n_embd, 3, frames, patch, patch)
+            self.patch_embedding = nn.Conv3d(3, c.n_embd, (c.temporal_patch_size, c.patch_size, c.patch_size))
+        else:
+            self.patch_embedding = nn.Conv2d(3, c.n_embd, c.patch_size, stride=c.patch_size)
+        side = c.position_grid or c.grid
+        self.position_embedding = nn.Parameter(torch.zeros(side * side, c.n_embd))
+        if c.rope_theta > 0:
+            cos, sin = vision_rope_table(c.grid, c.head_dim, c.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.layers = nn.ModuleList(
             Block(c.n_embd, c.n_head, c.n_head, c.head_dim, c.mlp_hidden, c.qk_norm, c.norm_eps, c.norm, c.mlp, c.bias)
             for _ in range(c.n_layer))
@@ -456,13 +517,33 @@ class VisionTower(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(c.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(c.pixel_std).view(3, 1, 1), persistent=False)
 
-    def forward(self, images):
+    def positions(self):
+        """The learned position table at the patch grid: (grid * grid, C)."""
+        c, table = self.config, self.position_embedding
+        side = c.position_grid or c.grid
+        if side == c.grid:
+            return table
+        table = table.view(1, side, side, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table, size=(c.grid, c.grid), mode="bilinear", align_corners=True)
+        return table.permute(0, 2, 3, 1).reshape(c.grid * c.grid, -1)
+
+    def forward(self, images, return_layers=False):
+        """return_layers: also the hidden states after each of config.deepstack_layers (a list)."""
         images = (images - self.pixel_mean) / self.pixel_std
-        x = self.patch_embedding(images).flatten(2).transpose(1, 2)  # (B, grid*grid, C), row-major patches
-        x = x + self.position_embedding
-        for block in self.layers:
-            x = block(x, None, causal=False)
-        return self.post_layernorm(x)
+        if self.config.temporal_patch_size > 1:  # a still image = identical frames: sum the temporal kernels
+            w = self.patch_embedding.weight.sum(2)
+            x = F.conv2d(images, w, self.patch_embedding.bias, stride=self.config.patch_size)
+        else:
+            x = self.patch_embedding(images)
+        x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, C), row-major patches
+        x = x + self.positions()
+        rope = (self.rope_cos, self.rope_sin) if self.config.rope_theta > 0 else None
+        layers = []
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, causal=False)
+            if i in self.config.deepstack_layers:
+                layers.append(x)
+        return (self.post_layernorm(x), layers) if return_layers else self.post_layernorm(x)
 
 
 class Projector(nn.Module):
@@ -474,11 +555,16 @@ class Projector(nn.Module):
     the order of Idefics3/SmolVLM's pixel_shuffle, so their connector (projector='linear', one
     bias-free linear layer) loads as is."""
 
-    def __init__(self, config: VisionConfig, llm_width):
+    def __init__(self, config: VisionConfig, llm_width, shuffled_norm=False):
         super().__init__()
         self.config = c = config
         if c.projector not in ("mlp", "linear"):
             raise ValueError(f"projector must be 'mlp' or 'linear', got {c.projector!r}")
+        # shuffled_norm: a LayerNorm over the stacked channels first (Qwen3-VL's DeepStack projectors)
+        self.norm = nn.LayerNorm(c.n_embd * c.pixel_shuffle ** 2, c.norm_eps) if shuffled_norm else None
+        if c.deepstack_layers and not shuffled_norm:  # Qwen3-VL: one more projector per DeepStack layer, kept
+            # here so the projector's optimizer group, learning rate and parameter count include them
+            self.deepstack = nn.ModuleList(Projector(c, llm_width, shuffled_norm=True) for _ in c.deepstack_layers)
         if c.projector == "linear":
             self.linear = nn.Linear(c.n_embd * c.pixel_shuffle ** 2, llm_width, bias=False)
         else:
@@ -490,6 +576,8 @@ class Projector(nn.Module):
         g, s = self.config.grid, self.config.pixel_shuffle
         x = x.view(B, g // s, s, g // s, s, C).permute(0, 1, 3, 2, 4, 5)  # (B, rows, cols, s, s, C)
         x = x.reshape(B, (g // s) ** 2, s * s * C)
+        if self.norm is not None:
+            x = self.norm(x)
         if self.config.projector == "linear":
             return self.linear(x)
         return self.linear_2(F.gelu(self.linear_1(x)))
@@ -548,6 +636,26 @@ class VLM(nn.Module):
         (B, n_images, 3, H, W) float -> inputs (B, T, C): token embeddings, with each image's
         projected embeddings at its placeholders (row by row, images in order). return_patches: also
         the vision tower's patch features (B * n_images, n_patches, C_vit), which stage 3 reads."""
+        inputs = self.llm_inputs(idx, images)
+        return (inputs["embeds"], inputs["patches"]) if return_patches else inputs["embeds"]
+
+    def mrope_positions(self, is_image):
+        """Qwen3-VL's position ids (3, B, T) as transformers' get_rope_index computes them, each run of
+        n_visual_tokens <|image|> tokens one image: a text token has t = h = w = the number of text
+        tokens before it + g per image before it (g = merged grid side); an image token has t = that
+        count at the image's start, h = t + its row, w = t + its column. (transformers takes a run of
+        image tokens as one image: its template puts <|vision_start|>, <|vision_end|> around each.)"""
+        g, n = self.vision.config.grid // self.vision.config.pixel_shuffle, self.n_visual_tokens
+        img = is_image.long()
+        image_before, text_before = img.cumsum(1) - img, (1 - img).cumsum(1) - (1 - img)
+        base = text_before + image_before // n * g
+        within = image_before % n
+        return torch.stack([base, base + img * (within // g), base + img * (within % g)])
+
+    def llm_inputs(self, idx, images):
+        """What the LLM reads: {"embeds": (B, T, C) (see embed), "patches": the tower's features or None,
+        "positions": Qwen3-VL's (3, B, T) position ids or None (plain RoPE), "deepstack": a list of (B, T, C)
+        (Qwen3-VL's DeepStack features at the image positions, zero elsewhere; [] for other towers)}."""
         x = self.llm.embed_tokens(idx)
         is_image = idx == self.image_token_id  # (B, T)
         n_images = 0 if images is None else images.size(1)
@@ -557,24 +665,31 @@ class VLM(nn.Module):
             if bad:
                 raise ValueError(f"row {bad[0]} has {counts[bad[0]]} <|image|> placeholders, expected {n_images} "
                                  f"image(s) x {self.n_visual_tokens} visual tokens = {want}")
+        positions = self.mrope_positions(is_image) if self.llm.config.mrope_section else None
         if n_images == 0:
-            return (x, None) if return_patches else x
-        patches = self.vision(images.flatten(0, 1))  # (B * n_images, n_patches, C_vit)
+            return {"embeds": x, "patches": None, "positions": positions, "deepstack": []}
+        # (B * n_images, n_patches, C_vit), and the DeepStack layers' hidden states
+        patches, layers = self.vision(images.flatten(0, 1), return_layers=True)
         x = x.masked_scatter(is_image.unsqueeze(-1), self.projector(patches).to(x.dtype))
-        return (x, patches) if return_patches else x
+        deepstack = [x.new_zeros(x.shape).masked_scatter(is_image.unsqueeze(-1), projector(h).to(x.dtype))
+                     for projector, h in zip(self.projector.deepstack, layers)] if layers else []
+        return {"embeds": x, "patches": patches, "positions": positions, "deepstack": deepstack}
 
     def forward(self, idx, images, targets=None):
         """idx, targets (B, T) (targets -1 = no loss: data.py keeps only answer tokens);
         images (B, n_images, 3, H, W). Returns (logits, loss) as Transformer.forward."""
-        return self.llm(embeds=self.embed(idx, images), targets=targets)
+        inputs = self.llm_inputs(idx, images)
+        return self.llm(embeds=inputs["embeds"], targets=targets, positions=inputs["positions"],
+                        deepstack=inputs["deepstack"])
 
     @torch.no_grad()
     def generate(self, idx, images, max_new_tokens, temperature=1.0, top_k=None, stop_token=None,
                  generator=None, valid_vocab=None):
         """Continue prompts idx (B, T) about images: one prefill with the image embeddings into the
         KV cache, then token by token (Transformer.generate). Returns (B, T + new) ids."""
+        inputs = self.llm_inputs(idx, images)
         return self.llm.generate(idx, max_new_tokens, temperature, top_k, stop_token, generator, valid_vocab,
-                                 embeds=self.embed(idx, images))
+                                 embeds=inputs["embeds"], positions=inputs["positions"], deepstack=inputs["deepstack"])
 
     def param_counts(self):
         return {"vision": sum(p.numel() for p in self.vision.parameters()),
@@ -870,11 +985,14 @@ class VLA(nn.Module):
         if images.size(1) != c.n_images:
             raise ValueError(f"{images.size(1)} images per sample, the expert expects n_images = {c.n_images}")
         # (B, T, C) with image embeddings at the <|image|> positions; the tower's patches (B * n_images, P, C_vit)
-        x, patches = self.vlm.embed(idx, images, return_patches=True)
+        inputs = self.vlm.llm_inputs(idx, images)
+        x, patches, deepstack = inputs["embeds"], inputs["patches"], inputs["deepstack"]
         kv, hidden = PrefixKV(), []
-        rope = llm.rope(0, x.size(1))
+        rope = llm.rope_at(0, x.size(1), inputs["positions"])
         for i, block in enumerate(llm.layers):
             x = block(x, rope, causal=True, kv_cache=kv, layer=i)
+            if i < len(deepstack):  # Qwen3-VL
+                x = x + deepstack[i]
             hidden.append(x)
         if c.conditioning == "prefix":
             prefix = {"k": kv.k, "v": kv.v, "mask": prefix_mask}

@@ -988,7 +988,7 @@ def test_vlm_bad_input_is_one_clear_line_and_exit_code_2(tiny_llm_checkpoint, tm
         return e.value.code, capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "out")
-    for argv, msg in [([f"--init={tmp_path}/nope"], "run `python train_llm.py` first"),
+    for argv, msg in [([f"--init={tmp_path}/nope", f"--out_dir={tmp_path}/o"], "run `python train_llm.py` first"),
                       (["--vision_layer=2"], "unknown option --vision_layer"),
                       (args + [f"--data={tmp_path}/bad.jsonl"], "bad.jsonl:1: not valid JSON"),
                       (args + ["--patch_size=5"], "must be a multiple of patch_size")]:
@@ -1935,3 +1935,193 @@ def test_server_under_8_concurrent_clients_answers_every_good_request_and_reject
           f"{sum(r[1] for r in results)} malformed ones rejected, no failures")  # shown with pytest -s
     with pytest.raises(data.UserError, match="unreachable"):
         eval_sim.make_policy(url)  # the server is gone: one line, not a traceback
+
+
+# ---- Qwen3-VL (issue 17)
+# Tiny random Qwen3VLForConditionalGeneration models that transformers builds and saves; ours load them
+# from the directory (hf.py) and must give the same logits and greedy tokens for a prompt with one image.
+
+QWEN3VL_CASES = {  # name: (n_head, n_kv_head, head_dim, mrope_section, deepstack layers, image px, tied)
+    "gqa2_deepstack2_32px": (4, 2, 16, [2, 3, 3], [0, 1], 32, False),
+    "gqa4_deepstack1_48px_tied": (4, 1, 8, [2, 1, 1], [1], 48, True),
+    "mha_deepstack2_48px": (2, 2, 16, [4, 2, 2], [0, 2], 48, False),
+}
+
+
+def write_qwen3vl_tokenizer(directory):
+    import hf
+    base = data.Tokenizer.train("pick the red block and put it in the bowl " * 20, 280)
+    hf.write_tokenizer(data.Tokenizer(base.ranks, base.pattern, {"<|endoftext|>": 280}), str(directory / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def qwen3vl_dirs(tmp_path_factory):
+    """name -> (directory, image size) of a tiny random transformers Qwen3-VL (vision patches of 8 px,
+    a learned 8 x 8 position table that every image size here interpolates)."""
+    transformers = pytest.importorskip("transformers")
+    dirs = {}
+    for name, (n_head, n_kv, head_dim, section, deepstack, px, tied) in QWEN3VL_CASES.items():
+        cfg = transformers.Qwen3VLConfig(
+            text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                             num_attention_heads=n_head, num_key_value_heads=n_kv, head_dim=head_dim,
+                             rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": section,
+                                              "mrope_interleaved": True}),
+            vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8,
+                               out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=deepstack),
+            image_token_id=290, video_token_id=291, vision_start_token_id=292, vision_end_token_id=293,
+            tie_word_embeddings=tied)
+        torch.manual_seed(len(dirs))
+        directory = tmp_path_factory.mktemp(name)
+        transformers.Qwen3VLForConditionalGeneration(cfg).save_pretrained(directory)
+        write_qwen3vl_tokenizer(directory)
+        dirs[name] = (directory, px)
+    return dirs
+
+
+def qwen3vl_reference_inputs(image, ids, patch=8, merge=2):
+    """transformers' inputs for one image (B=1): pixel_values as its processor flattens them (2x2-merge
+    blocks, each patch (channel, frame, row, column) with the still image as two identical frames)."""
+    _, _, H, W = image.shape
+    gh, gw = H // patch, W // patch
+    x = ((image - 0.5) / 0.5).reshape(1, 3, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 2, 5, 3, 6, 1, 4, 7).unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, 2, -1, -1)
+    return dict(input_ids=ids, pixel_values=x.reshape(gh * gw, 3 * 2 * patch * patch),
+                image_grid_thw=torch.tensor([[1, gh, gw]]), mm_token_type_ids=(ids == 290).int(),
+                attention_mask=torch.ones_like(ids))
+
+
+def qwen3vl_prompt(n_visual, seed):
+    g = torch.Generator().manual_seed(seed)
+    before, after = torch.randint(0, 280, (4,), generator=g), torch.randint(0, 280, (5,), generator=g)
+    return torch.cat([before, torch.tensor([292] + [290] * n_visual + [293]), after])[None]
+
+
+@pytest.mark.parametrize("case", list(QWEN3VL_CASES))
+def test_qwen3vl_logits_and_greedy_generation_equal_transformers(qwen3vl_dirs, case):
+    import hf
+    from transformers import Qwen3VLForConditionalGeneration
+    directory, px = qwen3vl_dirs[case]
+    ref = Qwen3VLForConditionalGeneration.from_pretrained(directory).eval()
+    ours, tokenizer = hf.load_qwen3vl(str(directory), image_size=px)
+    ours.eval()
+    assert tokenizer.special("<|image|>") == 290 and ours.llm.config.tie_embeddings == QWEN3VL_CASES[case][-1]
+    image = torch.rand(1, 3, px, px, generator=torch.Generator().manual_seed(1))
+    ids = qwen3vl_prompt(ours.n_visual_tokens, seed=2)  # text, <|vision_start|> image <|vision_end|>, text
+    inputs = qwen3vl_reference_inputs(image, ids)
+    with torch.no_grad():
+        theirs = ref(**inputs).logits
+        mine, _ = ours(ids, image[:, None])
+        assert (theirs - mine).abs().max().item() <= 1e-4
+        want = ref.generate(**inputs, max_new_tokens=20, do_sample=False, min_new_tokens=20)[0, ids.size(1):]
+    got = ours.generate(ids, image[:, None], 20, temperature=0)[0, ids.size(1):]
+    assert got.tolist() == want.tolist()
+
+
+def test_qwen3vl_text_positions_after_an_image_are_transformers_rope_index(qwen3vl_dirs):
+    import hf
+    from transformers import Qwen3VLForConditionalGeneration
+    directory, px = qwen3vl_dirs["mha_deepstack2_48px"]
+    ref = Qwen3VLForConditionalGeneration.from_pretrained(directory)
+    ours, _ = hf.load_qwen3vl(str(directory), image_size=px)
+    ids = qwen3vl_prompt(ours.n_visual_tokens, seed=3)
+    inputs = qwen3vl_reference_inputs(torch.rand(1, 3, px, px), ids)
+    want, _ = ref.model.get_rope_index(ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"])
+    assert torch.equal(ours.mrope_positions(ids == 290), want)
+
+
+def test_qwen3vl_random_directory_writer_is_one_transformers_loads(tmp_path):
+    """hf.py random-qwen3vl (our init, bf16 shards + index) writes a directory transformers reads as we do."""
+    import hf
+    from transformers import Qwen3VLForConditionalGeneration
+    hf.write_random_qwen3vl(str(tmp_path), "tiny", vocab_text="pick the red block " * 30, shard_bytes=50_000)
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+    ref = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours, tokenizer = hf.load_qwen3vl(str(tmp_path))
+    px = ours.vision_config.image_size
+    image_tokens = tokenizer.image_placeholders(ours.n_visual_tokens)  # what our prompt builders write
+    assert image_tokens == [tokenizer.special("<|vision_start|>")] + [tokenizer.special("<|image_pad|>")] * \
+        ours.n_visual_tokens + [tokenizer.special("<|vision_end|>")]
+    ids = torch.tensor([[3, 4] + image_tokens + [5, 6]])
+    image = torch.rand(1, 3, px, px)
+    inputs = qwen3vl_reference_inputs(image, ids, patch=4)
+    inputs["mm_token_type_ids"] = (ids == tokenizer.special("<|image|>")).int()
+    with torch.no_grad():
+        assert (ref(**inputs).logits - ours.eval()(ids, image[:, None])[0]).abs().max().item() <= 1e-4
+
+
+def test_qwen3vl_unsupported_directories_are_one_line_errors_and_exit_2(qwen3vl_dirs, tmp_path, capsys):
+    import shutil
+    import hf
+    source, _ = qwen3vl_dirs["gqa2_deepstack2_32px"]
+    cfg = json.loads((source / "config.json").read_text())
+    broken = {
+        "no image_token_id (a video-only model?)": lambda c: c.pop("image_token_id"),
+        "mrope_section [2, 3, 4] must be three counts summing to head_dim / 2 = 8":
+            lambda c: c["text_config"]["rope_parameters"].update(mrope_section=[2, 3, 4]),
+        "rope scaling yarn is not supported": lambda c: c["text_config"]["rope_parameters"].update(rope_type="yarn"),
+        "vision_config hidden_act = 'quick_gelu' is not supported": lambda c: c["vision_config"].update(hidden_act="quick_gelu"),
+        "deepstack_visual_indexes [0, 3] need tower layers < depth 3":
+            lambda c: c["vision_config"].update(deepstack_visual_indexes=[0, 3]),
+        "vision_config patch_size = [8, 8]: expected one integer": lambda c: c["vision_config"].update(patch_size=[8, 8]),
+    }
+    for k, (message, edit) in enumerate(broken.items()):
+        directory = tmp_path / f"d{k}"
+        shutil.copytree(source, directory)
+        c = json.loads(json.dumps(cfg))
+        edit(c)
+        (directory / "config.json").write_text(json.dumps(c))
+        with pytest.raises(SystemExit) as e:
+            train_llm.run(lambda: hf.load_vlm(str(directory)))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    with pytest.raises(data.UserError, match="image size 40 is not a multiple of"):
+        hf.load_qwen3vl(str(source), image_size=40)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl_dir(tmp_path_factory):
+    """`python hf.py random-qwen3vl DIR --size=tiny`: a Qwen3-VL-shaped directory (DeepStack on, 64 px images)."""
+    import hf
+    return hf.write_random_qwen3vl(str(tmp_path_factory.mktemp("qwen3vl_tiny")), "tiny",
+                                   vocab_text=eval_sim.language_corpus(60))
+
+
+def test_qwen3vl_backbone_trains_stage2_and_stage3_end_to_end_with_both_conditionings(tiny_qwen3vl_dir, vla_world, tmp_path):
+    """--init=hf:DIR on a tiny Qwen3-VL: stage 2 a few steps; stage 3 demos -> training -> closed-loop
+    evaluation with prefix K/V, and training with the action token."""
+    train_vlm.main([f"--init=hf:{tiny_qwen3vl_dir}", f"--out_dir={tmp_path}/vlm", "--max_steps=2", "--batch_size=4",
+                    "--micro_batch=2", "--world_train=16", "--world_val=4", "--eval_every=100", "--eval_batches=1",
+                    "--show_captions=0", "--compile=False", "--dtype=float32"])
+    assert json.load(open(train_llm.find_checkpoint(f"{tmp_path}/vlm") + "/config.json"))["vision"]["deepstack_layers"] == [0]
+    hf_args = lambda out, *extra: vla_args(vla_world, out, f"--init=hf:{tiny_qwen3vl_dir}", "--compile=False", *extra)
+    train_vla.main(hf_args(tmp_path / "prefix", "--max_steps=2", "--eval_episodes=1"))
+    results = json.load(open(tmp_path / "prefix" / "eval" / "results.json"))
+    assert results["image_size"] == 16 and math.isfinite(json.loads(open(tmp_path / "prefix" / "metrics.jsonl").readline())["loss"])
+    policy = train_vla.load_policy(str(tmp_path / "prefix"))
+    assert policy.vla.vlm.llm.config.mrope_section == [2, 3, 3] and len(policy.vla.vlm.projector.deepstack) == 1
+    train_vla.main(hf_args(tmp_path / "token", "--max_steps=2", "--conditioning=action_token", "--eval_episodes=0"))
+    log = [json.loads(line) for line in open(tmp_path / "token" / "metrics.jsonl")]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+
+
+def test_fsdp_two_processes_give_the_ddp_loss_curve_and_resume_exactly(vla_world, tmp_path):
+    """torchrun --nproc_per_node=2 train_vla.py --fsdp on CPU (gloo): the loss curve of DDP, checkpoints
+    in the same format, and a resume from step 2 reproduces step 3's weights bit for bit."""
+    def torchrun(out, *extra):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "train_vla.py"] + vla_args(vla_world, out, "--micro_batch=1", "--max_steps=3",
+                                                          "--val_fraction=0", *extra),
+                              cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    ddp, fsdp = torchrun(tmp_path / "ddp"), torchrun(tmp_path / "fsdp", "--fsdp")
+    assert len(ddp) == len(fsdp) == 3
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ddp, fsdp)) <= 1e-4
+    straight = load_tensors(tmp_path / "fsdp" / "step_000003" / "model.safetensors")
+    assert straight.keys() == load_tensors(tmp_path / "ddp" / "step_000003" / "model.safetensors").keys()
+    import shutil
+    shutil.rmtree(tmp_path / "fsdp" / "step_000003")
+    (tmp_path / "fsdp" / "latest").write_text("step_000002\n")
+    torchrun(tmp_path / "fsdp", "--fsdp", "--resume")
+    resumed = load_tensors(tmp_path / "fsdp" / "step_000003" / "model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -456,7 +456,9 @@ def peak_flops(device, dtype="bfloat16"):
     key = (str(device), dtype)
     if key not in _measured_peak:  # best of 5 short trials: robust to a briefly busy machine
         n = 1024
-        a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        # its own generator: the global RNG is part of the resume state (a torchrun resume measures this anew)
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
+                        generator=torch.Generator(device).manual_seed(0))
         best = 0.0
         for _ in range(5):
             a @ a
@@ -602,8 +604,9 @@ def load_checkpoint(path, raw_model, optimizer, loader):
     for f in ("optimizer.pt", "state.pt"):
         if not os.path.isfile(os.path.join(path, f)):
             raise D.UserError(f"{path} has weights but no {f}: it cannot be resumed exactly")
-    try:
-        load_weights(raw_model, os.path.join(path, "model.safetensors"))
+    try:  # raw_model None: the caller loaded the weights (train_vla --fsdp: before sharding)
+        if raw_model is not None:
+            load_weights(raw_model, os.path.join(path, "model.safetensors"))
     except UnreadableWeights:
         raise
     except WeightsError as e:

@@ -13,6 +13,7 @@ scored closed-loop in that world at the end.
     python train_vla.py --serve=out/vla --port=8000     # the policy over HTTP; eval_sim.py eval --policy http://127.0.0.1:8000
     torchrun --standalone --nproc_per_node=8 train_vla.py --demos=my_robot_dataset
     python train_vla.py --resume                        # continue out_dir's run (--overwrite: start over there)
+    torchrun --standalone --nproc_per_node=8 train_vla.py --init=hf:DIR --fsdp   # a policy too big for one GPU
 
 Reads top to bottom: config, demonstrations, model, optimizer, loop (with EMA weights), checkpoint,
 closed-loop evaluation. The plumbing (config CLI, DDP, schedule, checkpoints) is train_llm.py's.
@@ -110,6 +111,9 @@ class TrainConfig:
     seed: int = 1337
     resume: bool = False                # continue exactly from out_dir's latest checkpoint
     overwrite: bool = False             # start over in an out_dir that already holds checkpoints (deletes them)
+    fsdp: bool = False                  # under torchrun: shard the policy with FSDP2 (fully_shard per block, then the
+                                        # root; bf16 parameters, fp32 gradient reduction on CUDA) instead of DDP replicas.
+                                        # Checkpoints are gathered to full weights, the same files as DDP's
     bench: bool = False                 # instead of training: latency of one action chunk, prefix reuse vs recompute
                                         # (with init=hf:DIR also parameters, load memory, one training step)
     bench_repeats: int = 20             # timed repeats of each --bench measurement
@@ -155,6 +159,8 @@ def main(argv=None):
         return serve_policy(cfg)
     check_out_dir(cfg)
     dist = setup_distributed(cfg.device)
+    if cfg.fsdp and dist.world_size == 1:
+        raise D.UserError("--fsdp shards the policy over processes: launch with torchrun --nproc_per_node=2 or more")
     torch.manual_seed(cfg.seed + dist.rank)
     cfg.dtype = resolve_dtype(dist.device, cfg.dtype)
     ckpt = find_checkpoint(cfg.out_dir) if cfg.resume else None
@@ -208,6 +214,10 @@ def main(argv=None):
     if cfg.ema_decay > 0:
         parts["ema"] = copy.deepcopy(vla).requires_grad_(False)
     weights = nn.ModuleDict(parts)  # what a checkpoint holds: policy.* (trained) and ema.* weights
+    if cfg.fsdp:  # the full weights go in before sharding; the optimizer's state is re-sharded by load_checkpoint
+        if ckpt:
+            M.load_weights(weights, os.path.join(ckpt, "model.safetensors"))
+        shard_policy(weights, dist.device)
     optimizer = make_optimizer({
         "vision": (vla.vlm.vision.parameters(), cfg.lr * cfg.lr_vision),
         "projector": (vla.vlm.projector.parameters(), cfg.lr * cfg.lr_projector),
@@ -216,9 +226,13 @@ def main(argv=None):
 
     grad_accum = cfg.batch_size // (cfg.micro_batch * dist.world_size)  # divisible: validate()
     loader = D.WindowLoader(dataset, cfg.micro_batch, cfg.seed, dist.rank, dist.world_size)
-    step = load_checkpoint(ckpt, weights, optimizer, loader) if ckpt else 0
+    if ckpt:  # (FSDP: the weights are in already; the optimizer's full state is re-sharded)
+        step = load_checkpoint(ckpt, None, ShardedOptimizer(vla, optimizer), loader) if cfg.fsdp else \
+            load_checkpoint(ckpt, weights, optimizer, loader)
+    else:
+        step = 0
     model = torch.compile(vla) if cfg.compile else vla
-    if dist.world_size > 1:
+    if dist.world_size > 1 and not cfg.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
     autocast = autocast_context(dist.device, cfg.dtype)
     n_vis = vlm.n_visual_tokens
@@ -293,13 +307,17 @@ def main(argv=None):
             B, H, A = batch["actions"].shape
             noise = torch.randn(B * cfg.noise_repeats, H, A, device=dist.device)
             t = M.sample_flow_time(B * cfg.noise_repeats, device=dist.device)
-            if dist.world_size > 1:  # all-reduce gradients only on the last micro-step (set before forward)
+            if dist.world_size > 1 and cfg.fsdp:  # reduce-scatter gradients only on the last micro-step
+                vla.set_requires_gradient_sync(micro_step == grad_accum - 1)
+            elif dist.world_size > 1:  # all-reduce gradients only on the last micro-step (set before forward)
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with autocast:
                 loss = model(**batch, noise=noise, t=t)
             (loss / grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(vla.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        if cfg.fsdp and grad_norm is not None:
+            grad_norm = grad_norm.full_tensor()  # FSDP: a replicated DTensor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if cfg.ema_decay > 0:  # warm-up of the decay: early EMA follows the fast-moving weights
@@ -312,10 +330,11 @@ def main(argv=None):
                   "samples_per_s": round(cfg.batch_size / dt, 2), "mfu": round(flops_per_step / dt / peak, 4)}
         if grad_norm is not None:
             record["grad_norm"] = round(grad_norm.item(), 4)
-        if val_set is not None and dist.is_master and due(step, cfg.val_every, cfg.max_steps):
+        # a sharded forward is collective: under FSDP every rank validates (rank 0 logs)
+        if val_set is not None and (dist.is_master or cfg.fsdp) and due(step, cfg.val_every, cfg.max_steps):
             record["val_loss"], record["val_action_err"] = (round(x, 6) for x in validation())
         if dist.is_master and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and cfg.eval_episodes \
-                and in_world:
+                and in_world and not cfg.fsdp:  # under FSDP only the final evaluation runs, on the saved checkpoint
             record["success"] = closed_loop(f"eval_step_{step:06d}")["overall"]["all"]["rate"]
         log.write(record)
         bar.set_postfix(loss=f"{train_loss:.3f}", smp_s=f"{record['samples_per_s']:.1f}",
@@ -323,18 +342,78 @@ def main(argv=None):
                            if "val_loss" in record else {}))
         bar.update(1)
         if due(step, cfg.save_every, cfg.max_steps):  # every rank: their RNG states are gathered
-            save_checkpoint(cfg.out_dir, step, weights, optimizer, loader, tokenizer, cfg.keep_checkpoints,
+            state = gathered_state(weights, vla, optimizer) if cfg.fsdp else (weights, optimizer)
+            save_checkpoint(cfg.out_dir, step, *state, loader, tokenizer, cfg.keep_checkpoints,
                             model=vlm.llm.config, vision=vlm.vision_config, action_expert=expert_cfg, policy=policy_settings,
                             normalization=normalization, train=cfg, stage="vla")
     bar.close()
     if dist.is_master:
         print(f"trained {step} steps in {time.time() - t_start:.0f}s; checkpoint in {cfg.out_dir}")
+        if cfg.eval_episodes and in_world and cfg.fsdp:  # the last checkpoint's full weights (EMA if on), unsharded, on rank 0
+            vla = load_policy(cfg.out_dir, device=dist.device).vla
+            weights = {"ema": vla, "policy": vla}
         if cfg.eval_episodes and in_world:
             closed_loop("eval")
         elif cfg.eval_episodes:
             print(f"no closed-loop evaluation: the built-in world's state {eval_sim.STATE_NAMES}, actions "
                   f"{eval_sim.ACTION_NAMES} and cameras scene,wrist differ from {demos}'s")
     teardown_distributed(dist)
+
+
+# --- FSDP2 (--fsdp): the policy's parameters sharded over the ranks
+
+def shard_policy(weights, device):
+    """fully_shard each transformer block (vision tower, LLM, action expert), then each root (policy and
+    EMA): a block's weights are gathered just before it runs and freed after. Rank 0's weights first go to
+    every rank (DDP does that on wrapping; fully_shard keeps each rank's own). On CUDA parameters compute
+    in bf16 and gradients are reduced in fp32; on CPU everything stays fp32."""
+    import torch.distributed as torch_dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    for t in [*weights.parameters(), *weights.buffers()]:
+        torch_dist.broadcast(t.data, 0)
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for vla in weights.values():
+        for block in [*vla.vlm.vision.layers, *vla.vlm.llm.layers, *vla.action_expert.layers]:
+            fully_shard(block, mp_policy=precision)
+        fully_shard(vla, mp_policy=precision)
+
+
+def full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gathered_state(weights, vla, optimizer):
+    """(weights, optimizer) as save_checkpoint reads them: the full weights (tied aliases left out, as
+    save_weights leaves them) and the optimizer state in torch's own format (parameters numbered in group
+    order), gathered from the shards. Every rank calls it (collective); rank 0 gets the tensors. So an
+    FSDP checkpoint holds the same files as a DDP one."""
+    from types import SimpleNamespace
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    aliases = {n for n, _ in weights.named_parameters(remove_duplicate=False)} - {n for n, _ in weights.named_parameters()}
+    model_state = {k: v for k, v in get_model_state_dict(weights, options=full_state_options()).items() if k not in aliases}
+    full = get_optimizer_state_dict(vla, optimizer, options=full_state_options())
+    ids = {}
+    groups = [{**g, "params": [ids.setdefault(name, len(ids)) for name in g["params"]]} for g in full.get("param_groups", [])]
+    optimizer_state = {"state": {ids[name]: s for name, s in full.get("state", {}).items()}, "param_groups": groups}
+    return SimpleNamespace(state_dict=lambda: model_state), SimpleNamespace(state_dict=lambda: optimizer_state)
+
+
+class ShardedOptimizer:
+    """load_checkpoint's view of the sharded optimizer: load_state_dict takes torch's full format (what
+    gathered_state saved) and re-shards it onto this rank's parameters."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def load_state_dict(self, state):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        by_param = {p: n for n, p in self.model.named_parameters()}
+        order = [by_param[p] for g in self.optimizer.param_groups for p in g["params"]]  # id -> name
+        groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
+        full = {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
+        set_optimizer_state_dict(self.model, self.optimizer, full, options=StateDictOptions(full_state_dict=True))
 
 
 def collect_demos(path, episodes_per_task):
@@ -704,13 +783,19 @@ def bench_latency(cfg):
     result = {}
     if hf_dir and not ckpt:
         counts = {**vla.vlm.param_counts(), "expert": sum(p.numel() for p in vla.action_expert.parameters())}
-        train_s = bench_train_step(vla, batch, cfg, device)
+        # AdamW in fp32 holds ~16 bytes per trainable parameter (weights, gradients, two moments)
+        need = 16 * sum(p.numel() for p in vla.parameters() if p.requires_grad)
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if device.type == "cpu" else float("inf")
+        train_s = bench_train_step(vla, batch, cfg, device) if need < 0.8 * ram else []
         result = {**loading, "params": counts, "train_step_s": train_s}
         print(f"parameters: {', '.join(f'{k} {v:,}' for k, v in counts.items())} (total {sum(counts.values()):,})")
         print(f"loading {hf_dir}: {loading['load_s']:.1f} s, peak RSS {loading['load_peak_rss_mb']:,.0f} MB "
               f"(process before loading: {loading['rss_before_mb']:,.0f} MB)")
-        print(f"one training step (micro_batch {cfg.micro_batch}, {cfg.noise_repeats} noise draws, AdamW), median of "
-              f"{len(train_s)}: {float(np.median(train_s)):.2f} s  (each: {', '.join(f'{t:.2f}' for t in train_s)})")
+        if train_s:
+            print(f"one training step (micro_batch {cfg.micro_batch}, {cfg.noise_repeats} noise draws, AdamW), median of "
+                  f"{len(train_s)}: {float(np.median(train_s)):.2f} s  (each: {', '.join(f'{t:.2f}' for t in train_s)})")
+        else:
+            print(f"training step skipped: AdamW needs ~{need / 2**30:.0f} GiB, this machine has {ram / 2**30:.0f} GiB")
     print(f"one action chunk (batch 1, H = {vla.action_expert.config.chunk_size}, K = {cfg.flow_steps} Euler steps), median of {repeats}:")
     print(f"  prefix computed once, reused: {t_reuse * 1000:8.1f} ms")
     print(f"  prefix recomputed every step: {t_full * 1000:8.1f} ms   ({ratio:.1f}x slower, median of paired runs)")

@@ -368,6 +368,18 @@ class VisionConfig:
     norm_eps: float = 1e-6
     pixel_mean: tuple = (0.5, 0.5, 0.5)  # per-channel statistics of the training images (train_vlm.py
     pixel_std: tuple = (0.5, 0.5, 0.5)   # measures them): inputs are standardized inside the tower
+    stem: str = "patch"           # 'patch': one stride-patch convolution (SigLIP); 'conv': 3x3 convolutions, one at
+                                  # full resolution then stride-2 ones down to the patch grid (early convolutions)
+    coord_channels: bool = False  # two more input channels holding each pixel's x and y in [-1, 1] (CoordConv)
+    film_vocab: int = 0           # > 0: the prompt's words scale and shift every stem layer's channels (FiLM), read
+                                  # from a bag-of-words table of this many rows (the LLM's vocab_size); 0 = off
+
+    @property
+    def stem_widths(self):  # output channels of each stem layer
+        if self.stem == "patch":
+            return [self.n_embd]
+        n_down = self.patch_size.bit_length() - 1
+        return [min(32 << k, self.n_embd) for k in range(n_down)] + [self.n_embd]
 
     @property
     def grid(self):  # patches per side
@@ -394,7 +406,19 @@ class VisionTower(nn.Module):
         if c.image_size % c.patch_size or c.grid % c.pixel_shuffle:
             raise ValueError(f"image_size {c.image_size} must be a multiple of patch_size {c.patch_size}, and the "
                              f"{c.grid} x {c.grid} patch grid a multiple of pixel_shuffle {c.pixel_shuffle}")
-        self.patch_embedding = nn.Conv2d(3, c.n_embd, c.patch_size, stride=c.patch_size)
+        in_channels = 3 + 2 * c.coord_channels
+        if c.stem == "patch":
+            self.patch_embedding = nn.Conv2d(in_channels, c.n_embd, c.patch_size, stride=c.patch_size)
+        elif c.stem == "conv":
+            if c.patch_size & (c.patch_size - 1):
+                raise ValueError(f"stem='conv' halves the resolution per layer: patch_size {c.patch_size} must be a power of 2")
+            widths = c.stem_widths
+            self.conv_stem = nn.ModuleList(nn.Conv2d(w_in, w_out, 3, stride=1 if k == 0 else 2, padding=1)
+                                           for k, (w_in, w_out) in enumerate(zip([in_channels] + widths, widths)))
+        else:
+            raise ValueError(f"unknown stem {c.stem!r}: use 'patch' or 'conv'")
+        if c.film_vocab:  # per token: a (scale, shift) pair for every stem channel; zeros = no conditioning
+            self.film = nn.Embedding(c.film_vocab, 2 * sum(c.stem_widths))
         self.position_embedding = nn.Parameter(torch.zeros(c.grid * c.grid, c.n_embd))
         self.layers = nn.ModuleList(
             Block(c.n_embd, c.n_head, c.n_head, c.head_dim, c.mlp_hidden, c.qk_norm, c.norm_eps)
@@ -403,9 +427,32 @@ class VisionTower(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(c.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(c.pixel_std).view(3, 1, 1), persistent=False)
 
-    def forward(self, images):
+    def forward(self, images, prompt=None):
+        """prompt: (ids (B, T), mask (B, T) bool) of the words that condition the stem (FiLM), or None."""
         images = (images - self.pixel_mean) / self.pixel_std
-        x = self.patch_embedding(images).flatten(2).transpose(1, 2)  # (B, grid*grid, C), row-major patches
+        c = self.config
+        if c.coord_channels:
+            B, _, H, W = images.shape
+            ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=images.device),
+                                    torch.linspace(-1, 1, W, device=images.device), indexing="ij")
+            images = torch.cat([images, torch.stack([xs, ys]).to(images.dtype).expand(B, 2, H, W)], dim=1)
+        film = None
+        if c.film_vocab:
+            if prompt is None:
+                raise ValueError("this vision tower is conditioned on its prompt (film_vocab > 0): pass prompt=(ids, mask)")
+            ids, mask = prompt
+            mask = mask.unsqueeze(-1).to(self.film.weight.dtype)
+            film = (self.film(ids) * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, 2 * sum(stem_widths)): mean over words
+            film = film.split([w for w in c.stem_widths for _ in range(2)], dim=1)
+        layers = [self.patch_embedding] if c.stem == "patch" else list(self.conv_stem)
+        x = images
+        for k, conv in enumerate(layers):
+            x = conv(x)
+            if film is not None:  # FiLM: (1 + scale) * x + shift, per channel
+                x = x * (1 + film[2 * k])[:, :, None, None] + film[2 * k + 1][:, :, None, None]
+            if c.stem == "conv" and k < len(layers) - 1:
+                x = F.relu(x)
+        x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, C), row-major patches
         x = x + self.position_embedding
         for block in self.layers:
             x = block(x, None, causal=False)
@@ -444,8 +491,12 @@ class VLM(nn.Module):
     The whole sequence is causal, so it runs on SDPA's is_causal fast path. Submodules: `llm`
     (parameter names unchanged, so stage-1 weights load as llm.*), `vision`, `projector`."""
 
-    def __init__(self, llm_config: GPTConfig, vision_config: VisionConfig, image_token_id, llm=None):
+    def __init__(self, llm_config: GPTConfig, vision_config: VisionConfig, image_token_id, llm=None,
+                 prompt_end_id=None):
         super().__init__()
+        if vision_config.film_vocab and prompt_end_id is None:
+            raise ValueError("a prompt-conditioned vision tower (film_vocab > 0) needs prompt_end_id (<|assistant|>)")
+        self.prompt_end_id = prompt_end_id  # the words before its first occurrence condition the tower (FiLM)
         self.llm = llm if llm is not None else Transformer(llm_config)
         self.vision = VisionTower(vision_config)
         self.projector = Projector(vision_config, llm_config.n_embd)
@@ -467,11 +518,17 @@ class VLM(nn.Module):
           patch_embedding, q/k/v, gate/up, projector linears   normal(0, 0.02)
           o_proj, down_proj                                     normal(0, 0.02 / sqrt(2 * vision n_layer))
           position_embedding                                    normal(0, 0.02)
+          conv_stem weights (stem='conv')                       kaiming normal (ReLU gain): the signal keeps its scale
+          film table                                            zeros (the stem starts unconditioned)
           biases zeros, RMSNorm weights ones
         """
         std = 0.02
         for name, p in [*self.vision.named_parameters(), *self.projector.named_parameters(prefix="projector")]:
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
+            if name.startswith("film."):
+                nn.init.zeros_(p)
+            elif name.startswith("conv_stem.") and p.dim() > 1:
+                nn.init.kaiming_normal_(p, nonlinearity="relu")
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.vision.config.n_layer))
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
@@ -496,7 +553,11 @@ class VLM(nn.Module):
                                  f"image(s) x {self.n_visual_tokens} visual tokens = {want}")
         if n_images == 0:
             return (x, None) if return_patches else x
-        patches = self.vision(images.flatten(0, 1))  # (B * n_images, n_patches, C_vit)
+        prompt = None
+        if self.vision.config.film_vocab:  # the first user turn's words (before <|assistant|>), for every image of the row
+            words = ((idx == self.prompt_end_id).cumsum(1) == 0) & ~is_image
+            prompt = (idx.repeat_interleave(n_images, 0), words.repeat_interleave(n_images, 0))
+        patches = self.vision(images.flatten(0, 1), prompt)  # (B * n_images, n_patches, C_vit)
         x = x.masked_scatter(is_image.unsqueeze(-1), self.projector(patches).to(x.dtype))
         return (x, patches) if return_patches else x
 
@@ -526,16 +587,21 @@ class VLM(nn.Module):
         N_* count the weights used in matmuls (the conv patch embedding is one; positions are not)."""
         c = self.vision.config
         P = c.grid * c.grid
-        n_vit = sum(p.numel() for n, p in self.vision.named_parameters() if p.dim() >= 2 and n != "position_embedding")
+        n_vit = sum(p.numel() for n, p in self.vision.named_parameters()
+                    if p.dim() >= 2 and n != "position_embedding" and not n.startswith(("conv_stem.", "film.")))
         n_proj = sum(p.numel() for p in self.projector.parameters() if p.dim() == 2)
         vit = P * (6 * n_vit + 12 * c.n_layer * c.n_head * c.head_dim * P)
+        if c.stem == "conv":  # each convolution runs at its own output resolution, not once per patch
+            vit += sum(6 * conv.weight.numel() * (c.image_size // conv.stride[0] ** k) ** 2
+                       for k, conv in enumerate(self.vision.conv_stem))
         return seq_len * self.llm.estimate_flops(seq_len) + n_images * (vit + self.n_visual_tokens * 6 * n_proj)
 
     @classmethod
     def from_config(cls, cfg):
         """The architecture described by a stage-2 config.json (sections model, vision, tokenizer)."""
+        special = cfg["tokenizer"]["special_tokens"]
         return cls(config_from_dict(GPTConfig, cfg["model"]), config_from_dict(VisionConfig, cfg["vision"]),
-                   cfg["tokenizer"]["special_tokens"]["<|image|>"])
+                   special["<|image|>"], prompt_end_id=special.get("<|assistant|>"))
 
 
 def grow_embeddings(llm, vocab_size):

@@ -15,9 +15,11 @@ baseline), and a few captions. The loop and its plumbing are stage 1's (train_ll
 import functools
 import json
 import os
+import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as torch_dist
@@ -42,6 +44,8 @@ class TrainConfig:
     skip_bad: bool = False              # skip and count unreadable images instead of stopping with an error
     augment: bool = False               # light brightness/contrast jitter (no flips: answers say left and right)
     blank_images: bool = False          # the text-only control: every image zeroed, in training and validation
+    world_turns: int = 0                # questions per training conversation for data=world; 0 = all of the scene's (~10)
+    caption_every: int = 4              # data=world: every caption_every-th training micro-batch is captions (1 = all)
     # model: the new parts (the LLM's shape comes from --init)
     image_size: int = 64
     patch_size: int = 8
@@ -52,6 +56,9 @@ class TrainConfig:
     vision_mlp_hidden: int = 384
     pixel_shuffle: int = 2              # visual tokens per image = (image_size / patch_size / pixel_shuffle)^2
     projector_hidden: int = 512
+    vision_stem: str = "patch"          # 'patch' (one stride-patch convolution) | 'conv' (3x3 convolutions, model.py)
+    coord_channels: bool = False        # the tower also sees each pixel's x and y (CoordConv)
+    film: bool = False                  # the prompt's words scale and shift the stem's channels (FiLM, model.py)
     seq_len: int = 0                    # max tokens per sample (longer conversations lose turns); 0 = the LLM's max_seq_len
     # optimization
     batch_size: int = 32                # global batch in samples = micro_batch * world_size * grad_accum
@@ -81,10 +88,19 @@ class TrainConfig:
     compile: bool = torch.cuda.is_available()  # torch.compile the training model (on this CPU: +45 s, no faster)
     seed: int = 1337
     resume: bool = False                # continue exactly from out_dir's latest checkpoint
+    # the fast probe: train once per seed (no checkpoints), then a table of held-out accuracy per question type with
+    # and without the images, and caption precision/recall; judge a recipe by more than one seed in minutes
+    probe: bool = False
+    probe_seeds: str = "1,2"            # comma-separated training seeds, run one after the other
 
 
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv)
+    return probe(cfg) if cfg.probe else train(cfg)
+
+
+def train(cfg):
+    """One stage-2 run; returns the trained model and what its validation measured."""
     dist = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed + dist.rank)
     cfg.dtype = resolve_dtype(dist.device, cfg.dtype)
@@ -92,7 +108,11 @@ def main(argv=None):
 
     # --- data: examples (rendered on demand for the built-in world), a held-out set
     if cfg.data == "world":
-        train_examples, n_train = functools.partial(world_example, split="train", image_size=cfg.image_size), cfg.world_train
+        # whole micro-batches of captions (a caption is ~4x a question's length and rows pad to the longest), so the
+        # scenes are read in order: each index is a fresh random scene anyway
+        train_examples, n_train = functools.partial(world_example, split="train", image_size=cfg.image_size,
+                                                    turns=cfg.world_turns, caption_block=cfg.micro_batch,
+                                                    caption_every=cfg.caption_every), cfg.world_train
         val_examples = [world_example(i, "val", cfg.image_size) for i in range(cfg.world_val)]
     else:
         examples = D.read_image_text(D.expand_paths(cfg.data))
@@ -113,7 +133,7 @@ def main(argv=None):
     loader_args = dict(tokenizer=tokenizer, seq_len=seq_len, image_size=cfg.image_size, rank=dist.rank,
                        world_size=dist.world_size, n_visual_tokens=raw_model.n_visual_tokens, skip_bad=cfg.skip_bad)
     train_loader = D.ImageTextLoader(train_examples, batch_size=cfg.micro_batch, num_examples=n_train, seed=cfg.seed,
-                                     augment=cfg.augment, **loader_args)
+                                     augment=cfg.augment, shuffle=cfg.data != "world", **loader_args)
     val_loader = D.ImageTextLoader(val_examples, batch_size=max(1, min(cfg.micro_batch, len(val_examples) // dist.world_size)),
                                    shuffle=False, **loader_args)
     if cfg.batch_size % (cfg.micro_batch * dist.world_size):
@@ -201,14 +221,18 @@ def main(argv=None):
                         **({"val": f"{record['val_loss']:.3f}", "acc": f"{record['val_accuracy']:.1%}"}
                            if "val_loss" in record else {}))
         bar.update(1)
-        if due(step, cfg.save_every, cfg.max_steps):  # every rank: their RNG states are gathered
+        if due(step, cfg.save_every, cfg.max_steps) and not cfg.probe:  # every rank: their RNG states are gathered
             save_checkpoint(cfg.out_dir, step, raw_model, optimizer, train_loader, tokenizer, cfg.keep_checkpoints,
                             model=raw_model.config, vision=raw_model.vision_config, train=cfg, stage="vlm")
     bar.close()
-    if dist.is_master and accuracy is not None:
-        print_report(accuracy, questions, cfg, time.perf_counter() - t_start, record, train_loader.skipped)
-        show_captions(answer, val_examples[:cfg.show_captions], cfg.image_size)
+    seconds = time.perf_counter() - t_start
+    captions = None
+    if dist.is_master and accuracy is not None and not cfg.probe:
+        print_report(accuracy, questions, cfg, seconds, record, train_loader.skipped)
+        captions = show_captions(answer, val_examples, cfg.image_size, cfg.show_captions)
     teardown_distributed(dist)
+    return {"model": raw_model, "tokenizer": tokenizer, "autocast": autocast, "questions": questions,
+            "val_examples": val_examples, "accuracy": accuracy, "captions": captions, "seconds": seconds}
 
 
 def pixel_stats(examples, n_examples, cfg, n=256):
@@ -241,9 +265,11 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             n_embd=cfg.vision_embd, n_head=cfg.vision_heads, head_dim=cfg.vision_head_dim,
                             mlp_hidden=cfg.vision_mlp_hidden, pixel_shuffle=cfg.pixel_shuffle,
                             projector_hidden=cfg.projector_hidden, pixel_mean=tuple(pixel_mean_std[0]),
-                            pixel_std=tuple(pixel_mean_std[1]))
+                            pixel_std=tuple(pixel_mean_std[1]), stem=cfg.vision_stem, coord_channels=cfg.coord_channels,
+                            film_vocab=llm.config.vocab_size if cfg.film else 0)
     try:
-        model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm)
+        model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,
+                      prompt_end_id=tokenizer.special("<|assistant|>"))
     except ValueError as e:  # an impossible patch grid
         raise D.UserError(str(e)) from None
     return model, tokenizer
@@ -264,15 +290,19 @@ def load_vlm(ckpt_dir, map_location="cpu"):
 # -----------------------------------------------------------------------------------------------
 # The built-in world's data and the validation of answers
 
-def world_example(index, split, image_size):
-    """A rendered scene as one conversation: every 4th scene its caption, the others their questions
-    (eval_sim.scene_questions, shuffled). Apart, because a caption in the same conversation would
-    give the answers away; a caption (~100 tokens) is about as long as the questions, so the batch
-    costs what questions alone cost."""
+def world_example(index, split, image_size, turns=0, caption_block=1, caption_every=4):
+    """A rendered scene as one conversation: its caption when (index // caption_block) is a multiple
+    of caption_every, else its questions (eval_sim.scene_questions, shuffled; the first `turns` of
+    them when turns > 0). Apart, because a caption in the same conversation would give the answers
+    away. With caption_block = the micro-batch and scenes read in order, captions (~100 tokens) come
+    in micro-batches of their own and short questions are not padded to a caption's length."""
     from eval_sim import vlm_sample
     image, caption, qa = vlm_sample(index, image_size, split)
-    turns = [(D.CAPTION_PROMPT, caption)] if index % 4 == 0 else list(qa)
-    return {"images": [image], "turns": turns, "caption": caption}
+    if (index // caption_block) % caption_every == 0:
+        chat = [(D.CAPTION_PROMPT, caption)]
+    else:
+        chat = list(qa)[:turns] if turns > 0 else list(qa)
+    return {"images": [image], "turns": chat, "caption": caption}
 
 
 # question families of eval_sim.scene_questions, first match wins
@@ -351,13 +381,84 @@ def print_report(accuracy, questions, cfg, seconds, record, skipped):
           f"; checkpoint in {cfg.out_dir}")
 
 
-def show_captions(answer, examples, image_size):
-    if not examples:
-        return
+def caption_objects(text):
+    """The objects a caption names: {(colour, kind)} for every 'red block', 'blue bowl', ... in it."""
+    from eval_sim import COLOUR_NAMES
+    return set(re.findall(rf"\b({'|'.join(COLOUR_NAMES)}) (block|disc|bowl)\b", text))
+
+
+def caption_scores(generated, truths):
+    """Object-level precision and recall of generated captions against the true ones (pooled over scenes)."""
+    hit = named = true = 0
+    for g, t in zip(generated, truths):
+        g, t = caption_objects(g), caption_objects(t)
+        hit, named, true = hit + len(g & t), named + len(g), true + len(t)
+    return hit / max(1, named), hit / max(1, true)
+
+
+def generate_captions(answer, examples, image_size):
     items = [(torch.stack([D.preprocess_image(D.load_image(im), image_size) for im in ex["images"]]), D.CAPTION_PROMPT)
              for ex in examples]
-    for ex, caption in zip(examples, answer(items, max_new_tokens=96)):
+    return answer(items, max_new_tokens=96)
+
+
+def show_captions(answer, examples, image_size, n_show=3):
+    """Captions of the held-out scenes: a few printed beside the truth, and (where the truth is known,
+    as for data=world) the object-level precision and recall over all of them. Returns (P, R) or None."""
+    if not examples or not n_show:
+        return None
+    known = [ex for ex in examples if "caption" in ex]
+    generated = generate_captions(answer, known or examples[:n_show], image_size)
+    for ex, caption in list(zip(known or examples, generated))[:n_show]:
         print(f"caption: {caption!r}" + (f"\n  truth: {ex['caption']!r}" if "caption" in ex else ""))
+    if not known:
+        return None
+    precision, recall = caption_scores(generated, [ex["caption"] for ex in known])
+    print(f"captions of {len(known)} held-out scenes name their objects with precision {precision:.1%}, recall {recall:.1%}")
+    return precision, recall
+
+
+def probe(cfg):
+    """Train once per seed of --probe_seeds (no checkpoints), then print held-out accuracy per question type with
+    the images and with them blanked at test time, beside the most-common-answer prior, and caption scores."""
+    seeds = [int(s) for s in cfg.probe_seeds.split(",") if s.strip()]
+    rows = []
+    for seed in seeds:
+        run_cfg = replace(cfg, seed=seed, show_captions=0, eval_every=0)
+        out = train(run_cfg)
+        answer = functools.partial(answer_questions, out["model"], out["tokenizer"], autocast=out["autocast"])
+        one = SimpleNamespace(rank=0, world_size=1)
+        blank = question_accuracy(functools.partial(answer, blank=True), out["questions"], one)
+        precision, recall = caption_scores(generate_captions(answer, out["val_examples"], cfg.image_size),
+                                           [ex["caption"] for ex in out["val_examples"]])
+        rows.append({"seed": seed, "images": out["accuracy"], "blank": blank, "caption": (precision, recall),
+                     "seconds": out["seconds"]})
+        print(f"probe seed {seed}: {out['accuracy']['all'][0] / out['accuracy']['all'][1]:.1%} with images, "
+              f"{blank['all'][0] / blank['all'][1]:.1%} blanked, captions P {precision:.1%} R {recall:.1%}, "
+              f"{out['seconds']:.0f}s", flush=True)
+    print_probe_table(rows, out["questions"], cfg)
+    return rows
+
+
+def print_probe_table(rows, questions, cfg):
+    answers_by_type = {}
+    for _, _, truth, kind in questions:
+        answers_by_type.setdefault(kind, []).append(truth)
+    prior = {k: max(Counter(a).values()) / len(a) for k, a in answers_by_type.items()}
+    prior["all"] = sum(max(Counter(a).values()) for a in answers_by_type.values()) / len(questions)
+    seeds = ", ".join(str(r["seed"]) for r in rows)
+    print(f"\nprobe: {cfg.max_steps} steps of {cfg.batch_size}, seeds {seeds}; accuracy with images per seed, "
+          f"their mean, the mean with images blanked at test time, the most-common-answer prior")
+    print(f"{'type':<15}{'n':>5}" + "".join(f"{'seed ' + str(r['seed']):>10}" for r in rows) +
+          f"{'mean':>8}{'blanked':>9}{'prior':>8}")
+    for kind in rows[0]["images"]:
+        n = rows[0]["images"][kind][1]
+        accs = [r["images"][kind][0] / n for r in rows]
+        blank = sum(r["blank"][kind][0] / n for r in rows) / len(rows)
+        print(f"{kind:<15}{n:>5}" + "".join(f"{a:>10.1%}" for a in accs) +
+              f"{sum(accs) / len(accs):>8.1%}{blank:>9.1%}{prior[kind]:>8.1%}")
+    print(f"{'captions P/R':<20}" + "".join(f"{r['caption'][0]:>5.0%}/{r['caption'][1]:<4.0%}" for r in rows))
+    print(f"{'seconds':<20}" + "".join(f"{r['seconds']:>10.0f}" for r in rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -368,8 +368,8 @@ class VisionConfig:
     norm_eps: float = 1e-6
     pixel_mean: tuple = (0.5, 0.5, 0.5)  # per-channel statistics of the training images (train_vlm.py
     pixel_std: tuple = (0.5, 0.5, 0.5)   # measures them): inputs are standardized inside the tower
-    stem: str = "patch"           # 'patch': one stride-patch convolution (SigLIP); 'conv': 3x3 convolutions, one at
-                                  # full resolution then stride-2 ones down to the patch grid (early convolutions)
+    stem: str = "patch"           # 'patch': one stride-patch convolution (SigLIP); 'conv': stride-2 3x3 convolutions
+                                  # down to the patch grid, ReLU between (early convolutions)
     coord_channels: bool = False  # two more input channels holding each pixel's x and y in [-1, 1] (CoordConv)
     film_vocab: int = 0           # > 0: the prompt's words scale and shift every stem layer's channels (FiLM), read
                                   # from a bag-of-words table of this many rows (the LLM's vocab_size); 0 = off
@@ -379,7 +379,7 @@ class VisionConfig:
         if self.stem == "patch":
             return [self.n_embd]
         n_down = self.patch_size.bit_length() - 1
-        return [min(32 << k, self.n_embd) for k in range(n_down)] + [self.n_embd]
+        return [min(32 << k, self.n_embd) for k in range(n_down - 1)] + [self.n_embd]
 
     @property
     def grid(self):  # patches per side
@@ -413,8 +413,8 @@ class VisionTower(nn.Module):
             if c.patch_size & (c.patch_size - 1):
                 raise ValueError(f"stem='conv' halves the resolution per layer: patch_size {c.patch_size} must be a power of 2")
             widths = c.stem_widths
-            self.conv_stem = nn.ModuleList(nn.Conv2d(w_in, w_out, 3, stride=1 if k == 0 else 2, padding=1)
-                                           for k, (w_in, w_out) in enumerate(zip([in_channels] + widths, widths)))
+            self.conv_stem = nn.ModuleList(nn.Conv2d(w_in, w_out, 3, stride=2, padding=1)
+                                           for w_in, w_out in zip([in_channels] + widths, widths))
         else:
             raise ValueError(f"unknown stem {c.stem!r}: use 'patch' or 'conv'")
         if c.film_vocab:  # per token: a (scale, shift) pair for every stem channel; zeros = no conditioning
@@ -592,8 +592,7 @@ class VLM(nn.Module):
         n_proj = sum(p.numel() for p in self.projector.parameters() if p.dim() == 2)
         vit = P * (6 * n_vit + 12 * c.n_layer * c.n_head * c.head_dim * P)
         if c.stem == "conv":  # each convolution runs at its own output resolution, not once per patch
-            vit += sum(6 * conv.weight.numel() * (c.image_size // conv.stride[0] ** k) ** 2
-                       for k, conv in enumerate(self.vision.conv_stem))
+            vit += sum(6 * conv.weight.numel() * (c.image_size >> (k + 1)) ** 2 for k, conv in enumerate(self.vision.conv_stem))
         return seq_len * self.llm.estimate_flops(seq_len) + n_images * (vit + self.n_visual_tokens * 6 * n_proj)
 
     @classmethod

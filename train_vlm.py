@@ -59,6 +59,8 @@ class TrainConfig:
     vision_stem: str = "patch"          # 'patch' (one stride-patch convolution) | 'conv' (3x3 convolutions, model.py)
     coord_channels: bool = False        # the tower also sees each pixel's x and y (CoordConv)
     film: bool = False                  # the prompt's words scale and shift the stem's channels (FiLM, model.py)
+    cell_words: float = 0.0             # data=world: weight of a dense extra loss: the LLM's output at each visual token
+                                        # names the colour in its cell (read off the rendered pixels) or 'nothing'; 0 = off
     seq_len: int = 0                    # max tokens per sample (longer conversations lose turns); 0 = the LLM's max_seq_len
     # optimization
     batch_size: int = 32                # global batch in samples = micro_batch * world_size * grad_accum
@@ -162,9 +164,17 @@ def train(cfg):
               f"visual tokens per image | {dist.world_size} process(es) on {dist.device}, grad_accum {grad_accum}, "
               f"{cfg.batch_size} samples/step | peak {peak / 1e12:.2f} TFLOP/s" + (" | CONTROL: images blanked" if cfg.blank_images else ""))
 
-    def to_device(batch):
+    cell_targets = None
+    if cfg.cell_words and cfg.data == "world":
+        cell_targets = functools.partial(cell_colour_targets, grid=round(raw_model.n_visual_tokens ** 0.5),
+                                         words=[tokenizer.encode(" " + w)[0] for w in world_colours()[0] + ["nothing"]],
+                                         rgb=world_colours()[1])
+
+    def to_device(batch, with_cells=False):
         idx, targets, images = (t.to(dist.device, non_blocking=True) for t in batch)
-        return idx, targets, images.zero_() if cfg.blank_images else images
+        cells = cell_targets(images) if with_cells else None  # from the real pixels, also in the blanked control
+        images = images.zero_() if cfg.blank_images else images
+        return (idx, targets, images, cells) if with_cells else (idx, targets, images)
 
     def evaluate():
         model.eval()
@@ -193,11 +203,14 @@ def train(cfg):
             group["lr"] = 0.0 if only_projector else group["base_lr"] * lr_scale
         loss_sum, flops = torch.zeros((), device=dist.device), 0
         for micro_step in range(grad_accum):
-            idx, targets, images = to_device(train_loader.next_batch())
+            idx, targets, images, cells = to_device(train_loader.next_batch(), with_cells=cell_targets is not None)
             if dist.world_size > 1:  # all-reduce gradients only on the last micro-step (set before forward)
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with autocast:
-                _, loss = model(idx, images, targets)
+                logits, loss = model(idx, images, targets)
+                if cells is not None:  # the visual tokens' positions, in the order their cells were labelled
+                    is_image = idx == raw_model.image_token_id
+                    loss = loss + cfg.cell_words * torch.nn.functional.cross_entropy(logits[is_image].float(), cells.flatten())
             (loss / grad_accum).backward()
             loss_sum += loss.detach()
             flops += raw_model.estimate_flops(idx.size(1), images.size(1)) * idx.size(0) * dist.world_size
@@ -273,6 +286,27 @@ def vlm_from_llm(cfg, pixel_mean_std):
     except ValueError as e:  # an impossible patch grid
         raise D.UserError(str(e)) from None
     return model, tokenizer
+
+
+def world_colours():
+    """The built-in world's colour names and their exact rendered RGB (eval_sim.COLOURS)."""
+    from eval_sim import COLOURS
+    return list(COLOURS), torch.tensor(list(COLOURS.values()))
+
+
+def cell_colour_targets(images, grid, words, rgb, min_pixels=4):
+    """images (B, n_images, 3, S, S) of the built-in world, in [0, 1] -> (B, n_images * grid * grid) token ids:
+    for each of the grid x grid cells (row-major from the top, the visual tokens' order), words[c] for the
+    colour c (rgb (n_colours, 3) ints) whose exact RGB covers most of the cell's pixels (objects, bowl rims),
+    or words[-1] ('nothing') when none covers min_pixels."""
+    B, n, _, S, _ = images.shape
+    pixels = (images * 255).round().to(torch.int16)
+    match = (pixels.unsqueeze(2) == rgb.to(pixels)[None, None, :, :, None, None]).all(3)  # (B, n, colours, S, S)
+    k = S // grid
+    counts = match.view(B, n, len(rgb), grid, k, grid, k).sum((4, 6))  # (B, n, colours, grid, grid)
+    most, colour = counts.max(2)
+    ids = torch.tensor(words, device=images.device)
+    return torch.where(most >= min_pixels, ids[colour], ids[-1]).flatten(1)
 
 
 def load_vlm(ckpt_dir, map_location="cpu"):

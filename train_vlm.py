@@ -45,7 +45,8 @@ class TrainConfig:
     augment: bool = False               # light brightness/contrast jitter (no flips: answers say left and right)
     blank_images: bool = False          # the text-only control: every image zeroed, in training and validation
     world_turns: int = 0                # questions per training conversation for data=world; 0 = all of the scene's (~10)
-    caption_every: int = 4              # data=world: every caption_every-th training micro-batch is captions (1 = all)
+    caption_every: int = 4              # data=world: every caption_every-th scene is a caption (with world_turns > 0:
+                                        # every caption_every-th micro-batch), the others questions
     # model: the new parts (the LLM's shape comes from --init)
     image_size: int = 64
     patch_size: int = 8
@@ -110,10 +111,11 @@ def train(cfg):
 
     # --- data: examples (rendered on demand for the built-in world), a held-out set
     if cfg.data == "world":
-        # whole micro-batches of captions (a caption is ~4x a question's length and rows pad to the longest), so the
-        # scenes are read in order: each index is a fresh random scene anyway
+        # short conversations (world_turns > 0): whole micro-batches of captions (a caption is ~4x a question's
+        # length and rows pad to the longest), so the scenes are read in order (each index is a fresh random scene)
         train_examples, n_train = functools.partial(world_example, split="train", image_size=cfg.image_size,
-                                                    turns=cfg.world_turns, caption_block=cfg.micro_batch,
+                                                    turns=cfg.world_turns,
+                                                    caption_block=cfg.micro_batch if cfg.world_turns else 1,
                                                     caption_every=cfg.caption_every), cfg.world_train
         val_examples = [world_example(i, "val", cfg.image_size) for i in range(cfg.world_val)]
     else:
@@ -135,7 +137,7 @@ def train(cfg):
     loader_args = dict(tokenizer=tokenizer, seq_len=seq_len, image_size=cfg.image_size, rank=dist.rank,
                        world_size=dist.world_size, n_visual_tokens=raw_model.n_visual_tokens, skip_bad=cfg.skip_bad)
     train_loader = D.ImageTextLoader(train_examples, batch_size=cfg.micro_batch, num_examples=n_train, seed=cfg.seed,
-                                     augment=cfg.augment, shuffle=cfg.data != "world", **loader_args)
+                                     augment=cfg.augment, shuffle=not (cfg.data == "world" and cfg.world_turns), **loader_args)
     val_loader = D.ImageTextLoader(val_examples, batch_size=max(1, min(cfg.micro_batch, len(val_examples) // dist.world_size)),
                                    shuffle=False, **loader_args)
     if cfg.batch_size % (cfg.micro_batch * dist.world_size):
@@ -170,11 +172,10 @@ def train(cfg):
                                          words=[tokenizer.encode(" " + w)[0] for w in world_colours()[0] + ["nothing"]],
                                          rgb=world_colours()[1])
 
-    def to_device(batch, with_cells=False):
+    def to_device(batch):  # -> idx, targets, images, the cells' colour words (None without --cell_words)
         idx, targets, images = (t.to(dist.device, non_blocking=True) for t in batch)
-        cells = cell_targets(images) if with_cells else None  # from the real pixels, also in the blanked control
-        images = images.zero_() if cfg.blank_images else images
-        return (idx, targets, images, cells) if with_cells else (idx, targets, images)
+        cells = cell_targets(images) if cell_targets else None  # from the real pixels, also in the blanked control
+        return idx, targets, images.zero_() if cfg.blank_images else images, cells
 
     def evaluate():
         model.eval()
@@ -182,7 +183,7 @@ def train(cfg):
         losses = []
         with torch.no_grad():
             for _ in range(cfg.eval_batches):
-                idx, targets, images = to_device(val_loader.next_batch())
+                idx, targets, images, _ = to_device(val_loader.next_batch())
                 with autocast:
                     losses.append(model(idx, images, targets)[1].float())
         model.train()
@@ -203,7 +204,7 @@ def train(cfg):
             group["lr"] = 0.0 if only_projector else group["base_lr"] * lr_scale
         loss_sum, flops = torch.zeros((), device=dist.device), 0
         for micro_step in range(grad_accum):
-            idx, targets, images, cells = to_device(train_loader.next_batch(), with_cells=cell_targets is not None)
+            idx, targets, images, cells = to_device(train_loader.next_batch())
             if dist.world_size > 1:  # all-reduce gradients only on the last micro-step (set before forward)
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with autocast:

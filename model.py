@@ -474,6 +474,18 @@ class VisionConfig:
     rope_theta: float = 0.0       # > 0: 2-D rotary positions (row, column) in every tower block
     deepstack_layers: tuple = ()  # tower layers whose features (own projectors) are added to the LLM's
                                   # hidden states at the image's positions after LLM layers 0, 1, ... (DeepStack)
+    stem: str = "patch"           # 'patch': one stride-patch convolution (SigLIP); 'conv': stride-2 3x3 convolutions
+                                  # down to the patch grid, ReLU between (early convolutions)
+    coord_channels: bool = False  # two more input channels holding each pixel's x and y in [-1, 1] (CoordConv)
+    film_vocab: int = 0           # > 0: the prompt's words scale and shift every stem layer's channels (FiLM), read
+                                  # from a bag-of-words table of this many rows (the LLM's vocab_size); 0 = off
+
+    @property
+    def stem_widths(self):  # output channels of each stem layer
+        if self.stem == "patch":
+            return [self.n_embd]
+        n_down = self.patch_size.bit_length() - 1
+        return [min(32 << k, self.n_embd) for k in range(n_down - 1)] + [self.n_embd]
 
     @property
     def grid(self):  # patches per side
@@ -500,10 +512,21 @@ class VisionTower(nn.Module):
         if c.image_size % c.patch_size or c.grid % c.pixel_shuffle:
             raise ValueError(f"image_size {c.image_size} must be a multiple of patch_size {c.patch_size}, and the "
                              f"{c.grid} x {c.grid} patch grid a multiple of pixel_shuffle {c.pixel_shuffle}")
+        in_channels = 3 + 2 * c.coord_channels
         if c.temporal_patch_size > 1:  # Qwen3-VL: weights (n_embd, 3, frames, patch, patch)
-            self.patch_embedding = nn.Conv3d(3, c.n_embd, (c.temporal_patch_size, c.patch_size, c.patch_size))
+            self.patch_embedding = nn.Conv3d(in_channels, c.n_embd, (c.temporal_patch_size, c.patch_size, c.patch_size))
+        elif c.stem == "patch":
+            self.patch_embedding = nn.Conv2d(in_channels, c.n_embd, c.patch_size, stride=c.patch_size)
+        elif c.stem == "conv":
+            if c.patch_size & (c.patch_size - 1):
+                raise ValueError(f"stem='conv' halves the resolution per layer: patch_size {c.patch_size} must be a power of 2")
+            widths = c.stem_widths
+            self.conv_stem = nn.ModuleList(nn.Conv2d(w_in, w_out, 3, stride=2, padding=1)
+                                           for w_in, w_out in zip([in_channels] + widths, widths))
         else:
-            self.patch_embedding = nn.Conv2d(3, c.n_embd, c.patch_size, stride=c.patch_size)
+            raise ValueError(f"unknown stem {c.stem!r}: use 'patch' or 'conv'")
+        if c.film_vocab:  # per token: a (scale, shift) pair for every stem channel; zeros = no conditioning
+            self.film = nn.Embedding(c.film_vocab, 2 * sum(c.stem_widths))
         side = c.position_grid or c.grid
         self.position_embedding = nn.Parameter(torch.zeros(side * side, c.n_embd))
         if c.rope_theta > 0:
@@ -527,21 +550,43 @@ class VisionTower(nn.Module):
         table = F.interpolate(table, size=(c.grid, c.grid), mode="bilinear", align_corners=True)
         return table.permute(0, 2, 3, 1).reshape(c.grid * c.grid, -1)
 
-    def forward(self, images, return_layers=False):
-        """return_layers: also the hidden states after each of config.deepstack_layers (a list)."""
+    def forward(self, images, prompt=None, return_layers=False):
+        """prompt: (ids (B, T), mask (B, T) bool) of the words that condition the stem (FiLM), or None.
+        return_layers: also the hidden states after each of config.deepstack_layers (a list)."""
         images = (images - self.pixel_mean) / self.pixel_std
-        if self.config.temporal_patch_size > 1:  # a still image = identical frames: sum the temporal kernels
-            w = self.patch_embedding.weight.sum(2)
-            x = F.conv2d(images, w, self.patch_embedding.bias, stride=self.config.patch_size)
+        c = self.config
+        if c.coord_channels:
+            B, _, H, W = images.shape
+            ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=images.device),
+                                    torch.linspace(-1, 1, W, device=images.device), indexing="ij")
+            images = torch.cat([images, torch.stack([xs, ys]).to(images.dtype).expand(B, 2, H, W)], dim=1)
+        film = None
+        if c.film_vocab:
+            if prompt is None:
+                raise ValueError("this vision tower is conditioned on its prompt (film_vocab > 0): pass prompt=(ids, mask)")
+            ids, mask = prompt
+            mask = mask.unsqueeze(-1).to(self.film.weight.dtype)
+            film = (self.film(ids) * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, 2 * sum(stem_widths)): mean over words
+            film = film.split([w for w in c.stem_widths for _ in range(2)], dim=1)
+        if c.temporal_patch_size > 1:  # a still image = identical frames: sum the temporal kernels
+            stem = [lambda x: F.conv2d(x, self.patch_embedding.weight.sum(2), self.patch_embedding.bias,
+                                       stride=c.patch_size)]
         else:
-            x = self.patch_embedding(images)
+            stem = [self.patch_embedding] if c.stem == "patch" else list(self.conv_stem)
+        x = images
+        for k, conv in enumerate(stem):
+            x = conv(x)
+            if film is not None:  # FiLM: (1 + scale) * x + shift, per channel
+                x = x * (1 + film[2 * k])[:, :, None, None] + film[2 * k + 1][:, :, None, None]
+            if c.stem == "conv" and k < len(stem) - 1:
+                x = F.relu(x)
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, C), row-major patches
         x = x + self.positions()
-        rope = (self.rope_cos, self.rope_sin) if self.config.rope_theta > 0 else None
+        rope = (self.rope_cos, self.rope_sin) if c.rope_theta > 0 else None
         layers = []
         for i, block in enumerate(self.layers):
             x = block(x, rope, causal=False)
-            if i in self.config.deepstack_layers:
+            if i in c.deepstack_layers:
                 layers.append(x)
         return (self.post_layernorm(x), layers) if return_layers else self.post_layernorm(x)
 
@@ -595,8 +640,12 @@ class VLM(nn.Module):
     The whole sequence is causal, so it runs on SDPA's is_causal fast path. Submodules: `llm`
     (parameter names unchanged, so stage-1 weights load as llm.*), `vision`, `projector`."""
 
-    def __init__(self, llm_config: GPTConfig, vision_config: VisionConfig, image_token_id, llm=None):
+    def __init__(self, llm_config: GPTConfig, vision_config: VisionConfig, image_token_id, llm=None,
+                 prompt_end_id=None):
         super().__init__()
+        if vision_config.film_vocab and prompt_end_id is None:
+            raise ValueError("a prompt-conditioned vision tower (film_vocab > 0) needs prompt_end_id (<|assistant|>)")
+        self.prompt_end_id = prompt_end_id  # the words before its first occurrence condition the tower (FiLM)
         self.llm = llm if llm is not None else Transformer(llm_config)
         self.vision = VisionTower(vision_config)
         self.projector = Projector(vision_config, llm_config.n_embd)
@@ -618,11 +667,17 @@ class VLM(nn.Module):
           patch_embedding, q/k/v, gate/up, projector linears   normal(0, 0.02)
           o_proj, down_proj                                     normal(0, 0.02 / sqrt(2 * vision n_layer))
           position_embedding                                    normal(0, 0.02)
+          conv_stem weights (stem='conv')                       kaiming normal (ReLU gain): the signal keeps its scale
+          film table                                            zeros (the stem starts unconditioned)
           biases zeros, RMSNorm weights ones
         """
         std = 0.02
         for name, p in [*self.vision.named_parameters(), *self.projector.named_parameters(prefix="projector")]:
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
+            if name.startswith("film."):
+                nn.init.zeros_(p)
+            elif name.startswith("conv_stem.") and p.dim() > 1:
+                nn.init.kaiming_normal_(p, nonlinearity="relu")
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.vision.config.n_layer))
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
@@ -668,8 +723,12 @@ class VLM(nn.Module):
         positions = self.mrope_positions(is_image) if self.llm.config.mrope_section else None
         if n_images == 0:
             return {"embeds": x, "patches": None, "positions": positions, "deepstack": []}
+        prompt = None
+        if self.vision.config.film_vocab:  # the first user turn's words (before <|assistant|>), for every image of the row
+            words = ((idx == self.prompt_end_id).cumsum(1) == 0) & ~is_image
+            prompt = (idx.repeat_interleave(n_images, 0), words.repeat_interleave(n_images, 0))
         # (B * n_images, n_patches, C_vit), and the DeepStack layers' hidden states
-        patches, layers = self.vision(images.flatten(0, 1), return_layers=True)
+        patches, layers = self.vision(images.flatten(0, 1), prompt, return_layers=True)
         x = x.masked_scatter(is_image.unsqueeze(-1), self.projector(patches).to(x.dtype))
         deepstack = [x.new_zeros(x.shape).masked_scatter(is_image.unsqueeze(-1), projector(h).to(x.dtype))
                      for projector, h in zip(self.projector.deepstack, layers)] if layers else []
@@ -704,16 +763,20 @@ class VLM(nn.Module):
         N_* count the weights used in matmuls (the conv patch embedding is one; positions are not)."""
         c = self.vision.config
         P = c.grid * c.grid
-        n_vit = sum(p.numel() for n, p in self.vision.named_parameters() if p.dim() >= 2 and n != "position_embedding")
+        n_vit = sum(p.numel() for n, p in self.vision.named_parameters()
+                    if p.dim() >= 2 and n != "position_embedding" and not n.startswith(("conv_stem.", "film.")))
         n_proj = sum(p.numel() for p in self.projector.parameters() if p.dim() == 2)
         vit = P * (6 * n_vit + 12 * c.n_layer * c.n_head * c.head_dim * P)
+        if c.stem == "conv":  # each convolution runs at its own output resolution, not once per patch
+            vit += sum(6 * conv.weight.numel() * (c.image_size >> (k + 1)) ** 2 for k, conv in enumerate(self.vision.conv_stem))
         return seq_len * self.llm.estimate_flops(seq_len) + n_images * (vit + self.n_visual_tokens * 6 * n_proj)
 
     @classmethod
     def from_config(cls, cfg):
         """The architecture described by a stage-2 config.json (sections model, vision, tokenizer)."""
+        special = cfg["tokenizer"]["special_tokens"]
         return cls(config_from_dict(GPTConfig, cfg["model"]), config_from_dict(VisionConfig, cfg["vision"]),
-                   cfg["tokenizer"]["special_tokens"]["<|image|>"])
+                   special["<|image|>"], prompt_end_id=special.get("<|assistant|>"))
 
 
 def grow_embeddings(llm, vocab_size):

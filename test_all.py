@@ -2125,3 +2125,68 @@ def test_fsdp_two_processes_give_the_ddp_loss_curve_and_resume_exactly(vla_world
     torchrun(tmp_path / "fsdp", "--fsdp", "--resume")
     resumed = load_tensors(tmp_path / "fsdp" / "step_000003" / "model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+# ---- stage 2 recipe (issue 18)
+
+def test_prompt_film_tower_reads_only_the_words_before_the_answer_and_starts_as_the_plain_tower():
+    torch.manual_seed(0)
+    llm = M.GPTConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=8, mlp_hidden=64, max_seq_len=64)
+    vision = M.VisionConfig(image_size=16, patch_size=4, n_layer=1, n_embd=16, n_head=2, head_dim=8, mlp_hidden=32,
+                            pixel_shuffle=2, projector_hidden=32, stem="conv", coord_channels=True, film_vocab=64)
+    P, A = 60, 61  # <|image|>, <|assistant|>
+    vlm = M.VLM(llm, vision, P, prompt_end_id=A).eval()
+    n = vlm.n_visual_tokens
+    images = torch.rand(2, 1, 3, 16, 16)
+    row = lambda q, a: [1, 2] + [P] * n + q + [A] + a
+    same_q = torch.tensor([row([5, 6], [7, 8]), row([5, 6], [9, 10])])  # the answers differ
+    other_q = torch.tensor([row([5, 6], [7, 8]), row([11, 6], [7, 8])])
+    is_image = same_q == P
+    x0 = vlm.embed(same_q, images)[is_image]
+    torch.testing.assert_close(x0, vlm.embed(other_q, images)[is_image])  # a zero table: no conditioning yet
+    with torch.no_grad():
+        vlm.vision.film.weight.normal_()
+    x1 = vlm.embed(same_q, images)[is_image].view(2, n, -1)
+    torch.testing.assert_close(x1[1], vlm.embed(same_q[:1], images[1:])[0, is_image[0]])  # answer words unread
+    x2 = vlm.embed(other_q, images)[is_image].view(2, n, -1)
+    torch.testing.assert_close(x2[0], x1[0])
+    assert not torch.allclose(x2[1], x1[1])  # another question word: another view of the same image
+    with pytest.raises(ValueError, match="needs prompt_end_id"):
+        M.VLM(llm, vision, P)
+    assert vlm.estimate_flops(20) > 20 * vlm.llm.estimate_flops(20)
+
+
+def test_cell_colour_targets_name_the_rendered_objects_in_their_cells():
+    from eval_sim import COLOURS, vlm_sample
+    names, rgb = train_vlm.world_colours()
+    image, caption, _ = vlm_sample(5, 64, "train")
+    cells = train_vlm.cell_colour_targets(data.preprocess_image(image, 64)[None, None], 4, list(range(7)), rgb)
+    assert cells.shape == (1, 16)
+    named = {names[c] for c in cells[0].tolist() if c < 6}
+    assert named == {c for c in COLOURS if f"{c} " in caption}  # every object and bowl, nothing else
+    assert (cells == 6).sum() >= 8  # most cells show only the table
+
+
+def test_caption_scores_are_object_level_precision_and_recall():
+    truth = ["the red block is at the top. the blue bowl is on the left side."]
+    assert train_vlm.caption_objects(truth[0]) == {("red", "block"), ("blue", "bowl")}
+    assert train_vlm.caption_scores(["the red block and the green disc."], truth) == (0.5, 0.5)
+    assert train_vlm.caption_scores(["a table."], truth) == (0.0, 0.0)
+
+
+def test_world_captions_come_in_whole_micro_batches():
+    kinds = [train_vlm.world_example(i, "train", 16, turns=1, caption_block=4, caption_every=3)["turns"]
+             for i in range(12)]
+    is_caption = [t[0][0] == data.CAPTION_PROMPT for t in kinds]
+    assert is_caption == [True] * 4 + [False] * 8
+    assert all(len(t) == 1 for t in kinds)
+
+
+def test_vlm_probe_trains_each_seed_and_prints_accuracy_with_and_without_images(tiny_llm_checkpoint, tmp_path, capsys):
+    args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "probe") + [
+        "--max_steps=2", "--probe", "--probe_seeds=1,2", "--vision_stem=conv", "--coord_channels", "--film",
+        "--world_turns=1", "--cell_words=0.5"]
+    rows = train_vlm.main(args)
+    assert [r["seed"] for r in rows] == [1, 2] and not os.path.exists(tmp_path / "probe" / "latest")
+    out = capsys.readouterr().out
+    assert "blanked" in out and "captions P/R" in out and "left/above" in out

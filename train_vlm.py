@@ -16,9 +16,11 @@ baseline), and a few captions. The loop and its plumbing are stage 1's (train_ll
 import functools
 import json
 import os
+import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as torch_dist
@@ -47,6 +49,9 @@ class TrainConfig:
     skip_bad: bool = False              # skip and count unreadable images instead of stopping with an error
     augment: bool = False               # light brightness/contrast jitter (no flips: answers say left and right)
     blank_images: bool = False          # the text-only control: every image zeroed, in training and validation
+    world_turns: int = 0                # questions per training conversation for data=world; 0 = all of the scene's (~10)
+    caption_every: int = 4              # data=world: every caption_every-th scene is a caption (with world_turns > 0:
+                                        # every caption_every-th micro-batch), the others questions
     # model: the new parts (the LLM's shape comes from --init)
     image_size: int = 64
     patch_size: int = 8
@@ -57,6 +62,11 @@ class TrainConfig:
     vision_mlp_hidden: int = 384
     pixel_shuffle: int = 2              # visual tokens per image = (image_size / patch_size / pixel_shuffle)^2
     projector_hidden: int = 512
+    vision_stem: str = "patch"          # 'patch' (one stride-patch convolution) | 'conv' (3x3 convolutions, model.py)
+    coord_channels: bool = False        # the tower also sees each pixel's x and y (CoordConv)
+    film: bool = False                  # the prompt's words scale and shift the stem's channels (FiLM, model.py)
+    cell_words: float = 0.0             # data=world: weight of a dense extra loss: the LLM's output at each visual token
+                                        # names the colour in its cell (read off the rendered pixels) or 'nothing'; 0 = off
     seq_len: int = 0                    # max tokens per sample (longer conversations lose turns); 0 = the LLM's max_seq_len
     # optimization
     batch_size: int = 32                # global batch in samples = micro_batch * world_size * grad_accum
@@ -87,6 +97,10 @@ class TrainConfig:
     seed: int = 1337
     resume: bool = False                # continue exactly from out_dir's latest checkpoint
     overwrite: bool = False             # start over in an out_dir that already holds checkpoints (deletes them)
+    # the fast probe: train once per seed (no checkpoints), then a table of held-out accuracy per question type with
+    # and without the images, and caption precision/recall; judge a recipe by more than one seed in minutes
+    probe: bool = False
+    probe_seeds: str = "1,2"            # comma-separated training seeds, run one after the other
 
 
 # valid ranges (inclusive) and rules, checked before any work (train_llm.validate)
@@ -95,23 +109,31 @@ RANGES = {**SHARED_RANGES, "world_train": (1, None), "world_val": (1, None), "im
           "vision_head_dim": (1, None), "vision_mlp_hidden": (1, None), "pixel_shuffle": (1, None),
           "projector_hidden": (1, None), "seq_len": (0, None), "batch_size": (1, None), "vision_lr": (0, None),
           "projector_lr": (0, None), "projector_warmup_steps": (0, None), "eval_batches": (1, None),
-          "show_captions": (0, None)}
+          "show_captions": (0, None), "world_turns": (0, None), "caption_every": (1, None),
+          "cell_words": (0, None)}
 RULES = SHARED_RULES + [
     (lambda c, w: c.image_size % c.patch_size == 0 and (c.image_size // c.patch_size) % c.pixel_shuffle == 0,
      "--image_size={image_size} must be a multiple of patch_size {patch_size}, and the patch grid a multiple of "
      "--pixel_shuffle={pixel_shuffle}"),
     (lambda c, w: c.batch_size % (c.micro_batch * w) == 0,
      "--batch_size={batch_size} must be a multiple of micro_batch * world_size = {micro_batch} * {world_size}"),
+    (lambda c, w: c.vision_stem in ("patch", "conv"), "--vision_stem={vision_stem}: expected 'patch' or 'conv'"),
 ]
 
 
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv)
     validate(cfg, RANGES, RULES)
-    check_out_dir(cfg)
+    if not cfg.probe:  # the probe writes no checkpoints
+        check_out_dir(cfg)
     hf_dir = hf.init_dir(cfg.init)
     if hf_dir and hf.architecture(hf_dir) == "vlm":
         cfg.image_size = hf.image_size(hf_dir)  # the data is rendered at the pretrained tower's resolution
+    return probe(cfg) if cfg.probe else train(cfg)
+
+
+def train(cfg):
+    """One stage-2 run; returns the trained model and what its validation measured."""
     dist = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed + dist.rank)
     cfg.dtype = resolve_dtype(dist.device, cfg.dtype)
@@ -119,7 +141,12 @@ def main(argv=None):
 
     # --- data: examples (rendered on demand for the built-in world), a held-out set
     if cfg.data == "world":
-        train_examples, n_train = functools.partial(world_example, split="train", image_size=cfg.image_size), cfg.world_train
+        # short conversations (world_turns > 0): whole micro-batches of captions (a caption is ~4x a question's
+        # length and rows pad to the longest), so the scenes are read in order (each index is a fresh random scene)
+        train_examples, n_train = functools.partial(world_example, split="train", image_size=cfg.image_size,
+                                                    turns=cfg.world_turns,
+                                                    caption_block=cfg.micro_batch if cfg.world_turns else 1,
+                                                    caption_every=cfg.caption_every), cfg.world_train
         val_examples = [world_example(i, "val", cfg.image_size) for i in range(cfg.world_val)]
     else:
         examples = D.read_image_text(D.expand_paths(cfg.data))
@@ -131,8 +158,8 @@ def main(argv=None):
     # --- model: the stage-1 LLM + a new vision tower and projector (on resume: the saved VLM)
     if resume_ckpt:
         raw_model, _, tokenizer = load_vlm(resume_ckpt)
-    elif hf_dir and hf.architecture(hf_dir) == "vlm":
-        raw_model, tokenizer = hf.load_vlm(hf_dir)
+    elif hf.init_dir(cfg.init) and hf.architecture(hf.init_dir(cfg.init)) == "vlm":
+        raw_model, tokenizer = hf.load_vlm(hf.init_dir(cfg.init))
         tokenizer = hf.add_chat_tokens(raw_model.llm, tokenizer)
     else:
         raw_model, tokenizer = vlm_from_llm(cfg, pixel_stats(train_examples, n_train, cfg))
@@ -143,7 +170,7 @@ def main(argv=None):
     loader_args = dict(tokenizer=tokenizer, seq_len=seq_len, image_size=cfg.image_size, rank=dist.rank,
                        world_size=dist.world_size, n_visual_tokens=raw_model.n_visual_tokens, skip_bad=cfg.skip_bad)
     train_loader = D.ImageTextLoader(train_examples, batch_size=cfg.micro_batch, num_examples=n_train, seed=cfg.seed,
-                                     augment=cfg.augment, **loader_args)
+                                     augment=cfg.augment, shuffle=not (cfg.data == "world" and cfg.world_turns), **loader_args)
     val_loader = D.ImageTextLoader(val_examples, batch_size=max(1, min(cfg.micro_batch, len(val_examples) // dist.world_size)),
                                    shuffle=False, **loader_args)
     grad_accum = cfg.batch_size // (cfg.micro_batch * dist.world_size)  # divisible: validate()
@@ -169,9 +196,16 @@ def main(argv=None):
               f"visual tokens per image | {dist.world_size} process(es) on {dist.device}, grad_accum {grad_accum}, "
               f"{cfg.batch_size} samples/step | peak {peak / 1e12:.2f} TFLOP/s" + (" | CONTROL: images blanked" if cfg.blank_images else ""))
 
-    def to_device(batch):
+    cell_targets = None
+    if cfg.cell_words and cfg.data == "world":
+        cell_targets = functools.partial(cell_colour_targets, grid=round(raw_model.n_visual_tokens ** 0.5),
+                                         words=[tokenizer.encode(" " + w)[0] for w in world_colours()[0] + ["nothing"]],
+                                         rgb=world_colours()[1])
+
+    def to_device(batch):  # -> idx, targets, images, the cells' colour words (None without --cell_words)
         idx, targets, images = (t.to(dist.device, non_blocking=True) for t in batch)
-        return idx, targets, images.zero_() if cfg.blank_images else images
+        cells = cell_targets(images) if cell_targets else None  # from the real pixels, also in the blanked control
+        return idx, targets, images.zero_() if cfg.blank_images else images, cells
 
     def evaluate():
         model.eval()
@@ -179,7 +213,7 @@ def main(argv=None):
         losses = []
         with torch.no_grad():
             for _ in range(cfg.eval_batches):
-                idx, targets, images = to_device(val_loader.next_batch())
+                idx, targets, images, _ = to_device(val_loader.next_batch())
                 with autocast:
                     losses.append(model(idx, images, targets)[1].float())
         model.train()
@@ -202,11 +236,14 @@ def main(argv=None):
             group["lr"] = 0.0 if only_projector else group["base_lr"] * lr_scale
         loss_sum, flops = torch.zeros((), device=dist.device), 0
         for micro_step in range(grad_accum):
-            idx, targets, images = to_device(train_loader.next_batch())
+            idx, targets, images, cells = to_device(train_loader.next_batch())
             if dist.world_size > 1:  # all-reduce gradients only on the last micro-step (set before forward)
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with autocast:
-                _, loss = model(idx, images, targets)
+                logits, loss = model(idx, images, targets)
+                if cells is not None:  # the visual tokens' positions, in the order their cells were labelled
+                    is_image = idx == raw_model.image_token_id
+                    loss = loss + cfg.cell_words * torch.nn.functional.cross_entropy(logits[is_image].float(), cells.flatten())
             (loss / grad_accum).backward()
             loss_sum += loss.detach()
             flops += raw_model.estimate_flops(idx.size(1), images.size(1)) * idx.size(0) * dist.world_size
@@ -231,14 +268,18 @@ def main(argv=None):
                         **({"val": f"{record['val_loss']:.3f}", "acc": f"{record['val_accuracy']:.1%}"}
                            if "val_loss" in record else {}))
         bar.update(1)
-        if due(step, cfg.save_every, cfg.max_steps):  # every rank: their RNG states are gathered
+        if due(step, cfg.save_every, cfg.max_steps) and not cfg.probe:  # every rank: their RNG states are gathered
             save_checkpoint(cfg.out_dir, step, raw_model, optimizer, train_loader, tokenizer, cfg.keep_checkpoints,
                             model=raw_model.config, vision=raw_model.vision_config, train=cfg, stage="vlm")
     bar.close()
-    if dist.is_master and accuracy is not None:
-        print_report(accuracy, questions, cfg, time.perf_counter() - t_start, record, train_loader.skipped)
-        show_captions(answer, val_examples[:cfg.show_captions], cfg.image_size)
+    seconds = time.perf_counter() - t_start
+    captions = None
+    if dist.is_master and accuracy is not None and not cfg.probe:
+        print_report(accuracy, questions, cfg, seconds, record, train_loader.skipped)
+        captions = show_captions(answer, val_examples, cfg.image_size, cfg.show_captions)
     teardown_distributed(dist)
+    return {"model": raw_model, "tokenizer": tokenizer, "autocast": autocast, "questions": questions,
+            "val_examples": val_examples, "accuracy": accuracy, "captions": captions, "seconds": seconds}
 
 
 def pixel_stats(examples, n_examples, cfg, n=256):
@@ -277,12 +318,35 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             n_embd=cfg.vision_embd, n_head=cfg.vision_heads, head_dim=cfg.vision_head_dim,
                             mlp_hidden=cfg.vision_mlp_hidden, pixel_shuffle=cfg.pixel_shuffle,
                             projector_hidden=cfg.projector_hidden, pixel_mean=tuple(pixel_mean_std[0]),
-                            pixel_std=tuple(pixel_mean_std[1]))
+                            pixel_std=tuple(pixel_mean_std[1]), stem=cfg.vision_stem, coord_channels=cfg.coord_channels,
+                            film_vocab=llm.config.vocab_size if cfg.film else 0)
     try:
-        model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm)
+        model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,
+                      prompt_end_id=tokenizer.special("<|assistant|>"))
     except ValueError as e:  # an impossible patch grid
         raise D.UserError(str(e)) from None
     return model, tokenizer
+
+
+def world_colours():
+    """The built-in world's colour names and their exact rendered RGB (eval_sim.COLOURS)."""
+    from eval_sim import COLOURS
+    return list(COLOURS), torch.tensor(list(COLOURS.values()))
+
+
+def cell_colour_targets(images, grid, words, rgb, min_pixels=4):
+    """images (B, n_images, 3, S, S) of the built-in world, in [0, 1] -> (B, n_images * grid * grid) token ids:
+    for each of the grid x grid cells (row-major from the top, the visual tokens' order), words[c] for the
+    colour c (rgb (n_colours, 3) ints) whose exact RGB covers most of the cell's pixels (objects, bowl rims),
+    or words[-1] ('nothing') when none covers min_pixels."""
+    B, n, _, S, _ = images.shape
+    pixels = (images * 255).round().to(torch.int16)
+    match = (pixels.unsqueeze(2) == rgb.to(pixels)[None, None, :, :, None, None]).all(3)  # (B, n, colours, S, S)
+    k = S // grid
+    counts = match.view(B, n, len(rgb), grid, k, grid, k).sum((4, 6))  # (B, n, colours, grid, grid)
+    most, colour = counts.max(2)
+    ids = torch.tensor(words, device=images.device)
+    return torch.where(most >= min_pixels, ids[colour], ids[-1]).flatten(1)
 
 
 def load_vlm(ckpt_dir, map_location="cpu"):
@@ -300,15 +364,19 @@ def load_vlm(ckpt_dir, map_location="cpu"):
 # -----------------------------------------------------------------------------------------------
 # The built-in world's data and the validation of answers
 
-def world_example(index, split, image_size):
-    """A rendered scene as one conversation: every 4th scene its caption, the others their questions
-    (eval_sim.scene_questions, shuffled). Apart, because a caption in the same conversation would
-    give the answers away; a caption (~100 tokens) is about as long as the questions, so the batch
-    costs what questions alone cost."""
+def world_example(index, split, image_size, turns=0, caption_block=1, caption_every=4):
+    """A rendered scene as one conversation: its caption when (index // caption_block) is a multiple
+    of caption_every, else its questions (eval_sim.scene_questions, shuffled; the first `turns` of
+    them when turns > 0). Apart, because a caption in the same conversation would give the answers
+    away. With caption_block = the micro-batch and scenes read in order, captions (~100 tokens) come
+    in micro-batches of their own and short questions are not padded to a caption's length."""
     from eval_sim import vlm_sample
     image, caption, qa = vlm_sample(index, image_size, split)
-    turns = [(D.CAPTION_PROMPT, caption)] if index % 4 == 0 else list(qa)
-    return {"images": [image], "turns": turns, "caption": caption}
+    if (index // caption_block) % caption_every == 0:
+        chat = [(D.CAPTION_PROMPT, caption)]
+    else:
+        chat = list(qa)[:turns] if turns > 0 else list(qa)
+    return {"images": [image], "turns": chat, "caption": caption}
 
 
 # question families of eval_sim.scene_questions, first match wins
@@ -387,13 +455,84 @@ def print_report(accuracy, questions, cfg, seconds, record, skipped):
           f"; checkpoint in {cfg.out_dir}")
 
 
-def show_captions(answer, examples, image_size):
-    if not examples:
-        return
+def caption_objects(text):
+    """The objects a caption names: {(colour, kind)} for every 'red block', 'blue bowl', ... in it."""
+    from eval_sim import COLOUR_NAMES
+    return set(re.findall(rf"\b({'|'.join(COLOUR_NAMES)}) (block|disc|bowl)\b", text))
+
+
+def caption_scores(generated, truths):
+    """Object-level precision and recall of generated captions against the true ones (pooled over scenes)."""
+    hit = named = true = 0
+    for g, t in zip(generated, truths):
+        g, t = caption_objects(g), caption_objects(t)
+        hit, named, true = hit + len(g & t), named + len(g), true + len(t)
+    return hit / max(1, named), hit / max(1, true)
+
+
+def generate_captions(answer, examples, image_size):
     items = [(torch.stack([D.preprocess_image(D.load_image(im), image_size) for im in ex["images"]]), D.CAPTION_PROMPT)
              for ex in examples]
-    for ex, caption in zip(examples, answer(items, max_new_tokens=96)):
+    return answer(items, max_new_tokens=96)
+
+
+def show_captions(answer, examples, image_size, n_show=3):
+    """Captions of the held-out scenes: a few printed beside the truth, and (where the truth is known,
+    as for data=world) the object-level precision and recall over all of them. Returns (P, R) or None."""
+    if not examples or not n_show:
+        return None
+    known = [ex for ex in examples if "caption" in ex]
+    generated = generate_captions(answer, known or examples[:n_show], image_size)
+    for ex, caption in list(zip(known or examples, generated))[:n_show]:
         print(f"caption: {caption!r}" + (f"\n  truth: {ex['caption']!r}" if "caption" in ex else ""))
+    if not known:
+        return None
+    precision, recall = caption_scores(generated, [ex["caption"] for ex in known])
+    print(f"captions of {len(known)} held-out scenes name their objects with precision {precision:.1%}, recall {recall:.1%}")
+    return precision, recall
+
+
+def probe(cfg):
+    """Train once per seed of --probe_seeds (no checkpoints), then print held-out accuracy per question type with
+    the images and with them blanked at test time, beside the most-common-answer prior, and caption scores."""
+    seeds = [int(s) for s in cfg.probe_seeds.split(",") if s.strip()]
+    rows = []
+    for seed in seeds:
+        run_cfg = replace(cfg, seed=seed, show_captions=0, eval_every=0)
+        out = train(run_cfg)
+        answer = functools.partial(answer_questions, out["model"], out["tokenizer"], autocast=out["autocast"])
+        one = SimpleNamespace(rank=0, world_size=1)
+        blank = question_accuracy(functools.partial(answer, blank=True), out["questions"], one)
+        precision, recall = caption_scores(generate_captions(answer, out["val_examples"], cfg.image_size),
+                                           [ex["caption"] for ex in out["val_examples"]])
+        rows.append({"seed": seed, "images": out["accuracy"], "blank": blank, "caption": (precision, recall),
+                     "seconds": out["seconds"]})
+        print(f"probe seed {seed}: {out['accuracy']['all'][0] / out['accuracy']['all'][1]:.1%} with images, "
+              f"{blank['all'][0] / blank['all'][1]:.1%} blanked, captions P {precision:.1%} R {recall:.1%}, "
+              f"{out['seconds']:.0f}s", flush=True)
+    print_probe_table(rows, out["questions"], cfg)
+    return rows
+
+
+def print_probe_table(rows, questions, cfg):
+    answers_by_type = {}
+    for _, _, truth, kind in questions:
+        answers_by_type.setdefault(kind, []).append(truth)
+    prior = {k: max(Counter(a).values()) / len(a) for k, a in answers_by_type.items()}
+    prior["all"] = sum(max(Counter(a).values()) for a in answers_by_type.values()) / len(questions)
+    seeds = ", ".join(str(r["seed"]) for r in rows)
+    print(f"\nprobe: {cfg.max_steps} steps of {cfg.batch_size}, seeds {seeds}; accuracy with images per seed, "
+          f"their mean, the mean with images blanked at test time, the most-common-answer prior")
+    print(f"{'type':<15}{'n':>5}" + "".join(f"{'seed ' + str(r['seed']):>10}" for r in rows) +
+          f"{'mean':>8}{'blanked':>9}{'prior':>8}")
+    for kind in rows[0]["images"]:
+        n = rows[0]["images"][kind][1]
+        accs = [r["images"][kind][0] / n for r in rows]
+        blank = sum(r["blank"][kind][0] / n for r in rows) / len(rows)
+        print(f"{kind:<15}{n:>5}" + "".join(f"{a:>10.1%}" for a in accs) +
+              f"{sum(accs) / len(accs):>8.1%}{blank:>9.1%}{prior[kind]:>8.1%}")
+    print(f"{'captions P/R':<20}" + "".join(f"{r['caption'][0]:>5.0%}/{r['caption'][1]:<4.0%}" for r in rows))
+    print(f"{'seconds':<20}" + "".join(f"{r['seconds']:>10.0f}" for r in rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ they stay about training; matplotlib (the loss curve only) is an optional extra.
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -138,8 +137,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    from train_llm import run  # one line and exit code 2 on bad input, as every CLI
+    run(main)

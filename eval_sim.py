@@ -669,6 +669,18 @@ class NoopPolicy:
         return np.zeros((len(obs_list), 3), np.float32)
 
 
+def recent_frames(history, env, item, n):
+    """The last n items of env's episode, oldest first, item the newest: a policy with n_frames of
+    history calls this once per act(), so the frames are one re-plan apart, as in training. history
+    maps each environment to its items (restarted when its episode does); before the episode start,
+    and with env None, the first item is repeated."""
+    past = [item]
+    if n > 1 and env is not None:
+        key = (id(env), env.task, env.split, env.seed)
+        past = history[key] = ([] if env.steps == 0 else history.get(key, []))[-(n - 1):] + [item]
+    return [past[0]] * (n - len(past)) + past
+
+
 class HTTPPolicy:
     """A policy behind `python train_vla.py --serve=DIR` (stdlib + numpy): act() posts the observations
     as one .npz to URL/act. With n_frames > 1 it sends each environment's last n_frames observations
@@ -701,13 +713,9 @@ class HTTPPolicy:
         return data
 
     def act(self, obs_list):
-        n, past = self.info["n_frames"], []
+        n = self.info["n_frames"]
         envs = self.envs if self.envs is not None and len(self.envs) == len(obs_list) else [None] * len(obs_list)
-        for obs, env in zip(obs_list, envs):
-            key = None if env is None else (id(env), env.task, env.split, env.seed)
-            frames = [] if env is None or env.steps == 0 else self.history.get(key, [])
-            self.history[key] = frames = (frames + [obs])[-n:]
-            past.append([frames[0]] * (n - len(frames)) + frames)
+        past = [recent_frames(self.history, env, obs, n) for obs, env in zip(obs_list, envs)]
         arrays = {f"images/{c}": np.array([[o["images"][c] for o in p] for p in past]) for c in self.info["cameras"]}
         buf = io.BytesIO()
         np.savez(buf, state=np.array([[o["state"] for o in p] for p in past], np.float32),

@@ -536,14 +536,7 @@ class VLAPolicy:
             raise D.UserError(f"observation state has shape {state.shape}, the policy expects "
                             f"({len(self.state_names)},) = {self.state_names}")
         frame = ([obs["images"][c] for c in cams], state)  # cameras may differ in size: kept apart
-        past = [frame]
-        if n_frames > 1 and env is not None:  # history per environment, restarted with each episode
-            key = (id(env), env.task, env.split, env.seed)
-            if env.steps == 0 or key not in self.history:
-                self.history[key] = []
-            self.history[key] = (self.history[key] + [frame])[-n_frames:]
-            past = self.history[key]
-        past = [past[0]] * (n_frames - len(past)) + past  # before the episode start: the first frame
+        past = eval_sim.recent_frames(self.history, env, frame, n_frames)
         return {"images": [np.stack([p[0][c] for p in past]) for c in range(len(cams))],
                 "state": np.stack([p[1] for p in past]),
                 "instruction": obs["instruction"]}

@@ -893,12 +893,9 @@ def read_episodes(root, cameras, episode_ids=None):
     if missing:
         raise UserError(f"{root} has cameras {meta.get('cameras')}, not {missing}")
     widths = check_episode_meta(root, meta, stats)
-    try:
-        with open(os.path.join(root, "episodes.jsonl")) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-        assert all(isinstance(line, dict) and isinstance(line.get("file"), str) for line in lines)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
-        raise UserError(f"cannot read {root}/episodes.jsonl: {e or 'expected one JSON object with a file per line'}")
+    lines = read_jsonl(os.path.join(root, "episodes.jsonl"), "episode index")
+    if not all(isinstance(line.get("file"), str) for line in lines):
+        raise UserError(f"{root}/episodes.jsonl: every line needs the episode's 'file'")
     if len(lines) != meta.get("num_episodes", len(lines)):
         raise UserError(f"{root}/episodes.jsonl lists {len(lines)} episodes, meta.json says {meta['num_episodes']}")
     episodes = []
@@ -1015,7 +1012,7 @@ def lerobot_episode_table(root, v3, keys):
     """Per-episode metadata rows (episode_index, length, and in v3.0 the file indices and timestamps)."""
     if not v3:
         path = os.path.join(root, "meta", "episodes.jsonl")
-        rows = read_jsonl(path)
+        rows = read_jsonl(path, "LeRobot v2.1 episode table")
         need = ["episode_index", "length"]
     else:
         pq = lerobot_module("pyarrow.parquet")
@@ -1039,7 +1036,7 @@ def lerobot_task_table(root, v3):
     """{task_index: task string} from meta/tasks.jsonl (v2.1) or meta/tasks.parquet (v3.0)."""
     if not v3:
         path = os.path.join(root, "meta", "tasks.jsonl")
-        rows = read_jsonl(path)
+        rows = read_jsonl(path, "LeRobot v2.1 task table")
     else:
         path = os.path.join(root, "meta", "tasks.parquet")
         table = read_parquet(lerobot_module("pyarrow.parquet"), path)
@@ -1057,17 +1054,20 @@ def lerobot_task_table(root, v3):
     return tasks
 
 
-def read_jsonl(path):
+def read_jsonl(path, what="dataset index"):
+    """The JSON objects of a .jsonl file, one per non-empty line; anything else: a UserError naming the line."""
     if not os.path.isfile(path):
-        raise UserError(f"{path} not found: a LeRobot v2.1 dataset needs it")
+        raise UserError(f"{path} not found: the {what} is missing")
     rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
+    try:
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
                     rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise UserError(f"{path}:{lineno}: expected one JSON object per line") from None
+                    if not isinstance(rows[-1], dict):
+                        raise ValueError
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+        raise UserError(f"{path}:{lineno}: expected one JSON object per line ({what})") from None
     return rows
 
 
@@ -1119,7 +1119,7 @@ def lerobot_stats(root, v3, episodes, features):
         stats = read_json(path, "LeRobot statistics file")
     elif not v3:
         path = os.path.join(root, "meta", "episodes_stats.jsonl")
-        per_episode = [r.get("stats", {}) for r in read_jsonl(path)]
+        per_episode = [r.get("stats", {}) for r in read_jsonl(path, "LeRobot v2.1 episode statistics")]
         stats = {key: aggregate_stats([s[key] for s in per_episode if key in s]) for key in ("observation.state", "action")
                  if all(key in s and {"mean", "std", "min", "max", "count"} <= set(s[key]) for s in per_episode)}
     else:

@@ -7,7 +7,7 @@ scored closed-loop in that world at the end.
     python train_vla.py --init=scratch                  # the same budget from a random VLM of the same shape
     python train_vla.py --conditioning=action_token     # the VLA Foundry paper's conditioning
     python train_vla.py --bench                         # latency of one action chunk (prefix reuse vs not)
-    python train_vla.py --init=hf:DIR                   # on a pretrained SmolVLM/Idefics3 directory (hf.py)
+    python train_vla.py --init=hf:DIR                   # on a pretrained SmolVLM or Qwen3-VL directory (hf.py)
     python train_vla.py --probe_keypoints               # does a keypoint of out/vla follow the instructed object?
     python train_vla.py --demos=lerobot:DIR --cameras=top,wrist   # a LeRobotDataset v2.1/v3.0 (pip install pyarrow av)
     python train_vla.py --serve=out/vla --port=8000     # the policy over HTTP; eval_sim.py eval --policy http://127.0.0.1:8000
@@ -51,7 +51,7 @@ class TrainConfig:
     # I/O
     out_dir: str = "out/vla"            # checkpoints, metrics.jsonl, eval/ (results.json + GIFs)
     init: str = "out/vlm"               # stage-2 checkpoint to grow from, or 'scratch' (random VLM, same shape),
-                                        # or hf:DIR: a Hugging Face SmolVLM/Idefics3 directory (hf.py)
+                                        # or hf:DIR: a Hugging Face SmolVLM/Idefics3/Qwen3-VL directory (hf.py)
     vlm_layers: int = 0                 # with init=hf:DIR: run only the VLM's first N layers (SmolVLA: 16 of 32); 0 = all
     shape_from: str = "out/vlm"         # with init=scratch: the checkpoint whose architecture and tokenizer are copied
     demos: str = ""                     # an episode dataset directory, or lerobot:DIR (a LeRobotDataset v2.1/v3.0,
@@ -455,10 +455,10 @@ def load_stage2(path, random_init=False, action_token=False):
 
 
 def load_hf_vlm(hf_dir, cfg, weights=True):
-    """A pretrained SmolVLM/Idefics3 directory as the policy's VLM: (VLM, tokenizer with our roles)."""
+    """A pretrained SmolVLM/Idefics3/Qwen3-VL directory as the policy's VLM: (VLM, tokenizer with our roles)."""
     if hf.architecture(hf_dir) != "vlm":
         raise D.UserError(f"--init=hf:{hf_dir} is a {hf.architecture(hf_dir)} model; stage 3 needs a vision-language "
-                          f"model (SmolVLM/Idefics3), or first `python train_vlm.py --init=hf:{hf_dir}`")
+                          f"model (SmolVLM/Idefics3/Qwen3-VL), or first `python train_vlm.py --init=hf:{hf_dir}`")
     vlm, tokenizer = hf.load_vlm(hf_dir, cfg.vlm_layers, weights)
     return vlm, hf.add_chat_tokens(vlm.llm, tokenizer, action=cfg.conditioning == "action_token")
 

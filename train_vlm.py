@@ -39,7 +39,7 @@ from train_llm import (SHARED_RANGES, SHARED_RULES, MetricsLog, all_reduce_mean,
 class TrainConfig:
     # I/O
     init: str = "out/llm"               # stage-1 checkpoint: a run directory (its 'latest') or a step_* directory;
-                                        # or hf:DIR: a Hugging Face VLM (SmolVLM/Idefics3: fine-tuned whole, the vision
+                                        # or hf:DIR: a Hugging Face VLM (SmolVLM/Idefics3/Qwen3-VL: fine-tuned whole, the vision
                                         # flags and image_size are its own) or LLM (Qwen3/Llama: a new tower around it)
     out_dir: str = "out/vlm"            # checkpoints (step_XXXXXX/ + 'latest'), metrics.jsonl
     data: str = "world"                 # 'world' = scenes rendered by eval_sim.py, else .jsonl/.tar paths or globs, comma-separated

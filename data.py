@@ -620,7 +620,9 @@ def encode_chat(tokenizer, turns, n_image_tokens, max_len=None):
 
 
 class ImageTextLoader:
-    """Batches (idx (B, T), targets (B, T), images (B, n_images, 3, S, S)) of chat sequences.
+    """Batches (idx (B, T), targets (B, T), images (B, n_images, 3, S, S), labels) of chat sequences;
+    labels (B, n_images, k) floats where every example has "labels" (per image, e.g. the built-in world's
+    scene facts), else None.
 
     examples: a list, or a function index -> example with num_examples (the built-in world renders
     scenes on demand). Each epoch visits the examples in a fresh order seeded by (seed, epoch); all
@@ -659,8 +661,8 @@ class ImageTextLoader:
         return self.examples(i) if callable(self.examples) else self.examples[i]
 
     def load(self, i):
-        """Example i -> (ids, loss_mask, images (n_images, 3, S, S)); with skip_bad, the first readable
-        example from i on."""
+        """Example i -> (ids, loss_mask, images (n_images, 3, S, S), labels or None); with skip_bad, the
+        first readable example from i on."""
         for j in (k % self.n for k in range(i, i + self.n)):
             if j in self.bad:
                 continue
@@ -676,7 +678,7 @@ class ImageTextLoader:
             images = torch.stack([preprocess_image(p, self.image_size, rng) for p in pixels]) if pixels else \
                 torch.zeros(0, 3, self.image_size, self.image_size)
             ids, mask = encode_chat(self.tokenizer, ex["turns"], len(pixels) * self.n_visual_tokens, self.seq_len + 1)
-            return ids, mask, images
+            return ids, mask, images, ex.get("labels")
         raise UserError(f"no readable image in any of the {self.n} examples")
 
     def next_batch(self):
@@ -689,18 +691,19 @@ class ImageTextLoader:
         return self.collate(rows)
 
     def collate(self, rows):
-        """[(ids, loss_mask, images)] -> padded (idx, targets, images); input = ids[:-1], targets = ids[1:]."""
+        """[(ids, loss_mask, images, labels)] -> padded (idx, targets, images, labels); input = ids[:-1], targets = ids[1:]."""
         if len({r[2].size(0) for r in rows}) > 1:
             raise UserError("examples in one batch have different numbers of images; give every example the same number")
         T = min(-(-max(len(r[0]) - 1 for r in rows) // 32) * 32, self.seq_len)
         idx = torch.full((len(rows), T), self.tokenizer.special("<|pad|>"), dtype=torch.long)
         targets = torch.full((len(rows), T), -1, dtype=torch.long)
-        for b, (ids, mask, _) in enumerate(rows):
+        for b, (ids, mask, *_) in enumerate(rows):
             ids, mask = torch.tensor(ids), torch.tensor(mask)
             n = len(ids) - 1
             idx[b, :n] = ids[:-1]
             targets[b, :n] = torch.where(mask[1:], ids[1:], -1)
-        return idx, targets, torch.stack([r[2] for r in rows])
+        labels = torch.tensor([r[3] for r in rows]) if all(r[3] is not None for r in rows) else None
+        return idx, targets, torch.stack([r[2] for r in rows]), labels
 
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos, "bad": sorted(self.bad)}

@@ -329,6 +329,37 @@ def describe_scene(env_or_scene):
     return " ".join(parts)
 
 
+REGIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+KINDS = SHAPES + ("bowl",)
+SCENE_LABEL_NAMES = [f"{c} {f}" for c in COLOUR_NAMES for f in (*KINDS, *REGIONS, "x", "y", "held", "on another",
+                                                                 "under another", "in a bowl", "nearest the gripper")]
+SCENE_LABEL_NAMES += ["gripper closed", *(f"gripper {r}" for r in REGIONS), "gripper x", "gripper y"]
+
+
+def scene_labels(env_or_scene):
+    """What the scene camera shows as numbers in [0, 1] (names: SCENE_LABEL_NAMES): per colour, its object's
+    kind and region (one-hot; all zero when no object has the colour), x, y and five facts; then the
+    gripper's. The built-in world's free dense target for stage 2 (train_vlm.py --scene_loss)."""
+    s = getattr(env_or_scene, "scene", env_or_scene)
+    objs, mov, bowls = s.objs, s.movables(), s.bowls()
+    nearest = min(mov, key=lambda k: math.hypot(objs[k].x - s.gx, objs[k].y - s.gy))
+    by_colour = {o.colour: i for i, o in enumerate(objs)}
+    labels = []
+    for colour in COLOUR_NAMES:
+        one = [0.0] * (len(KINDS) + len(REGIONS) + 7)
+        i = by_colour.get(colour)
+        if i is not None:
+            o = objs[i]
+            one[KINDS.index(o.kind)] = 1.0
+            one[len(KINDS) + REGIONS.index(region_of(o.x, o.y))] = 1.0
+            one[-7:] = [o.x, o.y, float(i == s.held), float(o.on >= 0), float(s.top_of(i) >= 0),
+                        float(o.kind != "bowl" and any(s.in_bowl(i, b) for b in bowls)), float(i == nearest)]
+        labels += one
+    gripper = [0.0] * len(REGIONS)
+    gripper[REGIONS.index(region_of(s.gx, s.gy))] = 1.0
+    return labels + [float(s.closed), *gripper, s.gx, s.gy]
+
+
 def scene_questions(env_or_scene, rng):
     """Question/answer pairs about the scene camera image; answers are one or two words."""
     s = getattr(env_or_scene, "scene", env_or_scene)
@@ -358,10 +389,22 @@ def scene_questions(env_or_scene, rng):
     return qa
 
 
-def language_corpus(num_docs, seed=0, split="train"):
+# question families of scene_questions, first match wins
+QUESTION_TYPES = [("where is", "position"), ("what colour is the bowl", "bowl colour"),
+                  ("nearest the gripper", "nearest colour"), ("how many", "count"), ("what shape", "shape"),
+                  ("holding", "holding"), ("open or closed", "gripper"), ("left of", "left/above"),
+                  ("above the", "left/above"), (" in the ", "in bowl")]
+
+
+def question_type(question):
+    return next((t for key, t in QUESTION_TYPES if key in question), "other")
+
+
+def language_corpus(num_docs, seed=0, split="train", questions=3):
     """Short paragraphs about real sampled scenes: caption, Q/A, instructions, an episode narrative.
 
-    Deterministic in (num_docs, seed, split); "train" and "val" draw scenes from disjoint seeds.
+    Deterministic in (num_docs, seed, split, questions); "train" and "val" draw scenes from disjoint seeds.
+    questions: Q/A lines per document (a scene has about 10).
     Instructions use every paraphrase but only seen task/colour combinations."""
     if split not in ("train", "val"):
         raise UserError(f"corpus split must be train or val, got {split!r}")
@@ -374,7 +417,7 @@ def language_corpus(num_docs, seed=0, split="train"):
         words = goal_words(scene)
         k1, k2 = rng.sample(range(len(TEMPLATES[task])), 2)
         lines = [describe_scene(scene)]
-        lines += [f"Q: {q} A: {a}." for q, a in scene_questions(scene, rng)[:3]]
+        lines += [f"Q: {q} A: {a}." for q, a in scene_questions(scene, rng)[:questions]]
         lines.append(f"task: {TEMPLATES[task][k1].format(**words)} "
                      f"in other words: {TEMPLATES[task][k2].format(**words)}")
         lines.append(NARRATIVES[task].format(**words))
@@ -959,7 +1002,7 @@ def collect(out, episodes_per_task=100, tasks=TASKS, image_size=64, noise=0.2, s
 
 
 def vlm_sample(index, image_size=64, split="train"):
-    """A stage-2 example: scene image (H, W, 3) uint8, its caption, question/answer pairs.
+    """A stage-2 example: scene image (H, W, 3) uint8, its caption, question/answer pairs, scene_labels.
 
     The scene is caught partway through an expert episode, so some images show held objects,
     stacks and filled bowls. train and val use disjoint seeds. Only the last state is rendered
@@ -973,7 +1016,7 @@ def vlm_sample(index, image_size=64, split="train"):
         _, _, terminated, truncated, _ = env.step(executed)
         if terminated or truncated:
             break
-    return scene_camera(env.scene, image_size), describe_scene(env), scene_questions(env, rng)
+    return scene_camera(env.scene, image_size), describe_scene(env), scene_questions(env, rng), scene_labels(env)
 
 
 def bench(steps=5000, episodes_per_task=50):

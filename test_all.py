@@ -1,4 +1,5 @@
 """nanofoundry test suite: fast on a 2-core CPU (python -m pytest test_all.py)."""
+import functools
 import json
 import math
 import os
@@ -434,7 +435,7 @@ def test_heldout_split_uses_only_the_unseen_colour_and_paraphrase():
 
 
 def test_captions_and_questions_are_grounded_and_answers_are_short():
-    image, caption, qa = eval_sim.vlm_sample(3, image_size=32)
+    image, caption, qa, _ = eval_sim.vlm_sample(3, image_size=32)
     assert image.shape == (32, 32, 3) and qa
     env = eval_sim.TabletopEnv("stack", image_size=32)
     env.reset(seed=2)
@@ -842,7 +843,8 @@ def test_loss_counts_only_answer_tokens_and_their_end_token():
     assert ids.count(tok.special("<|image|>")) == 4
     loader = data.ImageTextLoader([{"images": [np.zeros((16, 16, 3), np.uint8)], "turns": turns}], tok, 1, 128, 16, 4,
                                   shuffle=False)
-    idx, targets, images = loader.next_batch()
+    idx, targets, images, labels = loader.next_batch()
+    assert labels is None  # the example has no "labels"
     assert torch.equal(idx[0, :len(ids) - 1], torch.tensor(ids[:-1]))
     assert (targets[0] != -1).sum() == sum(mask)
     torch.manual_seed(0)
@@ -927,7 +929,7 @@ def test_jsonl_and_tar_readers_and_a_corrupt_image_is_named_or_skipped(tmp_path)
     with pytest.raises(data.UserError, match="cannot read image .*bad.png"):
         make().next_batch()
     loader = make(skip_bad=True)
-    idx, targets, images = loader.next_batch()
+    idx, targets, images, _ = loader.next_batch()
     assert images.shape == (5, 1, 3, 16, 16) and loader.skipped == 1
     with pytest.raises(data.UserError, match=r"d2.jsonl:1: expected a string 'text'"):
         (tmp_path / "d2.jsonl").write_text('{"image": "a.png", "conversations": [{"from": "gpt"}]}\n')
@@ -2159,7 +2161,7 @@ def test_prompt_film_tower_reads_only_the_words_before_the_answer_and_starts_as_
 def test_cell_colour_targets_name_the_rendered_objects_in_their_cells():
     from eval_sim import COLOURS, vlm_sample
     names, rgb = train_vlm.world_colours()
-    image, caption, _ = vlm_sample(5, 64, "train")
+    image, caption, *_ = vlm_sample(5, 64, "train")
     cells = train_vlm.cell_colour_targets(data.preprocess_image(image, 64)[None, None], 4, list(range(7)), rgb)
     assert cells.shape == (1, 16)
     named = {names[c] for c in cells[0].tolist() if c < 6}
@@ -2190,3 +2192,63 @@ def test_vlm_probe_trains_each_seed_and_prints_accuracy_with_and_without_images(
     assert [r["seed"] for r in rows] == [1, 2] and not os.path.exists(tmp_path / "probe" / "latest")
     out = capsys.readouterr().out
     assert "blanked" in out and "captions P/R" in out and "left/above" in out
+
+
+def test_scene_labels_state_what_the_caption_says():
+    from eval_sim import COLOUR_NAMES, KINDS, REGIONS, SCENE_LABEL_NAMES, region_of
+    per = len(KINDS) + len(REGIONS) + 7
+    for i in range(6):
+        example = train_vlm.world_example(i, "val", 16)
+        labels = torch.tensor(example["labels"][0])
+        assert labels.shape == (len(SCENE_LABEL_NAMES),) and labels.min() >= 0 and labels.max() <= 1
+        named = dict(train_vlm.caption_objects(example["caption"]))  # colour -> kind
+        for c, colour in enumerate(COLOUR_NAMES):
+            block = labels[c * per:(c + 1) * per]
+            kinds = [k for k, v in zip(KINDS, block[:len(KINDS)]) if v]
+            assert kinds == ([named[colour]] if colour in named else [])
+            region = [r for r, v in zip(REGIONS, block[len(KINDS):len(KINDS) + len(REGIONS)]) if v]
+            x, y = block[-7:-5].tolist()
+            assert region == ([region_of(x, y)] if kinds else [])
+        gripper = labels[len(COLOUR_NAMES) * per:]
+        assert bool(gripper[0]) == ("the gripper is closed" in example["caption"]) and gripper[1:-2].sum() == 1
+    # the loader hands them over with the batch, one row per image
+    loader = data.ImageTextLoader(functools.partial(train_vlm.world_example, split="val", image_size=16), CharTokenizer(),
+                                  2, 2048, 16, 4, num_examples=4, shuffle=False)
+    assert torch.equal(loader.next_batch()[3], torch.tensor([train_vlm.world_example(i, "val", 16)["labels"] for i in (0, 1)]))
+
+
+def test_oracle_probe_feeds_the_true_scene_facts_as_every_visual_token(tiny_llm_checkpoint, tmp_path, capsys):
+    args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "oracle") + ["--max_steps=2", "--probe", "--probe_seeds=1",
+                                                                      "--oracle", "--distinct_words"]
+    rows = train_vlm.main(args)
+    assert rows[0]["images"]["all"][1] > 0 and "blanked" in capsys.readouterr().out
+    cfg = train_vlm.parse_config(train_vlm.TrainConfig, args)
+    model, tok = train_vlm.vlm_from_llm(cfg, ((0.5,) * 3, (0.5,) * 3))
+    facts = torch.tensor([train_vlm.world_example(i, "val", 16)["labels"] for i in range(2)])  # (2, 1, k)
+    idx = torch.tensor([data.encode_chat(tok, [("how many bowls are there?", None)], model.n_visual_tokens)[0]] * 2)
+    embeds = model.embed(idx, facts)
+    visual = embeds[idx == model.image_token_id].view(2, model.n_visual_tokens, -1)
+    want = model.vision.linear(facts[:, 0].float())
+    assert torch.allclose(visual, want[:, None].expand_as(visual)) and not torch.allclose(want[0], want[1])
+    # --distinct_words: the colour and shape words no longer share their stage-1 embeddings
+    rows = [tok.encode(" " + w)[0] for w in ["red", "green", "block", "disc"]]
+    llm, _ = M.load_llm(train_llm.find_checkpoint(tiny_llm_checkpoint))
+    assert not torch.allclose(model.llm.embed_tokens.weight[rows], llm.embed_tokens.weight[rows])
+    with pytest.raises(data.UserError, match="--oracle .* needs --data=world and --probe"):
+        train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "o2") + ["--oracle"])
+
+
+def test_stage1_reports_how_well_it_answers_from_a_caption_in_context(tiny_llm_checkpoint):
+    tok = data.Tokenizer.load(os.path.join(train_llm.find_checkpoint(tiny_llm_checkpoint), "tokenizer.json"))
+    llm, _ = M.load_llm(train_llm.find_checkpoint(tiny_llm_checkpoint))
+    assert train_llm.context_qa_accuracy(llm, tok, n_scenes=3) == {}  # a 64-token context holds no caption
+    torch.manual_seed(0)
+    llm = M.Transformer(M.GPTConfig(vocab_size=llm.config.vocab_size, n_layer=1, n_embd=16, n_head=2, n_kv_head=1,
+                                    head_dim=8, mlp_hidden=32, max_seq_len=512))
+    counts = train_llm.context_qa_accuracy(llm, tok, n_scenes=3)
+    asked = sum(len(eval_sim.vlm_sample(i, 64, "val")[2]) for i in range(3))
+    assert counts["all"][1] == asked == sum(n for k, (_, n) in counts.items() if k != "all")
+    assert 0 <= counts["all"][0] <= asked and list(counts)[-1] == "all"
+    # --world_questions: more question lines per corpus document
+    few, many = ([d.count("\nQ: ") for d in eval_sim.language_corpus(6, questions=q)] for q in (3, 8))
+    assert few == [3] * 6 and all(3 < n <= 8 for n in many)

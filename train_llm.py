@@ -47,6 +47,7 @@ class TrainConfig:
                                         # Qwen3/Llama directory (its shape and tokenizer; the model flags are ignored)
     vocab_size: int = 2048              # BPE vocabulary when training the tokenizer (incl. special tokens)
     world_docs: int = 10000             # documents generated for data=world
+    world_questions: int = 3            # data=world: question/answer lines per document, about its scene (at most ~10)
     val_fraction: float = 0.01          # held-out share of user data (data=world has its own val scenes)
     # model
     n_layer: int = 4
@@ -98,7 +99,7 @@ SHARED_RULES = [  # (holds(cfg, world_size), message formatted with the settings
     (lambda c, w: c.device in ("auto", "cpu", "cuda"), "--device={device}: expected auto, cpu or cuda"),
     (lambda c, w: not (c.resume and c.overwrite), "--resume continues out_dir's run, --overwrite replaces it: pass one"),
 ]
-RANGES = {**SHARED_RANGES, "vocab_size": (256 + len(D.SPECIAL_TOKENS), 2 ** 31 - 1), "world_docs": (1, None),
+RANGES = {**SHARED_RANGES, "vocab_size": (256 + len(D.SPECIAL_TOKENS), 2 ** 31 - 1), "world_docs": (1, None), "world_questions": (0, None),
           "n_layer": (1, None), "n_embd": (1, None), "n_head": (1, None), "n_kv_head": (1, None), "head_dim": (2, None),
           "mlp_hidden": (1, None), "seq_len": (1, None), "rope_theta": (1, None), "batch_tokens": (1, None),
           "eval_batches": (1, None), "sample_every": (0, None)}
@@ -226,13 +227,48 @@ def main(argv=None):
     if dist.is_master and "val_loss" in record:
         print(f"final val loss {record['val_loss']:.4f} (ln vocab = {math.log(tokenizer.n_vocab):.4f}); "
               f"checkpoint in {cfg.out_dir}")
+        with autocast:
+            accuracy = context_qa_accuracy(raw_model, tokenizer) if cfg.data == "world" else {}
+        if accuracy:
+            print("held-out questions answered from the scene's caption in context: " +
+                  ", ".join(f"{k} {c / n:.0%}" for k, (c, n) in accuracy.items() if k != "all") +
+                  f"; all {accuracy['all'][0] / accuracy['all'][1]:.1%} (stage 2 asks the same about images)")
     teardown_distributed(dist)
+
+
+@torch.no_grad()
+def context_qa_accuracy(model, tokenizer, n_scenes=48):
+    """Does the LLM read its context? {type: (correct, n), 'all': ...} of greedy answers to every question
+    of n_scenes held-out stage-2 scenes, each asked after the scene's caption in the corpus's own format
+    (those that fit the context; {} when none does)."""
+    from eval_sim import question_type, vlm_sample
+    model.eval()
+    device, items = next(model.parameters()).device, []
+    for i in range(n_scenes):
+        _, caption, qa, _ = vlm_sample(i, 64, "val")
+        items += [([tokenizer.eot_id] + tokenizer.encode(f"{caption}\nQ: {q} A:"), a, question_type(q)) for q, a in qa]
+    items = [item for item in items if len(item[0]) + 6 <= model.config.max_seq_len]
+    by_length = {}
+    for prompt, answer, kind in items:
+        by_length.setdefault(len(prompt), []).append((prompt, answer, kind))
+    counts = {}
+    for rows in by_length.values():
+        out = model.generate(torch.tensor([r[0] for r in rows], device=device), 6, temperature=0,
+                             valid_vocab=tokenizer.n_vocab)
+        for (prompt, answer, kind), row in zip(rows, out[:, len(rows[0][0]):].tolist()):
+            guess = tokenizer.decode(row).split(".")[0].strip()
+            for key in (kind, "all"):
+                c, n = counts.get(key, (0, 0))
+                counts[key] = (c + (guess == answer), n + 1)
+    model.train()
+    return dict(sorted(counts.items(), key=lambda kv: kv[0] == "all"))
 
 
 def prepare_text_data(cfg, data_dir, ckpt):
     """Tokenizer + train/val shards in data_dir, rebuilt only when the data settings change.
     On resume the checkpoint's tokenizer is used, so the token ids cannot drift."""
     spec = {"data": cfg.data, "vocab_size": cfg.vocab_size, "world_docs": cfg.world_docs, "seed": cfg.seed,
+            **({"world_questions": cfg.world_questions} if cfg.world_questions != 3 else {}),
             "tokenizer": cfg.tokenizer, "val_fraction": cfg.val_fraction, **({"init": cfg.init} if cfg.init else {})}
     meta_path = os.path.join(data_dir, "meta.json")
     if os.path.isfile(meta_path) and json.load(open(meta_path)) == spec:
@@ -241,8 +277,8 @@ def prepare_text_data(cfg, data_dir, ckpt):
     t0 = time.time()
     if cfg.data == "world":
         from eval_sim import language_corpus
-        train_docs = language_corpus(cfg.world_docs, seed=cfg.seed, split="train")
-        val_docs = language_corpus(max(cfg.world_docs // 50, 200), seed=cfg.seed, split="val")
+        train_docs = language_corpus(cfg.world_docs, seed=cfg.seed, split="train", questions=cfg.world_questions)
+        val_docs = language_corpus(max(cfg.world_docs // 50, 200), seed=cfg.seed, split="val", questions=cfg.world_questions)
     else:
         docs = list(D.read_documents(D.expand_paths(cfg.data)))
         n_val = max(1, int(len(docs) * cfg.val_fraction)) if len(docs) > 1 else 0

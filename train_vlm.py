@@ -29,6 +29,7 @@ from tqdm import tqdm
 import data as D
 import hf
 import model as M
+from eval_sim import QUESTION_TYPES, SCENE_LABEL_NAMES, question_type
 from train_llm import (SHARED_RANGES, SHARED_RULES, MetricsLog, all_reduce_mean, autocast_context, barrier, check_out_dir,
                        due, find_checkpoint, load_checkpoint, lr_multiplier, make_optimizer, parse_config, peak_flops,
                        remove_checkpoints, resolve_dtype, round_up, run, save_checkpoint, setup_distributed,
@@ -67,6 +68,8 @@ class TrainConfig:
     film: bool = False                  # the prompt's words scale and shift the stem's channels (FiLM, model.py)
     cell_words: float = 0.0             # data=world: weight of a dense extra loss: the LLM's output at each visual token
                                         # names the colour in its cell (read off the rendered pixels) or 'nothing'; 0 = off
+    distinct_words: bool = False        # re-draw the colour and shape words' embeddings before stage 2 (after stage 1 they are
+                                        # nearly alike: the text never needed to tell them apart)
     seq_len: int = 0                    # max tokens per sample (longer conversations lose turns); 0 = the LLM's max_seq_len
     # optimization
     batch_size: int = 32                # global batch in samples = micro_batch * world_size * grad_accum
@@ -101,6 +104,8 @@ class TrainConfig:
     # and without the images, and caption precision/recall; judge a recipe by more than one seed in minutes
     probe: bool = False
     probe_seeds: str = "1,2"            # comma-separated training seeds, run one after the other
+    oracle: bool = False                # data=world: perfect eyes instead of the tower: every visual token is one learned linear
+                                        # map of the scene's true facts (eval_sim.scene_labels): what the LLM can learn to read
 
 
 # valid ranges (inclusive) and rules, checked before any work (train_llm.validate)
@@ -118,6 +123,8 @@ RULES = SHARED_RULES + [
     (lambda c, w: c.batch_size % (c.micro_batch * w) == 0,
      "--batch_size={batch_size} must be a multiple of micro_batch * world_size = {micro_batch} * {world_size}"),
     (lambda c, w: c.vision_stem in ("patch", "conv"), "--vision_stem={vision_stem}: expected 'patch' or 'conv'"),
+    (lambda c, w: not c.oracle or (c.data == "world" and c.probe),
+     "--oracle reads the built-in world's scene facts and saves nothing: it needs --data=world and --probe"),
 ]
 
 
@@ -202,9 +209,10 @@ def train(cfg):
                                          words=[tokenizer.encode(" " + w)[0] for w in world_colours()[0] + ["nothing"]],
                                          rgb=world_colours()[1])
 
-    def to_device(batch):  # -> idx, targets, images, the cells' colour words (None without --cell_words)
-        idx, targets, images = (t.to(dist.device, non_blocking=True) for t in batch)
+    def to_device(batch):  # -> idx, targets, images (--oracle: the scene facts), the cells' colour words (or None)
+        idx, targets, images = (t.to(dist.device, non_blocking=True) for t in batch[:3])
         cells = cell_targets(images) if cell_targets else None  # from the real pixels, also in the blanked control
+        images = batch[3].to(dist.device) if cfg.oracle else images
         return idx, targets, images.zero_() if cfg.blank_images else images, cells
 
     def evaluate():
@@ -213,13 +221,13 @@ def train(cfg):
         losses = []
         with torch.no_grad():
             for _ in range(cfg.eval_batches):
-                idx, targets, images, _ = to_device(val_loader.next_batch())
+                idx, targets, images, *_ = to_device(val_loader.next_batch())
                 with autocast:
                     losses.append(model(idx, images, targets)[1].float())
         model.train()
         return all_reduce_mean(torch.stack(losses).mean(), dist).item()
 
-    questions = val_questions(val_examples, cfg.image_size)
+    questions = val_questions(val_examples, cfg.image_size, cfg.oracle)
     answer = functools.partial(answer_questions, raw_model, tokenizer, autocast=autocast, blank=cfg.blank_images)
 
     # --- the loop
@@ -325,7 +333,31 @@ def vlm_from_llm(cfg, pixel_mean_std):
                       prompt_end_id=tokenizer.special("<|assistant|>"))
     except ValueError as e:  # an impossible patch grid
         raise D.UserError(str(e)) from None
+    if cfg.distinct_words:
+        from eval_sim import COLOUR_NAMES, KINDS
+        rows = [tokenizer.encode(" " + w)[0] for w in [*COLOUR_NAMES, *KINDS]]
+        with torch.no_grad():
+            table = model.llm.embed_tokens.weight
+            fresh = torch.randn(len(rows), table.size(1), generator=torch.Generator().manual_seed(cfg.seed))
+            table[rows] = fresh / fresh.norm(dim=1, keepdim=True) * table[rows].norm(dim=1).mean()
+    if cfg.oracle:
+        model.vision, model.projector = SceneOracle(model.vision_config, model.n_visual_tokens, llm.config.n_embd), torch.nn.Identity()
     return model, tokenizer
+
+
+class SceneOracle(torch.nn.Module):
+    """--oracle's perfect eyes in place of the tower and projector: its 'image' (n, k) is the scene's true facts
+    (eval_sim.scene_labels) and every visual token one learned linear map of them, so a run measures how fast
+    the LLM learns to read a scene when perception is solved (docs/stage2.md)."""
+
+    def __init__(self, vision_config, n_visual_tokens, n_embd):
+        super().__init__()
+        self.config, self.n_visual_tokens = vision_config, n_visual_tokens
+        self.linear = torch.nn.Linear(len(SCENE_LABEL_NAMES), n_embd)
+
+    def forward(self, facts, prompt=None, return_layers=False):
+        tokens = self.linear(facts.float())[:, None].expand(-1, self.n_visual_tokens, -1)
+        return (tokens, []) if return_layers else tokens
 
 
 def world_colours():
@@ -371,31 +403,29 @@ def world_example(index, split, image_size, turns=0, caption_block=1, caption_ev
     away. With caption_block = the micro-batch and scenes read in order, captions (~100 tokens) come
     in micro-batches of their own and short questions are not padded to a caption's length."""
     from eval_sim import vlm_sample
-    image, caption, qa = vlm_sample(index, image_size, split)
+    image, caption, qa, labels = vlm_sample(index, image_size, split)
     if (index // caption_block) % caption_every == 0:
         chat = [(D.CAPTION_PROMPT, caption)]
     else:
         chat = list(qa)[:turns] if turns > 0 else list(qa)
-    return {"images": [image], "turns": chat, "caption": caption}
+    return {"images": [image], "turns": chat, "caption": caption, "labels": [labels]}
 
 
-# question families of eval_sim.scene_questions, first match wins
-QUESTION_TYPES = [("where is", "position"), ("what colour is the bowl", "bowl colour"),
-                  ("nearest the gripper", "nearest colour"), ("how many", "count"), ("what shape", "shape"),
-                  ("holding", "holding"), ("open or closed", "gripper"), ("left of", "left/above"),
-                  ("above the", "left/above"), (" in the ", "in bowl")]
 TYPE_NAMES = list(dict.fromkeys(t for _, t in QUESTION_TYPES)) + ["other"]
 
 
-def question_type(question):
-    return next((t for key, t in QUESTION_TYPES if key in question), "other")
+def model_view(ex, image_size, oracle=False):
+    """What the model is shown of an example: its images (n, 3, S, S), or with --oracle its scene facts (n, k)."""
+    if oracle:
+        return torch.tensor(ex["labels"])
+    return torch.stack([D.preprocess_image(D.load_image(im), image_size) for im in ex["images"]])
 
 
-def val_questions(examples, image_size):
+def val_questions(examples, image_size, oracle=False):
     """Every turn of every held-out example as a question on its own: (images, question, answer, type)."""
     out = []
     for ex in examples:
-        images = torch.stack([D.preprocess_image(D.load_image(im), image_size) for im in ex["images"]])
+        images = model_view(ex, image_size, oracle)
         out += [(images, q, a.strip(), question_type(q)) for q, a in ex["turns"] if q != D.CAPTION_PROMPT]
     return out
 
@@ -470,10 +500,8 @@ def caption_scores(generated, truths):
     return hit / max(1, named), hit / max(1, true)
 
 
-def generate_captions(answer, examples, image_size):
-    items = [(torch.stack([D.preprocess_image(D.load_image(im), image_size) for im in ex["images"]]), D.CAPTION_PROMPT)
-             for ex in examples]
-    return answer(items, max_new_tokens=96)
+def generate_captions(answer, examples, image_size, oracle=False):
+    return answer([(model_view(ex, image_size, oracle), D.CAPTION_PROMPT) for ex in examples], max_new_tokens=96)
 
 
 def show_captions(answer, examples, image_size, n_show=3):
@@ -503,7 +531,7 @@ def probe(cfg):
         answer = functools.partial(answer_questions, out["model"], out["tokenizer"], autocast=out["autocast"])
         one = SimpleNamespace(rank=0, world_size=1)
         blank = question_accuracy(functools.partial(answer, blank=True), out["questions"], one)
-        precision, recall = caption_scores(generate_captions(answer, out["val_examples"], cfg.image_size),
+        precision, recall = caption_scores(generate_captions(answer, out["val_examples"], cfg.image_size, cfg.oracle),
                                            [ex["caption"] for ex in out["val_examples"]])
         rows.append({"seed": seed, "images": out["accuracy"], "blank": blank, "caption": (precision, recall),
                      "seconds": out["seconds"]})

@@ -17,6 +17,7 @@ import io
 import heapq
 import json
 import os
+import threading
 import unicodedata
 import zipfile
 from collections import Counter, defaultdict
@@ -27,6 +28,17 @@ import torch
 
 class UserError(Exception):
     """Bad input from a person: the CLIs print it as one line and exit with code 2."""
+
+
+# numpy parses each .npy header with ast.literal_eval, and CPython 3.11's compile() is not thread-safe
+# ("SystemError: AST constructor recursion depth mismatch" under concurrent requests): one parse at a time.
+_NPZ_LOCK = threading.Lock()
+
+
+def read_npz(data):
+    """The arrays of an in-memory .npz (bytes), never unpickling; safe to call from many threads."""
+    with _NPZ_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def write_durably(path, write, mode="w"):

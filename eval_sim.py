@@ -52,7 +52,7 @@ import urllib.parse
 import numpy as np
 from tqdm import tqdm
 
-from data import UserError
+from data import UserError, read_npz
 
 # ----------------------------------------------------------------------------------------------
 # The world's vocabulary and geometry (one definition, shared by the simulator and the corpus)
@@ -763,8 +763,7 @@ class HTTPPolicy:
         buf = io.BytesIO()
         np.savez(buf, state=np.array([[o["state"] for o in p] for p in past], np.float32),
                  instruction=np.array([o["instruction"] for o in obs_list]), **arrays)
-        with np.load(io.BytesIO(self._request("/act", buf.getvalue()))) as reply:
-            return reply["actions"]
+        return read_npz(self._request("/act", buf.getvalue()))["actions"]
 
 
 def make_policy(spec):

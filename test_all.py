@@ -1906,7 +1906,7 @@ def stress_server(url, seconds, clients=8):
         failures = []
         while time.time() < deadline:
             status, body = post(url, good)
-            if status == 200 and np.load(io.BytesIO(body))["actions"].shape == (2, 2, 3):
+            if status == 200 and data.read_npz(body)["actions"].shape == (2, 2, 3):
                 ok += 1
             else:
                 failures.append((status, body[:200]))

@@ -648,8 +648,7 @@ def observations_from_npz(body, info):
     """A request body -> eval_sim-style observations, or a UserError naming what is wrong."""
     expected = "an .npz with images/<camera> for " + ",".join(info["cameras"]) + ", state and instruction"
     try:
-        with np.load(io.BytesIO(body), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = D.read_npz(body)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         raise D.UserError(f"request body is not {expected}") from None
     missing = [k for k in [f"images/{c}" for c in info["cameras"]] + ["state", "instruction"] if k not in arrays]

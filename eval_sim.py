@@ -1000,7 +1000,7 @@ def collect(out, episodes_per_task=100, tasks=TASKS, image_size=64, noise=0.2, s
     return writer.num_episodes
 
 
-def vlm_sample(index, image_size=64, split="train"):
+def vlm_sample(index, image_size=64, split="train", question_sets=1):
     """A stage-2 example: scene image (H, W, 3) uint8, its caption, question/answer pairs, scene_labels.
 
     The scene is caught partway through an expert episode, so some images show held objects,
@@ -1015,7 +1015,10 @@ def vlm_sample(index, image_size=64, split="train"):
         _, _, terminated, truncated, _ = env.step(executed)
         if terminated or truncated:
             break
-    return scene_camera(env.scene, image_size), describe_scene(env), scene_questions(env, rng), scene_labels(env)
+    qa = scene_questions(env, rng)
+    for _ in range(question_sets - 1):  # more draws ask about other objects; questions already asked are dropped
+        qa += [pair for pair in scene_questions(env, rng) if pair not in qa]
+    return scene_camera(env.scene, image_size), describe_scene(env), qa, scene_labels(env)
 
 
 def bench(steps=5000, episodes_per_task=50):

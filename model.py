@@ -479,6 +479,11 @@ class VisionConfig:
     coord_channels: bool = False  # two more input channels holding each pixel's x and y in [-1, 1] (CoordConv)
     film_vocab: int = 0           # > 0: the prompt's words scale and shift every stem layer's channels (FiLM), read
                                   # from a bag-of-words table of this many rows (the LLM's vocab_size); 0 = off
+    prompt_vocab: int = 0         # > 0: the prompt's words join the tower's tokens (early fusion), embedded by a table of
+                                  # this many rows (the LLM's vocab_size) plus their order: every patch can look at
+                                  # the question in the tower's own attention, as stage 3's language keypoints do
+    fact_outputs: int = 0         # > 0: the projector also holds a linear read-out of this many facts per visual token,
+                                  # trained by stage 2's dense loss on what each cell shows (train_vlm.py --cell_facts)
 
     @property
     def stem_widths(self):  # output channels of each stem layer
@@ -494,6 +499,9 @@ class VisionConfig:
     @property
     def n_visual_tokens(self):  # LLM positions per image
         return (self.grid // self.pixel_shuffle) ** 2
+
+
+PROMPT_POSITIONS = 64  # prompt words the tower tells apart by order (prompt_vocab > 0); later ones share the last
 
 
 class VisionTower(nn.Module):
@@ -527,6 +535,9 @@ class VisionTower(nn.Module):
             raise ValueError(f"unknown stem {c.stem!r}: use 'patch' or 'conv'")
         if c.film_vocab:  # per token: a (scale, shift) pair for every stem channel; zeros = no conditioning
             self.film = nn.Embedding(c.film_vocab, 2 * sum(c.stem_widths))
+        if c.prompt_vocab:
+            self.prompt_embedding = nn.Embedding(c.prompt_vocab, c.n_embd)
+            self.prompt_positions = nn.Parameter(torch.zeros(PROMPT_POSITIONS, c.n_embd))
         side = c.position_grid or c.grid
         self.position_embedding = nn.Parameter(torch.zeros(side * side, c.n_embd))
         if c.rope_theta > 0:
@@ -583,12 +594,21 @@ class VisionTower(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, C), row-major patches
         x = x + self.positions()
         rope = (self.rope_cos, self.rope_sin) if c.rope_theta > 0 else None
+        n_patches, mask = x.size(1), None
+        if c.prompt_vocab:  # the prompt's words after the patches, in their order; other positions masked out
+            if prompt is None:
+                raise ValueError("this vision tower reads its prompt (prompt_vocab > 0): pass prompt=(ids, mask)")
+            ids, words = prompt
+            order = (words.long().cumsum(1) - 1).clamp(0, PROMPT_POSITIONS - 1)
+            x = torch.cat([x, self.prompt_embedding(ids) + self.prompt_positions[order]], dim=1)
+            mask = torch.cat([words.new_ones(words.size(0), n_patches), words], dim=1)[:, None, None, :]  # (B, 1, 1, P + T)
         layers = []
         for i, block in enumerate(self.layers):
-            x = block(x, rope, causal=False)
+            x = block(x, rope, mask, causal=False)
             if i in c.deepstack_layers:
-                layers.append(x)
-        return (self.post_layernorm(x), layers) if return_layers else self.post_layernorm(x)
+                layers.append(x[:, :n_patches])
+        x = self.post_layernorm(x[:, :n_patches])
+        return (x, layers) if return_layers else x
 
 
 class Projector(nn.Module):
@@ -615,6 +635,8 @@ class Projector(nn.Module):
         else:
             self.linear_1 = nn.Linear(c.n_embd * c.pixel_shuffle ** 2, c.projector_hidden)
             self.linear_2 = nn.Linear(c.projector_hidden, llm_width)
+        if c.fact_outputs and not shuffled_norm:  # visual token -> its cell's facts (a training signal, unused after)
+            self.facts = nn.Linear(llm_width, c.fact_outputs)
 
     def forward(self, x):
         B, _, C = x.shape
@@ -643,8 +665,8 @@ class VLM(nn.Module):
     def __init__(self, llm_config: GPTConfig, vision_config: VisionConfig, image_token_id, llm=None,
                  prompt_end_id=None):
         super().__init__()
-        if vision_config.film_vocab and prompt_end_id is None:
-            raise ValueError("a prompt-conditioned vision tower (film_vocab > 0) needs prompt_end_id (<|assistant|>)")
+        if (vision_config.film_vocab or vision_config.prompt_vocab) and prompt_end_id is None:
+            raise ValueError("a prompt-conditioned vision tower (film_vocab or prompt_vocab > 0) needs prompt_end_id (<|assistant|>)")
         self.prompt_end_id = prompt_end_id  # the words before its first occurrence condition the tower (FiLM)
         self.llm = llm if llm is not None else Transformer(llm_config)
         self.vision = VisionTower(vision_config)
@@ -724,7 +746,8 @@ class VLM(nn.Module):
         if n_images == 0:
             return {"embeds": x, "patches": None, "positions": positions, "deepstack": []}
         prompt = None
-        if self.vision.config.film_vocab:  # the first user turn's words (before <|assistant|>), for every image of the row
+        if self.vision.config.film_vocab or self.vision.config.prompt_vocab:  # the first user turn's words (before
+            # <|assistant|>), for every image of the row
             words = ((idx == self.prompt_end_id).cumsum(1) == 0) & ~is_image
             prompt = (idx.repeat_interleave(n_images, 0), words.repeat_interleave(n_images, 0))
         # (B * n_images, n_patches, C_vit), and the DeepStack layers' hidden states
@@ -734,12 +757,16 @@ class VLM(nn.Module):
                      for projector, h in zip(self.projector.deepstack, layers)] if layers else []
         return {"embeds": x, "patches": patches, "positions": positions, "deepstack": deepstack}
 
-    def forward(self, idx, images, targets=None):
+    def forward(self, idx, images, targets=None, return_visual=False):
         """idx, targets (B, T) (targets -1 = no loss: data.py keeps only answer tokens);
-        images (B, n_images, 3, H, W). Returns (logits, loss) as Transformer.forward."""
+        images (B, n_images, 3, H, W). Returns (logits, loss) as Transformer.forward; return_visual: also
+        the visual tokens the LLM read, (B, n_images * n_visual_tokens, C) in placeholder order."""
         inputs = self.llm_inputs(idx, images)
-        return self.llm(embeds=inputs["embeds"], targets=targets, positions=inputs["positions"],
-                        deepstack=inputs["deepstack"])
+        logits, loss = self.llm(embeds=inputs["embeds"], targets=targets, positions=inputs["positions"],
+                                deepstack=inputs["deepstack"])
+        if not return_visual:
+            return logits, loss
+        return logits, loss, inputs["embeds"][idx == self.image_token_id].view(idx.size(0), -1, inputs["embeds"].size(-1))
 
     @torch.no_grad()
     def generate(self, idx, images, max_new_tokens, temperature=1.0, top_k=None, stop_token=None,
@@ -764,7 +791,7 @@ class VLM(nn.Module):
         c = self.vision.config
         P = c.grid * c.grid
         n_vit = sum(p.numel() for n, p in self.vision.named_parameters()
-                    if p.dim() >= 2 and n != "position_embedding" and not n.startswith(("conv_stem.", "film.")))
+                    if p.dim() >= 2 and n != "position_embedding" and not n.startswith(("conv_stem.", "film.", "prompt_")))
         n_proj = sum(p.numel() for p in self.projector.parameters() if p.dim() == 2)
         vit = P * (6 * n_vit + 12 * c.n_layer * c.n_head * c.head_dim * P)
         if c.stem == "conv":  # each convolution runs at its own output resolution, not once per patch

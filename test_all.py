@@ -2219,7 +2219,7 @@ def test_scene_labels_state_what_the_caption_says():
 
 def test_oracle_probe_feeds_the_true_scene_facts_as_every_visual_token(tiny_llm_checkpoint, tmp_path, capsys):
     args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "oracle") + ["--max_steps=2", "--probe", "--probe_seeds=1",
-                                                                      "--oracle", "--distinct_words"]
+                                                                      "--oracle=scene", "--distinct_words"]
     rows = train_vlm.main(args)
     assert rows[0]["images"]["all"][1] > 0 and "blanked" in capsys.readouterr().out
     cfg = train_vlm.parse_config(train_vlm.TrainConfig, args)
@@ -2235,7 +2235,7 @@ def test_oracle_probe_feeds_the_true_scene_facts_as_every_visual_token(tiny_llm_
     llm, _ = M.load_llm(train_llm.find_checkpoint(tiny_llm_checkpoint))
     assert not torch.allclose(model.llm.embed_tokens.weight[rows], llm.embed_tokens.weight[rows])
     with pytest.raises(data.UserError, match="--oracle .* needs --data=world and --probe"):
-        train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "o2") + ["--oracle"])
+        train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "o2") + ["--oracle=scene"])
 
 
 def test_stage1_reports_how_well_it_answers_from_a_caption_in_context(tiny_llm_checkpoint):
@@ -2252,3 +2252,56 @@ def test_stage1_reports_how_well_it_answers_from_a_caption_in_context(tiny_llm_c
     # --world_questions: more question lines per corpus document
     few, many = ([d.count("\nQ: ") for d in eval_sim.language_corpus(6, questions=q)] for q in (3, 8))
     assert few == [3] * 6 and all(3 < n <= 8 for n in many)
+
+
+def test_cell_facts_put_each_object_and_the_gripper_in_the_cell_under_its_centre():
+    from eval_sim import COLOUR_NAMES, KINDS
+    for i in range(4):
+        image, caption, _, labels = eval_sim.vlm_sample(i, 64, "val")
+        facts = train_vlm.cell_facts(torch.tensor([labels]), 4)[0]  # (16, CELL_FEATURES)
+        assert facts.shape == (16, train_vlm.CELL_FEATURES)
+        named = dict(train_vlm.caption_objects(caption))  # colour -> kind
+        found = {}
+        for cell, f in enumerate(facts):
+            for c in torch.nonzero(f[:6]).flatten().tolist():
+                found[COLOUR_NAMES[c]] = cell
+                assert f[6:9].sum() >= 1  # a kind comes with every colour
+        assert set(found) == set(named)
+        for colour, cell in found.items():  # the cell is the one under the object's centre in the image
+            c = COLOUR_NAMES.index(colour)
+            x, y = labels[c * 19 + 12], labels[c * 19 + 13]
+            assert cell == min(int((1 - y) * 4), 3) * 4 + min(int(x * 4), 3)
+            if sum(1 for k in found.values() if k == cell) == 1:  # alone in its cell: its kind and coordinates
+                assert KINDS[facts[cell, 6:9].argmax()] == named[colour]
+                assert facts[cell, 14:16].tolist() == pytest.approx([x, y])
+        assert facts[:, 16].sum() == 1 and bool(facts[:, 17].sum()) == ("gripper is closed" in caption)
+
+
+def test_more_question_sets_ask_about_more_objects_without_repeats():
+    one = eval_sim.vlm_sample(3, 16, "train")[2]
+    three = eval_sim.vlm_sample(3, 16, "train", question_sets=3)[2]
+    assert three[:len(one)] == one and len(three) > len(one) and len(set(three)) == len(three)
+
+
+def test_cell_facts_loss_trains_a_readout_that_is_saved_and_loaded(tiny_llm_checkpoint, tmp_path):
+    out = str(tmp_path / "facts")
+    train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, out) + ["--max_steps=2", "--cell_facts=1.0", "--world_question_sets=2"])
+    model, cfg, _ = train_vlm.load_vlm(out)
+    assert cfg["vision"]["fact_outputs"] == train_vlm.CELL_FEATURES
+    assert model.projector.facts.weight.shape == (train_vlm.CELL_FEATURES, model.config.n_embd)
+    # the loss: exact facts scored by their own logits are cheaper than the opposite guess
+    facts = train_vlm.cell_facts(torch.tensor([eval_sim.vlm_sample(0, 16, "val")[3]]), 2)
+    sure = (facts * 2 - 1) * 20
+    sure[..., [14, 15, 18, 19]] = facts[..., [14, 15, 18, 19]]  # coordinates: the exact values
+    assert train_vlm.cell_facts_loss(sure, facts) < 0.01 < train_vlm.cell_facts_loss(-sure, facts)
+
+
+def test_cells_oracle_maps_each_cells_facts_plus_its_position(tiny_llm_checkpoint, tmp_path):
+    args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "cells") + ["--probe", "--oracle=cells"]
+    model, tok = train_vlm.vlm_from_llm(train_vlm.parse_config(train_vlm.TrainConfig, args), ((0.5,) * 3, (0.5,) * 3))
+    facts = torch.tensor([train_vlm.world_example(i, "val", 16)["labels"] for i in range(2)])  # (2, 1, k)
+    idx = torch.tensor([data.encode_chat(tok, [("how many bowls are there?", None)], model.n_visual_tokens)[0]] * 2)
+    visual = model.embed(idx, facts)[idx == model.image_token_id].view(2, model.n_visual_tokens, -1)
+    grid = round(model.n_visual_tokens ** 0.5)
+    want = model.vision.linear(train_vlm.cell_facts(facts[:, 0].float(), grid)) + model.vision.position
+    assert torch.allclose(visual, want)

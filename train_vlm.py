@@ -51,6 +51,8 @@ class TrainConfig:
     augment: bool = False               # light brightness/contrast jitter (no flips: answers say left and right)
     blank_images: bool = False          # the text-only control: every image zeroed, in training and validation
     world_turns: int = 0                # questions per training conversation for data=world; 0 = all of the scene's (~10)
+    world_question_sets: int = 1        # data=world: question sets drawn per training scene (each about a random object;
+                                        # repeats dropped): more questions that name an object per rendered image
     caption_every: int = 4              # data=world: every caption_every-th scene is a caption (with world_turns > 0:
                                         # every caption_every-th micro-batch), the others questions
     # model: the new parts (the LLM's shape comes from --init)
@@ -65,9 +67,12 @@ class TrainConfig:
     projector_hidden: int = 512
     vision_stem: str = "patch"          # 'patch' (one stride-patch convolution) | 'conv' (3x3 convolutions, model.py)
     coord_channels: bool = False        # the tower also sees each pixel's x and y (CoordConv)
+    prompt_tower: bool = False          # the prompt's words join the tower's tokens: patches attend to the question (model.py)
     film: bool = False                  # the prompt's words scale and shift the stem's channels (FiLM, model.py)
     cell_words: float = 0.0             # data=world: weight of a dense extra loss: the LLM's output at each visual token
                                         # names the colour in its cell (read off the rendered pixels) or 'nothing'; 0 = off
+    cell_facts: float = 0.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
+                                        # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
     distinct_words: bool = False        # re-draw the colour and shape words' embeddings before stage 2 (after stage 1 they are
                                         # nearly alike: the text never needed to tell them apart)
     seq_len: int = 0                    # max tokens per sample (longer conversations lose turns); 0 = the LLM's max_seq_len
@@ -104,8 +109,10 @@ class TrainConfig:
     # and without the images, and caption precision/recall; judge a recipe by more than one seed in minutes
     probe: bool = False
     probe_seeds: str = "1,2"            # comma-separated training seeds, run one after the other
-    oracle: bool = False                # data=world: perfect eyes instead of the tower: every visual token is one learned linear
-                                        # map of the scene's true facts (eval_sim.scene_labels): what the LLM can learn to read
+    oracle: str = ""                    # data=world: perfect eyes instead of the tower: 'scene' = every visual token is one learned
+                                        # linear map of the scene's true facts; 'cells' = the visual token of each grid cell maps
+                                        # the facts of the objects (and gripper) whose centre is in it, plus a learned position
+                                        # (eval_sim.scene_labels): what the LLM can learn to read when perception is solved
 
 
 # valid ranges (inclusive) and rules, checked before any work (train_llm.validate)
@@ -114,8 +121,8 @@ RANGES = {**SHARED_RANGES, "world_train": (1, None), "world_val": (1, None), "im
           "vision_head_dim": (1, None), "vision_mlp_hidden": (1, None), "pixel_shuffle": (1, None),
           "projector_hidden": (1, None), "seq_len": (0, None), "batch_size": (1, None), "vision_lr": (0, None),
           "projector_lr": (0, None), "projector_warmup_steps": (0, None), "eval_batches": (1, None),
-          "show_captions": (0, None), "world_turns": (0, None), "caption_every": (1, None),
-          "cell_words": (0, None)}
+          "show_captions": (0, None), "world_turns": (0, None), "caption_every": (1, None), "world_question_sets": (1, None),
+          "cell_words": (0, None), "cell_facts": (0, None)}
 RULES = SHARED_RULES + [
     (lambda c, w: c.image_size % c.patch_size == 0 and (c.image_size // c.patch_size) % c.pixel_shuffle == 0,
      "--image_size={image_size} must be a multiple of patch_size {patch_size}, and the patch grid a multiple of "
@@ -123,6 +130,7 @@ RULES = SHARED_RULES + [
     (lambda c, w: c.batch_size % (c.micro_batch * w) == 0,
      "--batch_size={batch_size} must be a multiple of micro_batch * world_size = {micro_batch} * {world_size}"),
     (lambda c, w: c.vision_stem in ("patch", "conv"), "--vision_stem={vision_stem}: expected 'patch' or 'conv'"),
+    (lambda c, w: c.oracle in ("", "scene", "cells"), "--oracle={oracle}: expected '', 'scene' or 'cells'"),
     (lambda c, w: not c.oracle or (c.data == "world" and c.probe),
      "--oracle reads the built-in world's scene facts and saves nothing: it needs --data=world and --probe"),
 ]
@@ -153,7 +161,8 @@ def train(cfg):
         train_examples, n_train = functools.partial(world_example, split="train", image_size=cfg.image_size,
                                                     turns=cfg.world_turns,
                                                     caption_block=cfg.micro_batch if cfg.world_turns else 1,
-                                                    caption_every=cfg.caption_every), cfg.world_train
+                                                    caption_every=cfg.caption_every,
+                                                    question_sets=cfg.world_question_sets), cfg.world_train
         val_examples = [world_example(i, "val", cfg.image_size) for i in range(cfg.world_val)]
     else:
         examples = D.read_image_text(D.expand_paths(cfg.data))
@@ -233,9 +242,9 @@ def train(cfg):
     # --- the loop
     if cfg.overwrite and dist.is_master:
         remove_checkpoints(cfg.out_dir)
-    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), dist.is_master, resume_step=step)
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), dist.is_master and not cfg.probe, resume_step=step)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_master, dynamic_ncols=True)
-    t_start, record, accuracy = time.perf_counter(), {}, None
+    t_start, record, accuracy, curve = time.perf_counter(), {}, None, []
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         lr_scale = lr_multiplier(step, cfg)
@@ -244,11 +253,17 @@ def train(cfg):
             group["lr"] = 0.0 if only_projector else group["base_lr"] * lr_scale
         loss_sum, flops = torch.zeros((), device=dist.device), 0
         for micro_step in range(grad_accum):
-            idx, targets, images, cells = to_device(train_loader.next_batch())
+            batch = train_loader.next_batch()
+            idx, targets, images, cells = to_device(batch)
+            facts = (cell_facts(batch[3].flatten(0, 1).float(), round(raw_model.n_visual_tokens ** 0.5)).to(dist.device)
+                     if raw_model.vision_config.fact_outputs else None)
             if dist.world_size > 1:  # all-reduce gradients only on the last micro-step (set before forward)
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with autocast:
-                logits, loss = model(idx, images, targets)
+                logits, loss, visual = model(idx, images, targets, return_visual=True)
+                if facts is not None:  # (B * n_images, cells, CELL_FEATURES), the visual tokens' order
+                    predicted = raw_model.projector.facts(visual.view(*facts.shape[:2], -1))
+                    loss = loss + cfg.cell_facts * cell_facts_loss(predicted.float(), facts)
                 if cells is not None:  # the visual tokens' positions, in the order their cells were labelled
                     is_image = idx == raw_model.image_token_id
                     loss = loss + cfg.cell_words * torch.nn.functional.cross_entropy(logits[is_image].float(), cells.flatten())
@@ -271,6 +286,7 @@ def train(cfg):
             record["val_loss"] = round(evaluate(), 6)
             accuracy = question_accuracy(answer, questions, dist)
             record["val_accuracy"] = round(accuracy["all"][0] / max(1, accuracy["all"][1]), 4)
+            curve.append((step, record["val_accuracy"]))
         log.write(record)
         bar.set_postfix(loss=f"{train_loss:.3f}", samples_s=f"{record['samples_per_s']:.1f}", mfu=f"{record['mfu']:.1%}",
                         **({"val": f"{record['val_loss']:.3f}", "acc": f"{record['val_accuracy']:.1%}"}
@@ -287,7 +303,7 @@ def train(cfg):
         captions = show_captions(answer, val_examples, cfg.image_size, cfg.show_captions)
     teardown_distributed(dist)
     return {"model": raw_model, "tokenizer": tokenizer, "autocast": autocast, "questions": questions,
-            "val_examples": val_examples, "accuracy": accuracy, "captions": captions, "seconds": seconds}
+            "val_examples": val_examples, "accuracy": accuracy, "captions": captions, "seconds": seconds, "curve": curve}
 
 
 def pixel_stats(examples, n_examples, cfg, n=256):
@@ -327,7 +343,9 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             mlp_hidden=cfg.vision_mlp_hidden, pixel_shuffle=cfg.pixel_shuffle,
                             projector_hidden=cfg.projector_hidden, pixel_mean=tuple(pixel_mean_std[0]),
                             pixel_std=tuple(pixel_mean_std[1]), stem=cfg.vision_stem, coord_channels=cfg.coord_channels,
-                            film_vocab=llm.config.vocab_size if cfg.film else 0)
+                            film_vocab=llm.config.vocab_size if cfg.film else 0,
+                            prompt_vocab=llm.config.vocab_size if cfg.prompt_tower else 0,
+                            fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,
                       prompt_end_id=tokenizer.special("<|assistant|>"))
@@ -341,23 +359,71 @@ def vlm_from_llm(cfg, pixel_mean_std):
             fresh = torch.randn(len(rows), table.size(1), generator=torch.Generator().manual_seed(cfg.seed))
             table[rows] = fresh / fresh.norm(dim=1, keepdim=True) * table[rows].norm(dim=1).mean()
     if cfg.oracle:
-        model.vision, model.projector = SceneOracle(model.vision_config, model.n_visual_tokens, llm.config.n_embd), torch.nn.Identity()
+        model.vision, model.projector = SceneOracle(model.vision_config, model.n_visual_tokens, llm.config.n_embd,
+                                                    cfg.oracle == "cells"), torch.nn.Identity()
     return model, tokenizer
 
 
 class SceneOracle(torch.nn.Module):
     """--oracle's perfect eyes in place of the tower and projector: its 'image' (n, k) is the scene's true facts
-    (eval_sim.scene_labels) and every visual token one learned linear map of them, so a run measures how fast
-    the LLM learns to read a scene when perception is solved (docs/stage2.md)."""
+    (eval_sim.scene_labels). by_cell=False: every visual token is one learned linear map of all of them. by_cell=True:
+    the visual tokens are a grid over the table, each a learned linear map of what lies in its cell (per object
+    whose centre is there: colour and kind one-hot, held / on / under / in a bowl / nearest, x, y; the gripper's
+    presence, state, x, y) plus a learned position. A run measures how fast the LLM learns to read a scene when
+    perception is solved (docs/stage2.md)."""
 
-    def __init__(self, vision_config, n_visual_tokens, n_embd):
+    def __init__(self, vision_config, n_visual_tokens, n_embd, by_cell=False):
         super().__init__()
-        self.config, self.n_visual_tokens = vision_config, n_visual_tokens
-        self.linear = torch.nn.Linear(len(SCENE_LABEL_NAMES), n_embd)
+        self.config, self.n_visual_tokens, self.by_cell = vision_config, n_visual_tokens, by_cell
+        self.grid = round(n_visual_tokens ** 0.5)
+        self.linear = torch.nn.Linear(CELL_FEATURES if by_cell else len(SCENE_LABEL_NAMES), n_embd)
+        if by_cell:
+            self.position = torch.nn.Parameter(torch.randn(n_visual_tokens, n_embd) * 0.02)
 
     def forward(self, facts, prompt=None, return_layers=False):
-        tokens = self.linear(facts.float())[:, None].expand(-1, self.n_visual_tokens, -1)
+        if self.by_cell:
+            tokens = self.linear(cell_facts(facts.float(), self.grid)) + self.position
+        else:
+            tokens = self.linear(facts.float())[:, None].expand(-1, self.n_visual_tokens, -1)
         return (tokens, []) if return_layers else tokens
+
+
+CELL_FEATURES = 20  # cell_facts: 6 colours, 3 kinds, 5 object facts, x, y, gripper here, closed, x, y
+
+
+def cell_facts_loss(predicted, facts):
+    """Cross-entropy on the 0/1 facts of each cell, squared error on the x, y of the objects and gripper it holds."""
+    binary = torch.ones(CELL_FEATURES, dtype=torch.bool, device=facts.device)
+    binary[[14, 15, 18, 19]] = False
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(predicted[..., binary], facts[..., binary].clamp(0, 1))
+    occupied, gripper = facts[..., :6].sum(-1, keepdim=True).clamp(max=1), facts[..., 16:17]
+    return loss + ((predicted[..., 14:16] - facts[..., 14:16]) ** 2 * occupied).mean() + \
+        ((predicted[..., 18:20] - facts[..., 18:20]) ** 2 * gripper).mean()
+
+
+def cell_facts(labels, grid):
+    """scene_labels rows (n, 126) -> (n, grid * grid, CELL_FEATURES): per cell of a grid over the table (row-major from
+    the top, the visual tokens' order), the facts of the objects and the gripper whose centre lies in it."""
+    from eval_sim import COLOUR_NAMES, KINDS
+    n, per = labels.size(0), len(SCENE_LABEL_NAMES) - 12  # the gripper's 12 numbers come last
+    per_colour = per // len(COLOUR_NAMES)
+    out = labels.new_zeros(n, grid * grid, CELL_FEATURES)
+    rows = torch.arange(n)
+
+    def cell(x, y):  # table (x right, y up) -> the index of its cell, row 0 at the top
+        col, row = (x * grid).long().clamp(0, grid - 1), ((1 - y) * grid).long().clamp(0, grid - 1)
+        return row * grid + col
+
+    for c in range(len(COLOUR_NAMES)):
+        f = labels[:, c * per_colour:(c + 1) * per_colour]  # kinds, regions, x, y, held, on, under, in bowl, nearest
+        present = f[:, :len(KINDS)].sum(1)  # 1 where an object has this colour
+        x, y, five = f[:, -7], f[:, -6], f[:, -5:]
+        one = torch.cat([torch.nn.functional.one_hot(torch.tensor(c), len(COLOUR_NAMES)).to(f).expand(n, -1),
+                         f[:, :len(KINDS)], five, x[:, None], y[:, None], f.new_zeros(n, 4)], 1) * present[:, None]
+        out[rows, cell(x, y)] += one
+    g = labels[:, per:]  # closed, regions, x, y
+    out[rows, cell(g[:, -2], g[:, -1]), -4:] += torch.stack([torch.ones_like(g[:, 0]), g[:, 0], g[:, -2], g[:, -1]], 1)
+    return out
 
 
 def world_colours():
@@ -396,14 +462,14 @@ def load_vlm(ckpt_dir, map_location="cpu"):
 # -----------------------------------------------------------------------------------------------
 # The built-in world's data and the validation of answers
 
-def world_example(index, split, image_size, turns=0, caption_block=1, caption_every=4):
+def world_example(index, split, image_size, turns=0, caption_block=1, caption_every=4, question_sets=1):
     """A rendered scene as one conversation: its caption when (index // caption_block) is a multiple
     of caption_every, else its questions (eval_sim.scene_questions, shuffled; the first `turns` of
     them when turns > 0). Apart, because a caption in the same conversation would give the answers
     away. With caption_block = the micro-batch and scenes read in order, captions (~100 tokens) come
     in micro-batches of their own and short questions are not padded to a caption's length."""
     from eval_sim import vlm_sample
-    image, caption, qa, labels = vlm_sample(index, image_size, split)
+    image, caption, qa, labels = vlm_sample(index, image_size, split, question_sets)
     if (index // caption_block) % caption_every == 0:
         chat = [(D.CAPTION_PROMPT, caption)]
     else:
@@ -526,7 +592,7 @@ def probe(cfg):
     seeds = [int(s) for s in cfg.probe_seeds.split(",") if s.strip()]
     rows = []
     for seed in seeds:
-        run_cfg = replace(cfg, seed=seed, show_captions=0, eval_every=0)
+        run_cfg = replace(cfg, seed=seed, show_captions=0)
         out = train(run_cfg)
         answer = functools.partial(answer_questions, out["model"], out["tokenizer"], autocast=out["autocast"])
         one = SimpleNamespace(rank=0, world_size=1)
@@ -537,7 +603,7 @@ def probe(cfg):
                      "seconds": out["seconds"]})
         print(f"probe seed {seed}: {out['accuracy']['all'][0] / out['accuracy']['all'][1]:.1%} with images, "
               f"{blank['all'][0] / blank['all'][1]:.1%} blanked, captions P {precision:.1%} R {recall:.1%}, "
-              f"{out['seconds']:.0f}s", flush=True)
+              f"{out['seconds']:.0f}s; accuracy by step " + ", ".join(f"{s} {a:.1%}" for s, a in out["curve"]), flush=True)
     print_probe_table(rows, out["questions"], cfg)
     return rows
 

@@ -479,9 +479,9 @@ class VisionConfig:
     coord_channels: bool = False  # two more input channels holding each pixel's x and y in [-1, 1] (CoordConv)
     film_vocab: int = 0           # > 0: the prompt's words scale and shift every stem layer's channels (FiLM), read
                                   # from a bag-of-words table of this many rows (the LLM's vocab_size); 0 = off
-    prompt_vocab: int = 0         # > 0: the prompt's words join the tower's tokens (early fusion), embedded by a table of
-                                  # this many rows (the LLM's vocab_size) plus their order: every patch can look at
-                                  # the question in the tower's own attention, as stage 3's language keypoints do
+    answer_keypoints: int = 0     # > 0: at each answer position, this many keypoints over the patches, aimed by that
+                                  # turn's question words (AnswerKeypoints); their features join the answer's input
+    answer_vocab: int = 0         # rows of AnswerKeypoints' word tables (the LLM's vocab_size)
     fact_outputs: int = 0         # > 0: the projector also holds a linear read-out of this many facts per visual token,
                                   # trained by stage 2's dense loss on what each cell shows (train_vlm.py --cell_facts)
 
@@ -499,9 +499,6 @@ class VisionConfig:
     @property
     def n_visual_tokens(self):  # LLM positions per image
         return (self.grid // self.pixel_shuffle) ** 2
-
-
-PROMPT_POSITIONS = 64  # prompt words the tower tells apart by order (prompt_vocab > 0); later ones share the last
 
 
 class VisionTower(nn.Module):
@@ -535,9 +532,6 @@ class VisionTower(nn.Module):
             raise ValueError(f"unknown stem {c.stem!r}: use 'patch' or 'conv'")
         if c.film_vocab:  # per token: a (scale, shift) pair for every stem channel; zeros = no conditioning
             self.film = nn.Embedding(c.film_vocab, 2 * sum(c.stem_widths))
-        if c.prompt_vocab:
-            self.prompt_embedding = nn.Embedding(c.prompt_vocab, c.n_embd)
-            self.prompt_positions = nn.Parameter(torch.zeros(PROMPT_POSITIONS, c.n_embd))
         side = c.position_grid or c.grid
         self.position_embedding = nn.Parameter(torch.zeros(side * side, c.n_embd))
         if c.rope_theta > 0:
@@ -594,21 +588,12 @@ class VisionTower(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, C), row-major patches
         x = x + self.positions()
         rope = (self.rope_cos, self.rope_sin) if c.rope_theta > 0 else None
-        n_patches, mask = x.size(1), None
-        if c.prompt_vocab:  # the prompt's words after the patches, in their order; other positions masked out
-            if prompt is None:
-                raise ValueError("this vision tower reads its prompt (prompt_vocab > 0): pass prompt=(ids, mask)")
-            ids, words = prompt
-            order = (words.long().cumsum(1) - 1).clamp(0, PROMPT_POSITIONS - 1)
-            x = torch.cat([x, self.prompt_embedding(ids) + self.prompt_positions[order]], dim=1)
-            mask = torch.cat([words.new_ones(words.size(0), n_patches), words], dim=1)[:, None, None, :]  # (B, 1, 1, P + T)
         layers = []
         for i, block in enumerate(self.layers):
-            x = block(x, rope, mask, causal=False)
+            x = block(x, rope, causal=False)
             if i in c.deepstack_layers:
-                layers.append(x[:, :n_patches])
-        x = self.post_layernorm(x[:, :n_patches])
-        return (x, layers) if return_layers else x
+                layers.append(x)
+        return (self.post_layernorm(x), layers) if return_layers else self.post_layernorm(x)
 
 
 class Projector(nn.Module):
@@ -637,6 +622,8 @@ class Projector(nn.Module):
             self.linear_2 = nn.Linear(c.projector_hidden, llm_width)
         if c.fact_outputs and not shuffled_norm:  # visual token -> its cell's facts (a training signal, unused after)
             self.facts = nn.Linear(llm_width, c.fact_outputs)
+        if c.answer_keypoints and not shuffled_norm:  # kept here: the projector's optimizer group and learning rate
+            self.answer_keypoints = AnswerKeypoints(c.answer_vocab, c.n_embd, c.grid, llm_width, c.answer_keypoints)
 
     def forward(self, x):
         B, _, C = x.shape
@@ -648,6 +635,56 @@ class Projector(nn.Module):
         if self.config.projector == "linear":
             return self.linear(x)
         return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+class AnswerKeypoints(nn.Module):
+    """Keypoints aimed by a question, read where its answer starts (train_vlm.py --answer_keypoints).
+
+    At each <|assistant|> position, keypoint k pools that turn's question words (between <|user|> and
+    it): weights a_tk = softmax over the words t of weight_k[word_t] + order_k[t's place in the question];
+    its query q_k = sum_t a_tk query_k[word_t] says what to look for; a softmax over the image's patches of
+    patch . q_k (a spatial soft-argmax, as stage 3's language keypoints) gives the expected (x, y) and the
+    pooled patch features, and one linear layer adds all keypoints' to the answer position's input. The
+    match of a question word against the patches is one dot product, so "where is the red block?" needs no
+    attention circuit in the decoder to find the red patches first (docs/stage2.md)."""
+
+    def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32):
+        super().__init__()
+        self.keypoints, self.patch_dim, self.max_words = keypoints, patch_dim, max_words
+        self.query = nn.Embedding(vocab_size, patch_dim * keypoints)  # what each word looks for, per keypoint
+        self.weight = nn.Embedding(vocab_size, keypoints)              # how much each word counts, per keypoint
+        self.order = nn.Parameter(torch.zeros(max_words, keypoints))   # ... and its place in the question
+        self.out = nn.Linear(keypoints * (patch_dim + 2), n_embd)
+        k = torch.arange(grid * grid)  # raster order: patch k at column k % grid, row k // grid, in [-1, 1]
+        self.register_buffer("xy", torch.stack([k % grid, k // grid], -1).float() / max(grid - 1, 1) * 2 - 1,
+                             persistent=False)
+
+    def forward(self, idx, patches, words, turn, answer):
+        """idx (B, T); patches (B, P, patch_dim) (one image per row); words, answer (B, T) bool: question
+        words and answer starts; turn (B, T): each token's turn number -> (B, T, n_embd), zero but at answers."""
+        B, T = idx.shape
+        n_answers = answer.sum(1)
+        A = int(n_answers.max())
+        at = torch.argsort((~answer).to(torch.int8), dim=1, stable=True)[:, :A]  # (B, A): answer positions first
+        valid = torch.arange(A, device=idx.device)[None] < n_answers[:, None]
+        position = torch.arange(T, device=idx.device)
+        asks = words[:, None, :] & (turn.gather(1, at)[:, :, None] == turn[:, None, :]) & (position < at[:, :, None])
+        logits = self.weight(idx).float()[:, None] + self.order[self.place_in_turn(words, turn)][:, None]  # (B, 1, T, K)
+        a = logits.masked_fill(~asks[..., None], -1e9).softmax(dim=2)  # (B, A, T, K)
+        query = self.query(idx).view(B, T, self.patch_dim, self.keypoints).float()
+        q = torch.einsum("batk,btck->back", a, query)
+        scores = torch.einsum("bpc,back->bapk", patches.float(), q) / math.sqrt(self.patch_dim)
+        w = scores.softmax(dim=2)  # (B, A, P, K)
+        xy = torch.einsum("bapk,pd->bakd", w, self.xy.repeat(patches.size(1) // len(self.xy), 1))  # per image's grid
+        features = torch.einsum("bapk,bpc->bakc", w, patches.float())
+        out = self.out(torch.cat([features, xy], -1).flatten(2).to(patches.dtype)) * valid[..., None]  # (B, A, n_embd)
+        return patches.new_zeros(B, T, out.size(-1)).scatter_add(1, at[..., None].expand_as(out), out)
+
+    def place_in_turn(self, words, turn):
+        """(B, T): each word's index among its turn's words, capped at max_words - 1."""
+        count = words.long().cumsum(1)
+        start = torch.zeros_like(count).scatter_reduce(1, turn, count - words.long(), "amin", include_self=False)
+        return (count - 1 - start.gather(1, turn)).clamp(0, self.max_words - 1)
 
 
 class VLM(nn.Module):
@@ -663,11 +700,14 @@ class VLM(nn.Module):
     (parameter names unchanged, so stage-1 weights load as llm.*), `vision`, `projector`."""
 
     def __init__(self, llm_config: GPTConfig, vision_config: VisionConfig, image_token_id, llm=None,
-                 prompt_end_id=None):
+                 prompt_end_id=None, prompt_start_id=None):
         super().__init__()
-        if (vision_config.film_vocab or vision_config.prompt_vocab) and prompt_end_id is None:
-            raise ValueError("a prompt-conditioned vision tower (film_vocab or prompt_vocab > 0) needs prompt_end_id (<|assistant|>)")
+        if (vision_config.film_vocab or vision_config.answer_keypoints) and prompt_end_id is None:
+            raise ValueError("a prompt-conditioned vision tower (film_vocab or answer_keypoints > 0) needs prompt_end_id (<|assistant|>)")
+        if vision_config.answer_keypoints and (prompt_start_id is None or vision_config.temporal_patch_size > 1):
+            raise ValueError("answer_keypoints need prompt_start_id (<|user|>) and one of our towers")
         self.prompt_end_id = prompt_end_id  # the words before its first occurrence condition the tower (FiLM)
+        self.prompt_start_id = prompt_start_id  # each turn's question starts after it (answer_keypoints)
         self.llm = llm if llm is not None else Transformer(llm_config)
         self.vision = VisionTower(vision_config)
         self.projector = Projector(vision_config, llm_config.n_embd)
@@ -746,13 +786,17 @@ class VLM(nn.Module):
         if n_images == 0:
             return {"embeds": x, "patches": None, "positions": positions, "deepstack": []}
         prompt = None
-        if self.vision.config.film_vocab or self.vision.config.prompt_vocab:  # the first user turn's words (before
-            # <|assistant|>), for every image of the row
+        if self.vision.config.film_vocab:  # the first user turn's words (before <|assistant|>), for every image of the row
             words = ((idx == self.prompt_end_id).cumsum(1) == 0) & ~is_image
             prompt = (idx.repeat_interleave(n_images, 0), words.repeat_interleave(n_images, 0))
         # (B * n_images, n_patches, C_vit), and the DeepStack layers' hidden states
         patches, layers = self.vision(images.flatten(0, 1), prompt, return_layers=True)
         x = x.masked_scatter(is_image.unsqueeze(-1), self.projector(patches).to(x.dtype))
+        answer = idx == self.prompt_end_id
+        if self.vision.config.answer_keypoints and answer.any():  # every image's patches, one softmax over them all
+            specials = (idx == self.prompt_start_id) | answer | is_image
+            x = x + self.projector.answer_keypoints(idx, patches.reshape(idx.size(0), -1, patches.size(-1)), ~specials,
+                                                    (idx == self.prompt_start_id).cumsum(1), answer).to(x.dtype)
         deepstack = [x.new_zeros(x.shape).masked_scatter(is_image.unsqueeze(-1), projector(h).to(x.dtype))
                      for projector, h in zip(self.projector.deepstack, layers)] if layers else []
         return {"embeds": x, "patches": patches, "positions": positions, "deepstack": deepstack}
@@ -791,7 +835,7 @@ class VLM(nn.Module):
         c = self.vision.config
         P = c.grid * c.grid
         n_vit = sum(p.numel() for n, p in self.vision.named_parameters()
-                    if p.dim() >= 2 and n != "position_embedding" and not n.startswith(("conv_stem.", "film.", "prompt_")))
+                    if p.dim() >= 2 and n != "position_embedding" and not n.startswith(("conv_stem.", "film.")))
         n_proj = sum(p.numel() for p in self.projector.parameters() if p.dim() == 2)
         vit = P * (6 * n_vit + 12 * c.n_layer * c.n_head * c.head_dim * P)
         if c.stem == "conv":  # each convolution runs at its own output resolution, not once per patch
@@ -803,7 +847,7 @@ class VLM(nn.Module):
         """The architecture described by a stage-2 config.json (sections model, vision, tokenizer)."""
         special = cfg["tokenizer"]["special_tokens"]
         return cls(config_from_dict(GPTConfig, cfg["model"]), config_from_dict(VisionConfig, cfg["vision"]),
-                   special["<|image|>"], prompt_end_id=special.get("<|assistant|>"))
+                   special["<|image|>"], prompt_end_id=special.get("<|assistant|>"), prompt_start_id=special.get("<|user|>"))
 
 
 def grow_embeddings(llm, vocab_size):

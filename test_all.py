@@ -2305,3 +2305,41 @@ def test_cells_oracle_maps_each_cells_facts_plus_its_position(tiny_llm_checkpoin
     grid = round(model.n_visual_tokens ** 0.5)
     want = model.vision.linear(train_vlm.cell_facts(facts[:, 0].float(), grid)) + model.vision.position
     assert torch.allclose(visual, want)
+
+
+def test_answer_keypoints_read_only_their_own_turns_question_and_land_on_its_answer_position():
+    torch.manual_seed(0)
+    keypoints = M.AnswerKeypoints(vocab_size=50, patch_dim=8, grid=4, n_embd=16, keypoints=2)
+    with torch.no_grad():
+        keypoints.weight.weight.normal_()
+    # 0 <|endoftext|>, 1 <|user|>, 2 <|image|>, 3 <|assistant|>, 4 padding; words 10-19, answers 20-29
+    idx = torch.tensor([[0, 1, 2, 2, 10, 11, 12, 3, 20, 0, 1, 13, 14, 3, 21, 0]])
+    words, turn, answer = (idx >= 10) & (idx < 20), (idx == 1).cumsum(1), idx == 3
+    assert keypoints.place_in_turn(words, turn)[0, [4, 5, 6, 11, 12]].tolist() == [0, 1, 2, 0, 1]
+    patches = torch.randn(1, 16, 8)
+    out = keypoints(idx, patches, words, turn, answer)
+    assert out.shape == (1, 16, 16) and torch.nonzero(out.abs().sum(-1))[:, 1].tolist() == [7, 13]
+    second_changed = idx.clone()
+    second_changed[0, 12] = 15  # another word in the second question: the first answer's input is unchanged
+    out2 = keypoints(second_changed, patches, words, turn, answer)
+    assert torch.equal(out2[0, 7], out[0, 7]) and not torch.allclose(out2[0, 13], out[0, 13])
+    first_changed = idx.clone()
+    first_changed[0, 5] = 16
+    assert not torch.allclose(keypoints(first_changed, patches, words, turn, answer)[0, 7], out[0, 7])
+
+
+def test_vlm_with_answer_keypoints_trains_saves_loads_and_answers(tiny_llm_checkpoint, tmp_path):
+    out = str(tmp_path / "ak")
+    train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, out) + ["--max_steps=2", "--answer_keypoints=2"])
+    model, cfg, tok = train_vlm.load_vlm(out)
+    assert cfg["vision"]["answer_keypoints"] == 2 and model.prompt_start_id == tok.special("<|user|>")
+    ex = train_vlm.world_example(0, "val", 16)
+    images = train_vlm.model_view(ex, 16)
+    prompt = torch.tensor([data.encode_chat(tok, [(ex["turns"][0][0], None)], model.n_visual_tokens)[0]])
+    with torch.no_grad():
+        plain = model.llm.embed_tokens(prompt)
+        grounded = model.embed(prompt, images[None])
+    is_text = prompt[0] != model.image_token_id
+    changed = torch.nonzero(~torch.isclose(grounded[0, is_text], plain[0, is_text]).all(-1)).flatten()
+    assert prompt[0, is_text][changed].tolist() == [tok.special("<|assistant|>")]  # only the answer position
+    assert len(train_vlm.answer_questions(model, tok, [(images, ex["turns"][0][0])], max_new_tokens=3)) == 1

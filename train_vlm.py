@@ -67,10 +67,11 @@ class TrainConfig:
     projector_hidden: int = 512
     vision_stem: str = "patch"          # 'patch' (one stride-patch convolution) | 'conv' (3x3 convolutions, model.py)
     coord_channels: bool = False        # the tower also sees each pixel's x and y (CoordConv)
-    prompt_tower: bool = False          # the prompt's words join the tower's tokens: patches attend to the question (model.py)
     film: bool = False                  # the prompt's words scale and shift the stem's channels (FiLM, model.py)
     cell_words: float = 0.0             # data=world: weight of a dense extra loss: the LLM's output at each visual token
                                         # names the colour in its cell (read off the rendered pixels) or 'nothing'; 0 = off
+    answer_keypoints: int = 0           # keypoints over the patches aimed by each question's words, read at its answer
+                                        # (model.AnswerKeypoints); 0 = off
     cell_facts: float = 0.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
     distinct_words: bool = False        # re-draw the colour and shape words' embeddings before stage 2 (after stage 1 they are
@@ -122,7 +123,7 @@ RANGES = {**SHARED_RANGES, "world_train": (1, None), "world_val": (1, None), "im
           "projector_hidden": (1, None), "seq_len": (0, None), "batch_size": (1, None), "vision_lr": (0, None),
           "projector_lr": (0, None), "projector_warmup_steps": (0, None), "eval_batches": (1, None),
           "show_captions": (0, None), "world_turns": (0, None), "caption_every": (1, None), "world_question_sets": (1, None),
-          "cell_words": (0, None), "cell_facts": (0, None)}
+          "cell_words": (0, None), "cell_facts": (0, None), "answer_keypoints": (0, None)}
 RULES = SHARED_RULES + [
     (lambda c, w: c.image_size % c.patch_size == 0 and (c.image_size // c.patch_size) % c.pixel_shuffle == 0,
      "--image_size={image_size} must be a multiple of patch_size {patch_size}, and the patch grid a multiple of "
@@ -344,11 +345,12 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             projector_hidden=cfg.projector_hidden, pixel_mean=tuple(pixel_mean_std[0]),
                             pixel_std=tuple(pixel_mean_std[1]), stem=cfg.vision_stem, coord_channels=cfg.coord_channels,
                             film_vocab=llm.config.vocab_size if cfg.film else 0,
-                            prompt_vocab=llm.config.vocab_size if cfg.prompt_tower else 0,
+                            answer_keypoints=cfg.answer_keypoints,
+                            answer_vocab=llm.config.vocab_size if cfg.answer_keypoints else 0,
                             fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,
-                      prompt_end_id=tokenizer.special("<|assistant|>"))
+                      prompt_end_id=tokenizer.special("<|assistant|>"), prompt_start_id=tokenizer.special("<|user|>"))
     except ValueError as e:  # an impossible patch grid
         raise D.UserError(str(e)) from None
     if cfg.distinct_words:

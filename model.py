@@ -644,7 +644,8 @@ class AnswerKeypoints(nn.Module):
     it): weights a_tk = softmax over the words t of weight_k[word_t] + order_k[t's place in the question];
     its query q_k = sum_t a_tk query_k[word_t] says what to look for; a softmax over the image's patches of
     patch . q_k (a spatial soft-argmax, as stage 3's language keypoints) gives the expected (x, y) and the
-    pooled patch features, and one linear layer adds all keypoints' to the answer position's input. The
+    pooled patch features (scores unscaled by the width, and a learned sharpness: from a small query
+    the softmax would stay flat for many steps), and one linear layer adds all keypoints' to the answer position's input. The
     match of a question word against the patches is one dot product, so "where is the red block?" needs no
     attention circuit in the decoder to find the red patches first (docs/stage2.md)."""
 
@@ -654,6 +655,8 @@ class AnswerKeypoints(nn.Module):
         self.query = nn.Embedding(vocab_size, patch_dim * keypoints)  # what each word looks for, per keypoint
         self.weight = nn.Embedding(vocab_size, keypoints)              # how much each word counts, per keypoint
         self.order = nn.Parameter(torch.zeros(max_words, keypoints))   # ... and its place in the question
+        self.sharpness = nn.Parameter(torch.zeros(keypoints))          # log scale of the patch scores: a keypoint can
+                                                                       # grow sharp faster than its query table grows
         self.out = nn.Linear(keypoints * (patch_dim + 2), n_embd)
         k = torch.arange(grid * grid)  # raster order: patch k at column k % grid, row k // grid, in [-1, 1]
         self.register_buffer("xy", torch.stack([k % grid, k // grid], -1).float() / max(grid - 1, 1) * 2 - 1,
@@ -673,7 +676,7 @@ class AnswerKeypoints(nn.Module):
         a = logits.masked_fill(~asks[..., None], -1e9).softmax(dim=2)  # (B, A, T, K)
         query = self.query(idx).view(B, T, self.patch_dim, self.keypoints).float()
         q = torch.einsum("batk,btck->back", a, query)
-        scores = torch.einsum("bpc,back->bapk", patches.float(), q) / math.sqrt(self.patch_dim)
+        scores = torch.einsum("bpc,back->bapk", patches.float(), q) * self.sharpness.exp()
         w = scores.softmax(dim=2)  # (B, A, P, K)
         xy = torch.einsum("bapk,pd->bakd", w, self.xy.repeat(patches.size(1) // len(self.xy), 1))  # per image's grid
         features = torch.einsum("bapk,bpc->bakc", w, patches.float())
@@ -731,11 +734,12 @@ class VLM(nn.Module):
           position_embedding                                    normal(0, 0.02)
           conv_stem weights (stem='conv')                       kaiming normal (ReLU gain): the signal keeps its scale
           film table                                            zeros (the stem starts unconditioned)
+          answer keypoints' sharpness                           zeros (log scale 0: scores = patch . query)
           biases zeros, RMSNorm weights ones
         """
         std = 0.02
         for name, p in [*self.vision.named_parameters(), *self.projector.named_parameters(prefix="projector")]:
-            if name.startswith("film."):
+            if name.startswith("film.") or name.endswith("sharpness"):
                 nn.init.zeros_(p)
             elif name.startswith("conv_stem.") and p.dim() > 1:
                 nn.init.kaiming_normal_(p, nonlinearity="relu")

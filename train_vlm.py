@@ -350,7 +350,8 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,
-                      prompt_end_id=tokenizer.special("<|assistant|>"), prompt_start_id=tokenizer.special("<|user|>"))
+                      prompt_end_id=tokenizer.special("<|assistant|>"), prompt_start_id=tokenizer.special("<|user|>"),
+                      answer_end_ids=[tokenizer.special(s) for s in ("<|endoftext|>", "<|pad|>")])
     except ValueError as e:  # an impossible patch grid
         raise D.UserError(str(e)) from None
     if cfg.distinct_words:

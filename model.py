@@ -481,8 +481,8 @@ class VisionConfig:
     coord_channels: bool = False  # two more input channels holding each pixel's x and y in [-1, 1] (CoordConv)
     film_vocab: int = 0           # > 0: the prompt's words scale and shift every stem layer's channels (FiLM), read
                                   # from a bag-of-words table of this many rows (the LLM's vocab_size); 0 = off
-    answer_keypoints: int = 0     # > 0: at each answer position, this many keypoints over the patches, aimed by that
-                                  # turn's question words (AnswerKeypoints); their features join the answer's input
+    answer_keypoints: int = 0     # > 0: at each answer token, this many keypoints over the patches, aimed by the
+                                  # turn's words so far (AnswerKeypoints); their features join the token's input
     answer_vocab: int = 0         # rows of AnswerKeypoints' word tables (the LLM's vocab_size)
     fact_outputs: int = 0         # > 0: the projector also holds a linear read-out of this many facts per visual token,
                                   # trained by stage 2's dense loss on what each cell shows (train_vlm.py --cell_facts)
@@ -643,14 +643,14 @@ class AnswerKeypoints(nn.Module):
     """Keypoints aimed by a question, read at its answer (train_vlm.py --answer_keypoints).
 
     At <|assistant|> and at every answer token after it, keypoint k pools that turn's words so far (the
-    question's, then the answer's up to and including this token): weights a_tk = softmax over the words t of weight_k[word_t] + order_k[t's place in the question];
-    its query q_k = sum_t a_tk query_k[word_t] says what to look for; a softmax over the image's patches of
-    patch . q_k (a spatial soft-argmax, as stage 3's language keypoints) gives the expected (x, y) and the
-    pooled patch features (scores unscaled by the width, and a learned sharpness: from a small query
-    the softmax would stay flat for many steps), and one linear layer adds all keypoints' to the answer position's input. The
-    match of a question word against the patches is one dot product, so "where is the red block?" needs no
-    attention circuit in the decoder to find the red patches first, and a caption's "the red" is followed
-    by the red object's place and kind (docs/stage2.md)."""
+    question's, then the answer's up to and including this token) with weights a_tk = softmax over the
+    words t of weight_k[word_t] + order_k[t's place in the turn]; its query q_k = sum_t a_tk query_k[word_t]
+    says what to look for. A softmax over the image's patches of exp(sharpness_k) * patch . q_k (a spatial
+    soft-argmax, as stage 3's language keypoints; the learned sharpness lets a keypoint focus before its
+    query table has grown) gives the expected (x, y) and the pooled patch features, and one linear layer
+    adds all keypoints' to that position's input. Matching a word against the patches is one dot product,
+    so "what colour is the bowl at the top?" needs no attention circuit in the decoder to find the bowl
+    first, and a caption's "the red" is followed by the red object's place and kind (docs/stage2.md)."""
 
     def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32):
         super().__init__()

@@ -310,14 +310,13 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, generator=None,
-                 valid_vocab=None, embeds=None, positions=None, deepstack=None, embed_next=None):
+                 valid_vocab=None, embeds=None, positions=None, deepstack=None):
         """Sample continuations of idx (B, T) with a KV cache: one prefill pass, then one token per
         step. temperature 0 = greedy. Stops early when every row has produced stop_token.
         valid_vocab: the tokenizer's size; the embedding's padding rows are never sampled.
         embeds: (B, T, C) inputs for the prefill instead of idx's embeddings (stage 2: with images).
         positions, deepstack: Qwen3-VL's prefill inputs (forward); each new token's position is then
-        the cache length + (the prompt's largest position + 1 - T), as transformers continues them.
-        embed_next: ids so far (B, T + n) -> the last one's input (B, 1, C), in place of its embedding."""
+        the cache length + (the prompt's largest position + 1 - T), as transformers continues them."""
         B, T = idx.shape
         cache = self.new_kv_cache(B, min(T + max_new_tokens, self.config.max_seq_len))
         logits, _ = self(idx if embeds is None else None, embeds=embeds, kv_cache=cache, positions=positions,
@@ -334,8 +333,7 @@ class Transformer(nn.Module):
             if cache.pos >= cache.k.size(3):
                 break
             step_positions = None if delta is None else (cache.pos + delta).view(1, B, 1).expand(3, B, 1)
-            step = dict(embeds=embed_next(torch.cat([idx] + out, dim=1))) if embed_next else dict(idx=next_token)
-            logits, _ = self(**step, kv_cache=cache, positions=step_positions)
+            logits, _ = self(next_token, kv_cache=cache, positions=step_positions)
         return torch.cat([idx] + out, dim=1)
 
     def num_params(self, exclude_embedding=False):
@@ -481,8 +479,8 @@ class VisionConfig:
     coord_channels: bool = False  # two more input channels holding each pixel's x and y in [-1, 1] (CoordConv)
     film_vocab: int = 0           # > 0: the prompt's words scale and shift every stem layer's channels (FiLM), read
                                   # from a bag-of-words table of this many rows (the LLM's vocab_size); 0 = off
-    answer_keypoints: int = 0     # > 0: at each answer token, this many keypoints over the patches, aimed by the
-                                  # turn's words so far (AnswerKeypoints); their features join the token's input
+    answer_keypoints: int = 0     # > 0: at each <|assistant|>, this many keypoints over the patches, aimed by that
+                                  # turn's question words (AnswerKeypoints); their features join its input
     answer_vocab: int = 0         # rows of AnswerKeypoints' word tables (the LLM's vocab_size)
     fact_outputs: int = 0         # > 0: the projector also holds a linear read-out of this many facts per visual token,
                                   # trained by stage 2's dense loss on what each cell shows (train_vlm.py --cell_facts)
@@ -640,17 +638,17 @@ class Projector(nn.Module):
 
 
 class AnswerKeypoints(nn.Module):
-    """Keypoints aimed by a question, read at its answer (train_vlm.py --answer_keypoints).
+    """Keypoints aimed by a question, read where its answer starts (train_vlm.py --answer_keypoints).
 
-    At <|assistant|> and at every answer token after it, keypoint k pools that turn's words so far (the
-    question's, then the answer's up to and including this token) with weights a_tk = softmax over the
-    words t of weight_k[word_t] + order_k[t's place in the turn]; its query q_k = sum_t a_tk query_k[word_t]
-    says what to look for. A softmax over the image's patches of exp(sharpness_k) * patch . q_k (a spatial
-    soft-argmax, as stage 3's language keypoints; the learned sharpness lets a keypoint focus before its
-    query table has grown) gives the expected (x, y) and the pooled patch features, and one linear layer
-    adds all keypoints' to that position's input. Matching a word against the patches is one dot product,
-    so "what colour is the bowl at the top?" needs no attention circuit in the decoder to find the bowl
-    first, and a caption's "the red" is followed by the red object's place and kind (docs/stage2.md)."""
+    At each <|assistant|> position, keypoint k pools that turn's question words (between <|user|> and it)
+    with weights a_tk = softmax over the words t of weight_k[word_t] + order_k[t's place in the question];
+    its query q_k = sum_t a_tk query_k[word_t] says what to look for. A softmax over the image's patches of
+    exp(sharpness_k) * patch . q_k (a spatial soft-argmax, as stage 3's language keypoints; the learned
+    sharpness lets a keypoint focus before its query table has grown) gives the expected (x, y) and the
+    pooled patch features, and one linear layer adds all keypoints' to the answer position's input.
+    Matching a word against the patches is one dot product, so "what colour is the bowl at the top?" needs
+    no attention circuit in the decoder to find the bowl first (docs/stage2.md). In stage 3 the prompt
+    ends with <|assistant|> too: there the instruction aims them."""
 
     def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32):
         super().__init__()
@@ -666,16 +664,16 @@ class AnswerKeypoints(nn.Module):
                              persistent=False)
 
     def forward(self, idx, patches, words, turn, answer):
-        """idx (B, T); patches (B, P, patch_dim); words, answer (B, T) bool: the turns' words and the
-        positions that read keypoints; turn (B, T): each token's turn number -> (B, T, n_embd), zero but at answer."""
+        """idx (B, T); patches (B, P, patch_dim) (one image per row); words, answer (B, T) bool: question
+        words and answer starts; turn (B, T): each token's turn number -> (B, T, n_embd), zero but at answers."""
         B, T = idx.shape
         n_answers = answer.sum(1)
         A = int(n_answers.max())
         at = torch.argsort((~answer).to(torch.int8), dim=1, stable=True)[:, :A]  # (B, A): answer positions first
         valid = torch.arange(A, device=idx.device)[None] < n_answers[:, None]
         position = torch.arange(T, device=idx.device)
-        asks = words[:, None, :] & (turn.gather(1, at)[:, :, None] == turn[:, None, :]) & (position <= at[:, :, None])
-        logits = self.weight(idx).float()[:, None] + self.order[self.place_in_turn(words, turn)][:, None]  # (B, 1, T, K)
+        asks = words[:, None, :] & (turn.gather(1, at)[:, :, None] == turn[:, None, :]) & (position < at[:, :, None])
+        logits = (self.weight(idx).float() + self.order[self.place_in_turn(words, turn)])[:, None]  # (B, 1, T, K)
         a = logits.masked_fill(~asks[..., None], -1e9).softmax(dim=2)  # (B, A, T, K)
         query = self.query(idx).view(B, T, self.patch_dim, self.keypoints).float()
         q = torch.einsum("batk,btck->back", a, query)
@@ -706,16 +704,15 @@ class VLM(nn.Module):
     (parameter names unchanged, so stage-1 weights load as llm.*), `vision`, `projector`."""
 
     def __init__(self, llm_config: GPTConfig, vision_config: VisionConfig, image_token_id, llm=None,
-                 prompt_end_id=None, prompt_start_id=None, answer_end_ids=()):
+                 prompt_end_id=None, prompt_start_id=None):
         super().__init__()
         if (vision_config.film_vocab or vision_config.answer_keypoints) and prompt_end_id is None:
-            raise ValueError("a prompt-conditioned vision tower (film_vocab or answer_keypoints > 0) needs prompt_end_id (<|assistant|>)")
+            raise ValueError("a prompt-conditioned vision tower (film_vocab or answer_keypoints > 0) needs "
+                             "prompt_end_id (<|assistant|>)")
         if vision_config.answer_keypoints and (prompt_start_id is None or vision_config.temporal_patch_size > 1):
             raise ValueError("answer_keypoints need prompt_start_id (<|user|>) and one of our towers")
         self.prompt_end_id = prompt_end_id  # the words before its first occurrence condition the tower (FiLM)
         self.prompt_start_id = prompt_start_id  # each turn's question starts after it (answer_keypoints)
-        # an answer ends at these (<|endoftext|>, <|pad|>): the tokens from <|assistant|> to there read keypoints
-        self.register_buffer("answer_end_ids", torch.tensor(answer_end_ids, dtype=torch.long), persistent=False)
         self.llm = llm if llm is not None else Transformer(llm_config)
         self.vision = VisionTower(vision_config)
         self.projector = Projector(vision_config, llm_config.n_embd)
@@ -801,26 +798,14 @@ class VLM(nn.Module):
         # (B * n_images, n_patches, C_vit), and the DeepStack layers' hidden states
         patches, layers = self.vision(images.flatten(0, 1), prompt, return_layers=True)
         x = x.masked_scatter(is_image.unsqueeze(-1), self.projector(patches).to(x.dtype))
-        if self.vision.config.answer_keypoints:
-            x = x + self.answer_keypoint_inputs(idx, patches).to(x.dtype)
+        answer = idx == self.prompt_end_id
+        if self.vision.config.answer_keypoints and answer.any():  # every image's patches, one softmax over them all
+            words, turn = ~((idx == self.prompt_start_id) | answer | is_image), (idx == self.prompt_start_id).cumsum(1)
+            patches_by_row = patches.reshape(idx.size(0), -1, patches.size(-1))
+            x = x + self.projector.answer_keypoints(idx, patches_by_row, words, turn, answer).to(x.dtype)
         deepstack = [x.new_zeros(x.shape).masked_scatter(is_image.unsqueeze(-1), projector(h).to(x.dtype))
                      for projector, h in zip(self.projector.deepstack, layers)] if layers else []
         return {"embeds": x, "patches": patches, "positions": positions, "deepstack": deepstack}
-
-    def answer_keypoint_inputs(self, idx, patches, last_only=False):
-        """AnswerKeypoints' additions to the inputs (B, T, C): at <|assistant|> and each answer token after it
-        (until <|endoftext|>, <|pad|> or <|user|>), or with last_only at the last position only if it is one;
-        every image of a row in one softmax over their patches (B * n_images, P, C_vit)."""
-        assistant, position = idx == self.prompt_end_id, torch.arange(idx.size(1), device=idx.device)
-        ends = (idx == self.prompt_start_id) | torch.isin(idx, self.answer_end_ids) | (idx == self.image_token_id)
-        opened = torch.where(assistant, position, -1).cummax(1).values
-        answering = opened > torch.where(ends, position, -1).cummax(1).values
-        if last_only:
-            answering &= position == idx.size(1) - 1
-        if not answering.any():
-            return patches.new_zeros(*idx.shape, self.config.n_embd)
-        return self.projector.answer_keypoints(idx, patches.reshape(idx.size(0), -1, patches.size(-1)), ~(ends | assistant),
-                                               (idx == self.prompt_start_id).cumsum(1), answering)
 
     def forward(self, idx, images, targets=None, return_visual=False):
         """idx, targets (B, T) (targets -1 = no loss: data.py keeps only answer tokens);
@@ -831,7 +816,8 @@ class VLM(nn.Module):
                                 deepstack=inputs["deepstack"])
         if not return_visual:
             return logits, loss
-        return logits, loss, inputs["embeds"][idx == self.image_token_id].view(idx.size(0), -1, inputs["embeds"].size(-1))
+        embeds = inputs["embeds"]
+        return logits, loss, embeds[idx == self.image_token_id].view(idx.size(0), -1, embeds.size(-1))
 
     @torch.no_grad()
     def generate(self, idx, images, max_new_tokens, temperature=1.0, top_k=None, stop_token=None,
@@ -839,13 +825,8 @@ class VLM(nn.Module):
         """Continue prompts idx (B, T) about images: one prefill with the image embeddings into the
         KV cache, then token by token (Transformer.generate). Returns (B, T + new) ids."""
         inputs = self.llm_inputs(idx, images)
-        embed_next = None
-        if self.vision.config.answer_keypoints:  # each new answer token reads keypoints too, aimed by the words so far
-            def embed_next(ids):
-                return self.llm.embed_tokens(ids[:, -1:]) + self.answer_keypoint_inputs(ids, inputs["patches"], True)[:, -1:]
         return self.llm.generate(idx, max_new_tokens, temperature, top_k, stop_token, generator, valid_vocab,
-                                 embeds=inputs["embeds"], positions=inputs["positions"], deepstack=inputs["deepstack"],
-                                 embed_next=embed_next)
+                                 embeds=inputs["embeds"], positions=inputs["positions"], deepstack=inputs["deepstack"])
 
     def param_counts(self):
         return {"vision": sum(p.numel() for p in self.vision.parameters()),
@@ -873,8 +854,8 @@ class VLM(nn.Module):
         """The architecture described by a stage-2 config.json (sections model, vision, tokenizer)."""
         special = cfg["tokenizer"]["special_tokens"]
         return cls(config_from_dict(GPTConfig, cfg["model"]), config_from_dict(VisionConfig, cfg["vision"]),
-                   special["<|image|>"], prompt_end_id=special.get("<|assistant|>"), prompt_start_id=special.get("<|user|>"),
-                   answer_end_ids=[special[s] for s in ("<|endoftext|>", "<|pad|>") if s in special])
+                   special["<|image|>"], prompt_end_id=special.get("<|assistant|>"),
+                   prompt_start_id=special.get("<|user|>"))
 
 
 def grow_embeddings(llm, vocab_size):

@@ -70,19 +70,19 @@ class TrainConfig:
     film: bool = False                  # the prompt's words scale and shift the stem's channels (FiLM, model.py)
     cell_words: float = 0.0             # data=world: weight of a dense extra loss: the LLM's output at each visual token
                                         # names the colour in its cell (read off the rendered pixels) or 'nothing'; 0 = off
-    answer_keypoints: int = 0           # keypoints over the patches aimed by each question's words, read at its answer
-                                        # (model.AnswerKeypoints); 0 = off
-    cell_facts: float = 0.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
+    answer_keypoints: int = 4           # keypoints over the patches aimed by each question's words, read at its answer
+                                        # (model.AnswerKeypoints; off when their word table would pass 50M parameters); 0 = off
+    cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
-    distinct_words: bool = False        # re-draw the colour and shape words' embeddings before stage 2 (after stage 1 they are
-                                        # nearly alike: the text never needed to tell them apart)
+    distinct_words: bool = True         # data=world from our stage 1: re-draw the colour and shape words' embeddings (after
+                                        # stage 1 they are nearly alike: the text never needed to tell them apart)
     seq_len: int = 0                    # max tokens per sample (longer conversations lose turns); 0 = the LLM's max_seq_len
     # optimization
     batch_size: int = 32                # global batch in samples = micro_batch * world_size * grad_accum
     micro_batch: int = 16               # samples per forward pass per process
     max_steps: int = 200
     lr: float = 1e-3                    # the LLM's peak learning rate (pretrained: gentler than the new parts)
-    vision_lr: float = 3e-3
+    vision_lr: float = 1e-3             # 3e-3 was too high for the tower alone (docs/stage2.md)
     projector_lr: float = 3e-3
     freeze_llm: bool = False            # train only the vision tower and projector
     projector_warmup_steps: int = 0     # the first steps train only the projector (vision and LLM at LR 0)
@@ -339,22 +339,26 @@ def vlm_from_llm(cfg, pixel_mean_std):
         tokenizer = D.Tokenizer.load(os.path.join(path, "tokenizer.json"))
     tokenizer = D.add_special_tokens(tokenizer, D.CHAT_TOKENS)
     M.grow_embeddings(llm, round_up(tokenizer.n_vocab, 64))  # a no-op unless tokens were added
+    keypoints = 0 if cfg.oracle else cfg.answer_keypoints  # the oracle has no patches to aim at
+    table = llm.config.vocab_size * cfg.vision_embd * keypoints
+    if table > 50_000_000:  # a pretrained 150k vocabulary
+        print(f"answer_keypoints off: their word table would hold {table / 1e6:.0f}M parameters "
+              f"(vocab {llm.config.vocab_size} x tower width {cfg.vision_embd} x {keypoints})")
+        keypoints = 0
     vision = M.VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.vision_layers,
                             n_embd=cfg.vision_embd, n_head=cfg.vision_heads, head_dim=cfg.vision_head_dim,
                             mlp_hidden=cfg.vision_mlp_hidden, pixel_shuffle=cfg.pixel_shuffle,
                             projector_hidden=cfg.projector_hidden, pixel_mean=tuple(pixel_mean_std[0]),
                             pixel_std=tuple(pixel_mean_std[1]), stem=cfg.vision_stem, coord_channels=cfg.coord_channels,
                             film_vocab=llm.config.vocab_size if cfg.film else 0,
-                            answer_keypoints=cfg.answer_keypoints,
-                            answer_vocab=llm.config.vocab_size if cfg.answer_keypoints else 0,
-                            fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" else 0)
+                            answer_keypoints=keypoints, answer_vocab=llm.config.vocab_size if keypoints else 0,
+                            fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,
-                      prompt_end_id=tokenizer.special("<|assistant|>"), prompt_start_id=tokenizer.special("<|user|>"),
-                      answer_end_ids=[tokenizer.special(s) for s in ("<|endoftext|>", "<|pad|>")])
+                      prompt_end_id=tokenizer.special("<|assistant|>"), prompt_start_id=tokenizer.special("<|user|>"))
     except ValueError as e:  # an impossible patch grid
         raise D.UserError(str(e)) from None
-    if cfg.distinct_words:
+    if cfg.distinct_words and cfg.data == "world" and not hf.init_dir(cfg.init):
         from eval_sim import COLOUR_NAMES, KINDS
         rows = [tokenizer.encode(" " + w)[0] for w in [*COLOUR_NAMES, *KINDS]]
         with torch.no_grad():

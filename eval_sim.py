@@ -935,6 +935,22 @@ def compare_results(a, b):
     return rows
 
 
+def pool_results(results):
+    """Results of several runs of one recipe (seeds) -> one results dict whose cells sum their successes and
+    episodes, per task and split (what `compare A1,A2,A3 B1,B2,B3` tests); a task missing from a run is dropped."""
+    tasks = [t for t in results[0]["tasks"] if all(t in r["tasks"] for r in results)]
+
+    def pooled(cells):
+        out = {}
+        for s in cells[0]:
+            if all(s in c for c in cells):
+                k, n = sum(c[s]["successes"] for c in cells), sum(c[s]["n"] for c in cells)
+                out[s] = {"successes": k, "n": n, "rate": k / n if n else 0.0, "ci95": list(wilson_interval(k, n))}
+        return out
+    return {"tasks": {t: pooled([r["tasks"][t] for r in results]) for t in tasks},
+            "overall": pooled([r["overall"] for r in results])}
+
+
 def load_results(path):
     """A results JSON written by `eval`, checked enough that compare cannot misread it."""
     try:
@@ -1105,9 +1121,10 @@ def main(argv=None):
     e.add_argument("--num_envs", type=_number(int, 1), default=32, help="environments stepped in lockstep")
     e.add_argument("--gifs_per_task", type=_number(int, 0), default=1, help="rollout GIFs per task (seen split)")
     e.add_argument("--out", default=None, help="output directory (default out/eval_<policy>)")
-    k = sub.add_parser("compare", help="compare two results.json files (A vs B)")
-    k.add_argument("a")
-    k.add_argument("b")
+    k = sub.add_parser("compare", help="compare two results.json files (A vs B); comma-separated files on a "
+                                       "side (seeds of one recipe) are pooled")
+    k.add_argument("a", help="results.json, or several comma-separated")
+    k.add_argument("b", help="results.json, or several comma-separated")
     b = sub.add_parser("bench", help="measure env steps/s and expert evaluation time")
     b.add_argument("--steps", type=_number(int, 1), default=5000)
     b.add_argument("--episodes_per_task", type=_number(int, 1), default=50)
@@ -1143,8 +1160,8 @@ def main(argv=None):
             json.dump(result, f, indent=1)
         print(format_table(per_task, overall, name))
         print(f"wrote {out}/results.json and GIFs in {out}/gifs ({result['seconds']} s)")
-    elif args.cmd == "compare":
-        a, b = load_results(args.a), load_results(args.b)
+    elif args.cmd == "compare":  # comma-separated files on a side are pooled (seeds of one recipe)
+        a, b = (pool_results([load_results(p) for p in side.split(",") if p]) for side in (args.a, args.b))
         print(f"A = {args.a}\nB = {args.b}")
         print(f"{'task':<16}{'A':>12}{'B':>12}{'B-A':>8}{'P(B>A)':>8}{'Fisher p':>10}{'Bonf. p':>10}")
         for r in compare_results(a, b):

@@ -663,9 +663,11 @@ class AnswerKeypoints(nn.Module):
         self.register_buffer("xy", torch.stack([k % grid, k // grid], -1).float() / max(grid - 1, 1) * 2 - 1,
                              persistent=False)
 
-    def forward(self, idx, patches, words, turn, answer):
+    def forward(self, idx, patches, words, turn, answer, return_attention=False):
         """idx (B, T); patches (B, P, patch_dim) (one image per row); words, answer (B, T) bool: question
-        words and answer starts; turn (B, T): each token's turn number -> (B, T, n_embd), zero but at answers."""
+        words and answer starts; turn (B, T): each token's turn number -> (B, T, n_embd), zero but at answers.
+        return_attention: also {"patches": (B, A, P, K) each keypoint's softmax over the patches at the row's A
+        answers (in order; `valid` (B, A) marks real ones), "words": (B, A, T) bool, the question words each read}."""
         B, T = idx.shape
         n_answers = answer.sum(1)
         A = int(n_answers.max())
@@ -682,7 +684,8 @@ class AnswerKeypoints(nn.Module):
         xy = torch.einsum("bapk,pd->bakd", w, self.xy.repeat(patches.size(1) // len(self.xy), 1))  # per image's grid
         features = torch.einsum("bapk,bpc->bakc", w, patches.float())
         out = self.out(torch.cat([features, xy], -1).flatten(2).to(patches.dtype)) * valid[..., None]  # (B, A, n_embd)
-        return patches.new_zeros(B, T, out.size(-1)).scatter_add(1, at[..., None].expand_as(out), out)
+        out = patches.new_zeros(B, T, out.size(-1)).scatter_add(1, at[..., None].expand_as(out), out)
+        return (out, {"patches": w, "words": asks, "valid": valid}) if return_attention else out
 
     def place_in_turn(self, words, turn):
         """(B, T): each word's index among its turn's words, capped at max_words - 1."""
@@ -778,7 +781,8 @@ class VLM(nn.Module):
     def llm_inputs(self, idx, images):
         """What the LLM reads: {"embeds": (B, T, C) (see embed), "patches": the tower's features or None,
         "positions": Qwen3-VL's (3, B, T) position ids or None (plain RoPE), "deepstack": a list of (B, T, C)
-        (Qwen3-VL's DeepStack features at the image positions, zero elsewhere; [] for other towers)}."""
+        (Qwen3-VL's DeepStack features at the image positions, zero elsewhere; [] for other towers), "keypoints": the
+        answer keypoints' attention (AnswerKeypoints, return_attention) or None}."""
         x = self.llm.embed_tokens(idx)
         is_image = idx == self.image_token_id  # (B, T)
         n_images = 0 if images is None else images.size(1)
@@ -790,7 +794,7 @@ class VLM(nn.Module):
                                  f"image(s) x {self.n_visual_tokens} visual tokens = {want}")
         positions = self.mrope_positions(is_image) if self.llm.config.mrope_section else None
         if n_images == 0:
-            return {"embeds": x, "patches": None, "positions": positions, "deepstack": []}
+            return {"embeds": x, "patches": None, "positions": positions, "deepstack": [], "keypoints": None}
         prompt = None
         if self.vision.config.film_vocab:  # the first user turn's words (before <|assistant|>), for every image of the row
             words = ((idx == self.prompt_end_id).cumsum(1) == 0) & ~is_image
@@ -798,26 +802,30 @@ class VLM(nn.Module):
         # (B * n_images, n_patches, C_vit), and the DeepStack layers' hidden states
         patches, layers = self.vision(images.flatten(0, 1), prompt, return_layers=True)
         x = x.masked_scatter(is_image.unsqueeze(-1), self.projector(patches).to(x.dtype))
-        answer = idx == self.prompt_end_id
+        answer, keypoints = idx == self.prompt_end_id, None
         if self.vision.config.answer_keypoints and answer.any():  # every image's patches, one softmax over them all
             words, turn = ~((idx == self.prompt_start_id) | answer | is_image), (idx == self.prompt_start_id).cumsum(1)
             patches_by_row = patches.reshape(idx.size(0), -1, patches.size(-1))
-            x = x + self.projector.answer_keypoints(idx, patches_by_row, words, turn, answer).to(x.dtype)
+            out, keypoints = self.projector.answer_keypoints(idx, patches_by_row, words, turn, answer, return_attention=True)
+            x = x + out.to(x.dtype)
         deepstack = [x.new_zeros(x.shape).masked_scatter(is_image.unsqueeze(-1), projector(h).to(x.dtype))
                      for projector, h in zip(self.projector.deepstack, layers)] if layers else []
-        return {"embeds": x, "patches": patches, "positions": positions, "deepstack": deepstack}
+        return {"embeds": x, "patches": patches, "positions": positions, "deepstack": deepstack, "keypoints": keypoints}
 
-    def forward(self, idx, images, targets=None, return_visual=False):
+    def forward(self, idx, images, targets=None, return_extras=False):
         """idx, targets (B, T) (targets -1 = no loss: data.py keeps only answer tokens);
-        images (B, n_images, 3, H, W). Returns (logits, loss) as Transformer.forward; return_visual: also
-        the visual tokens the LLM read, (B, n_images * n_visual_tokens, C) in placeholder order."""
+        images (B, n_images, 3, H, W). Returns (logits, loss) as Transformer.forward; return_extras: also
+        {"visual": the visual tokens the LLM read, (B, n_images * n_visual_tokens, C) in placeholder order,
+        "keypoints": the answer keypoints' attention (AnswerKeypoints, return_attention) or None}, for stage 2's
+        dense losses."""
         inputs = self.llm_inputs(idx, images)
         logits, loss = self.llm(embeds=inputs["embeds"], targets=targets, positions=inputs["positions"],
                                 deepstack=inputs["deepstack"])
-        if not return_visual:
+        if not return_extras:
             return logits, loss
         embeds = inputs["embeds"]
-        return logits, loss, embeds[idx == self.image_token_id].view(idx.size(0), -1, embeds.size(-1))
+        visual = embeds[idx == self.image_token_id].view(idx.size(0), -1, embeds.size(-1))
+        return logits, loss, {"visual": visual, "keypoints": inputs["keypoints"]}
 
     @torch.no_grad()
     def generate(self, idx, images, max_new_tokens, temperature=1.0, top_k=None, stop_token=None,

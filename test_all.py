@@ -522,6 +522,14 @@ def test_compare_on_synthetic_results_gives_known_rates_posteriors_and_bonferron
     assert a["tasks"]["reach"]["all"]["ci95"] == list(eval_sim.wilson_interval(40, 50))
     (tmp_path / "a.json").write_text(json.dumps(a))
     assert eval_sim.load_results(str(tmp_path / "a.json"))["tasks"]["push"]["all"]["successes"] == 10
+    # seeds of one recipe pool: successes and episodes add per task and split
+    pooled = eval_sim.pool_results([a, b, _fake_results({"reach": 5}, 50)])
+    assert list(pooled["tasks"]) == ["reach"] and pooled["tasks"]["reach"]["all"]["successes"] == 90
+    assert pooled["overall"]["seen"]["n"] == 250 and pooled["overall"]["all"]["successes"] == 40 + 10 + 45 + 10 + 5
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    proc = subprocess.run([sys.executable, "eval_sim.py", "compare", f"{tmp_path}/a.json,{tmp_path}/b.json",
+                           str(tmp_path / "b.json")], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert proc.returncode == 0 and "105/200" in proc.stdout and "55/100" in proc.stdout
 
 
 def test_bad_inputs_give_clear_user_errors(tmp_path):
@@ -2328,9 +2336,36 @@ def test_answer_keypoints_read_only_their_own_turns_question_and_land_on_its_ans
     assert not torch.allclose(keypoints(first_changed, patches, words, turn, answer)[0, 7], out[0, 7])
 
 
+def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(tiny_llm_checkpoint, tmp_path):
+    from eval_sim import COLOUR_NAMES
+    args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "g") + ["--answer_keypoints=2"]
+    model, tok = train_vlm.vlm_from_llm(train_vlm.parse_config(train_vlm.TrainConfig, args), ((0.5,) * 3, (0.5,) * 3))
+    single = [c for c in COLOUR_NAMES if len(tok.encode(" " + c)) == 1]  # the tiny tokenizer splits some colour words
+
+    def names_two(q):
+        return " left of " in q and sum(c in single for c in q.replace("?", "").split()) == 2
+    ex = next(e for e in map(lambda i: train_vlm.world_example(i, "val", 16), range(200))
+              if any(names_two(q) for q, _ in e["turns"]))
+    two = next(q for q, _ in ex["turns"] if names_two(q))  # names two objects by colour, then no object at all
+    idx = torch.tensor([data.encode_chat(tok, [(two, "yes"), ("how many bowls are there?", "two")], model.n_visual_tokens)[0]])
+    labels = torch.tensor(ex["labels"])  # (1 image, 126)
+    with torch.no_grad():
+        model.projector.answer_keypoints.query.weight.normal_()
+        _, _, extras = model(idx, train_vlm.model_view(ex, 16)[None], return_extras=True)
+    attention = extras["keypoints"]["patches"]  # (1, 2 answers, 16 patches, 2 keypoints)
+    lut = torch.full((model.config.vocab_size,), -1)
+    lut[[tok.encode(" " + c)[0] for c in single]] = torch.tensor([COLOUR_NAMES.index(c) for c in single])
+    loss = train_vlm.grounding_loss(extras["keypoints"], idx, labels, lut, grid=4)
+    first, second = [c for c in two.replace("?", "").split() if c in COLOUR_NAMES]
+    patch = {c: train_vlm.table_cell(labels[0, COLOUR_NAMES.index(c) * 19 + 12], labels[0, COLOUR_NAMES.index(c) * 19 + 13], 4)
+             for c in (first, second)}
+    want = -(attention[0, 0, patch[first], 0].log() + attention[0, 0, patch[second], 1].log()) / 2  # answer 2: no target
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
 def test_vlm_with_answer_keypoints_trains_saves_loads_and_answers(tiny_llm_checkpoint, tmp_path):
     out = str(tmp_path / "ak")
-    train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, out) + ["--max_steps=2", "--answer_keypoints=2"])
+    train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, out) + ["--max_steps=2", "--answer_keypoints=2", "--ground_keypoints=1.0"])
     model, cfg, tok = train_vlm.load_vlm(out)
     assert cfg["vision"]["answer_keypoints"] == 2 and model.prompt_start_id == tok.special("<|user|>")
     ex = train_vlm.world_example(0, "val", 16)

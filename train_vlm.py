@@ -74,6 +74,8 @@ class TrainConfig:
                                         # (model.AnswerKeypoints; off when their word table would pass 50M parameters); 0 = off
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
+    ground_keypoints: float = 0.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the
+                                        # patch of the k-th object its question names by colour (a cross-entropy over patches)
     distinct_words: bool = True         # data=world from our stage 1: re-draw the colour and shape words' embeddings (after
                                         # stage 1 they are nearly alike: the text never needed to tell them apart)
     seq_len: int = 0                    # max tokens per sample (longer conversations lose turns); 0 = the LLM's max_seq_len
@@ -123,7 +125,8 @@ RANGES = {**SHARED_RANGES, "world_train": (1, None), "world_val": (1, None), "im
           "projector_hidden": (1, None), "seq_len": (0, None), "batch_size": (1, None), "vision_lr": (0, None),
           "projector_lr": (0, None), "projector_warmup_steps": (0, None), "eval_batches": (1, None),
           "show_captions": (0, None), "world_turns": (0, None), "caption_every": (1, None), "world_question_sets": (1, None),
-          "cell_words": (0, None), "cell_facts": (0, None), "answer_keypoints": (0, None)}
+          "cell_words": (0, None), "cell_facts": (0, None), "answer_keypoints": (0, None),
+          "ground_keypoints": (0, None)}
 RULES = SHARED_RULES + [
     (lambda c, w: c.image_size % c.patch_size == 0 and (c.image_size // c.patch_size) % c.pixel_shuffle == 0,
      "--image_size={image_size} must be a multiple of patch_size {patch_size}, and the patch grid a multiple of "
@@ -219,6 +222,21 @@ def train(cfg):
                                          words=[tokenizer.encode(" " + w)[0] for w in world_colours()[0] + ["nothing"]],
                                          rgb=world_colours()[1])
 
+    ground = None
+    if cfg.ground_keypoints and cfg.data == "world" and raw_model.vision_config.answer_keypoints:
+        from eval_sim import COLOUR_NAMES
+        colour_of_token = torch.full((raw_model.config.vocab_size,), -1, dtype=torch.long)
+        one_token = {c: tokenizer.encode(" " + c) for c in COLOUR_NAMES}
+        one_token = {c: ids[0] for c, ids in one_token.items() if len(ids) == 1}  # a word split in pieces cannot be found
+        if not one_token:
+            raise D.UserError("--ground_keypoints finds the colour words in each question: the tokenizer must "
+                              "hold them as single tokens (our stage 1's does)")
+        if len(one_token) < len(COLOUR_NAMES):
+            print(f"ground_keypoints: only {', '.join(one_token)} are single tokens; questions naming the others add no target")
+        colour_of_token[list(one_token.values())] = torch.tensor([COLOUR_NAMES.index(c) for c in one_token])
+        ground = functools.partial(grounding_loss, colour_of_token=colour_of_token.to(dist.device),
+                                   grid=raw_model.vision_config.grid)
+
     def to_device(batch):  # -> idx, targets, images (--oracle: the scene facts), the cells' colour words (or None)
         idx, targets, images = (t.to(dist.device, non_blocking=True) for t in batch[:3])
         cells = cell_targets(images) if cell_targets else None  # from the real pixels, also in the blanked control
@@ -261,10 +279,12 @@ def train(cfg):
             if dist.world_size > 1:  # all-reduce gradients only on the last micro-step (set before forward)
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with autocast:
-                logits, loss, visual = model(idx, images, targets, return_visual=True)
+                logits, loss, extras = model(idx, images, targets, return_extras=True)
                 if facts is not None:  # (B * n_images, cells, CELL_FEATURES), the visual tokens' order
-                    predicted = raw_model.projector.facts(visual.view(*facts.shape[:2], -1))
+                    predicted = raw_model.projector.facts(extras["visual"].view(*facts.shape[:2], -1))
                     loss = loss + cfg.cell_facts * cell_facts_loss(predicted.float(), facts)
+                if ground is not None and extras["keypoints"] is not None:
+                    loss = loss + cfg.ground_keypoints * ground(extras["keypoints"], idx, batch[3][:, 0].to(dist.device))
                 if cells is not None:  # the visual tokens' positions, in the order their cells were labelled
                     is_image = idx == raw_model.image_token_id
                     loss = loss + cfg.cell_words * torch.nn.functional.cross_entropy(logits[is_image].float(), cells.flatten())
@@ -408,6 +428,38 @@ def cell_facts_loss(predicted, facts):
         ((predicted[..., 18:20] - facts[..., 18:20]) ** 2 * gripper).mean()
 
 
+def table_cell(x, y, grid):
+    """Table coordinates (x right, y up, in [0, 1]) -> the index of their cell in a grid x grid raster over the
+    scene camera's image (row 0 at the top): the order of the tower's patches and of the visual tokens."""
+    col, row = (x * grid).long().clamp(0, grid - 1), ((1 - y) * grid).long().clamp(0, grid - 1)
+    return row * grid + col
+
+
+def grounding_loss(keypoints, idx, labels, colour_of_token, grid, named=2):
+    """The world's free pointing target for the answer keypoints (--ground_keypoints): at each answer, keypoint k
+    (k < named) should land on the patch holding the k-th object its question names by colour (the last one named
+    when the question names fewer). keypoints: AnswerKeypoints' attention; idx (B, T); labels (B, 126) the
+    scene_labels of each row's image; colour_of_token (vocab,): a colour word's index or -1. Mean cross-entropy
+    over the (answer, keypoint) pairs that have a target; questions naming no colour add nothing."""
+    from eval_sim import COLOUR_NAMES
+    per_colour = (len(SCENE_LABEL_NAMES) - 12) // len(COLOUR_NAMES)
+    f = labels[:, :per_colour * len(COLOUR_NAMES)].float().view(len(labels), len(COLOUR_NAMES), per_colour)[..., -7:-5]
+    patch_of_colour = table_cell(f[..., 0], f[..., 1], grid)  # (B, colours): where each colour's object lies
+    colour = colour_of_token[idx]  # (B, T)
+    is_named = keypoints["words"] & (colour >= 0)[:, None]  # (B, A, T)
+    count = is_named.sum(-1)  # (B, A)
+    rank = is_named.long().cumsum(-1) - 1
+    attention, losses = keypoints["patches"], []
+    for k in range(min(named, attention.size(-1))):
+        pick = is_named & (rank == count.clamp(max=k + 1)[..., None] - 1)  # one word per answer
+        c = (pick * colour[:, None]).sum(-1)  # (B, A): the colour's index where count > 0
+        target = patch_of_colour.gather(1, c)  # (B, A)
+        p = attention[..., k].gather(2, target[..., None]).squeeze(-1)  # (B, A): the keypoint's mass on that patch
+        losses.append(-(p.clamp(min=1e-8).log())[(count > 0) & keypoints["valid"]])
+    losses = torch.cat(losses)
+    return losses.mean() if losses.numel() else attention.new_zeros(())
+
+
 def cell_facts(labels, grid):
     """scene_labels rows (n, 126) -> (n, grid * grid, CELL_FEATURES): per cell of a grid over the table (row-major from
     the top, the visual tokens' order), the facts of the objects and the gripper whose centre lies in it."""
@@ -417,19 +469,15 @@ def cell_facts(labels, grid):
     out = labels.new_zeros(n, grid * grid, CELL_FEATURES)
     rows = torch.arange(n)
 
-    def cell(x, y):  # table (x right, y up) -> the index of its cell, row 0 at the top
-        col, row = (x * grid).long().clamp(0, grid - 1), ((1 - y) * grid).long().clamp(0, grid - 1)
-        return row * grid + col
-
     for c in range(len(COLOUR_NAMES)):
         f = labels[:, c * per_colour:(c + 1) * per_colour]  # kinds, regions, x, y, held, on, under, in bowl, nearest
         present = f[:, :len(KINDS)].sum(1)  # 1 where an object has this colour
         x, y, five = f[:, -7], f[:, -6], f[:, -5:]
         one = torch.cat([torch.nn.functional.one_hot(torch.tensor(c), len(COLOUR_NAMES)).to(f).expand(n, -1),
                          f[:, :len(KINDS)], five, x[:, None], y[:, None], f.new_zeros(n, 4)], 1) * present[:, None]
-        out[rows, cell(x, y)] += one
+        out[rows, table_cell(x, y, grid)] += one
     g = labels[:, per:]  # closed, regions, x, y
-    out[rows, cell(g[:, -2], g[:, -1]), -4:] += torch.stack([torch.ones_like(g[:, 0]), g[:, 0], g[:, -2], g[:, -1]], 1)
+    out[rows, table_cell(g[:, -2], g[:, -1], grid), -4:] += torch.stack([torch.ones_like(g[:, 0]), g[:, 0], g[:, -2], g[:, -1]], 1)
     return out
 
 

@@ -2347,20 +2347,27 @@ def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(t
     ex = next(e for e in map(lambda i: train_vlm.world_example(i, "val", 16), range(200))
               if any(names_two(q) for q, _ in e["turns"]))
     two = next(q for q, _ in ex["turns"] if names_two(q))  # names two objects by colour, then no object at all
-    idx = torch.tensor([data.encode_chat(tok, [(two, "yes"), ("how many bowls are there?", "two")], model.n_visual_tokens)[0]])
+    turns = [(two, "yes"), ("how many bowls are there?", "two"), ("is the gripper open or closed?", "open")]
+    idx = torch.tensor([data.encode_chat(tok, turns, model.n_visual_tokens)[0]])
     labels = torch.tensor(ex["labels"])  # (1 image, 126)
     with torch.no_grad():
         model.projector.answer_keypoints.query.weight.normal_()
         _, _, extras = model(idx, train_vlm.model_view(ex, 16)[None], return_extras=True)
-    attention = extras["keypoints"]["patches"]  # (1, 2 answers, 16 patches, 2 keypoints)
+    attention = extras["keypoints"]["patches"]  # (1, 3 answers, 16 patches, 2 keypoints)
+    assert train_vlm.ground_words() == COLOUR_NAMES + ["gripper"] and len(tok.encode(" gripper")) == 1
     lut = torch.full((model.config.vocab_size,), -1)
-    lut[[tok.encode(" " + c)[0] for c in single]] = torch.tensor([COLOUR_NAMES.index(c) for c in single])
+    lut[[tok.encode(" " + c)[0] for c in single + ["gripper"]]] = torch.tensor([COLOUR_NAMES.index(c) for c in single] + [6])
     loss = train_vlm.grounding_loss(extras["keypoints"], idx, labels, lut, grid=4)
     first, second = [c for c in two.replace("?", "").split() if c in COLOUR_NAMES]
     patch = {c: train_vlm.table_cell(labels[0, COLOUR_NAMES.index(c) * 19 + 12], labels[0, COLOUR_NAMES.index(c) * 19 + 13], 4)
              for c in (first, second)}
-    want = -(attention[0, 0, patch[first], 0].log() + attention[0, 0, patch[second], 1].log()) / 2  # answer 2: no target
+    gripper = train_vlm.table_cell(labels[0, -2], labels[0, -1], 4)
+    want = -(attention[0, 0, patch[first], 0].log() + attention[0, 0, patch[second], 1].log()  # answer 2: no target
+             + attention[0, 2, gripper, 0].log() + attention[0, 2, gripper, 1].log()) / 4  # answer 3: both on the gripper
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    # the probe's diagnostic: the share of held-out questions whose keypoints' top patch is the named thing's
+    hits = train_vlm.pointing_accuracy(model, tok, [ex], 16)
+    assert len(hits) == 2 and all(0 <= h <= 1 for h in hits)
 
 
 def test_vlm_with_answer_keypoints_trains_saves_loads_and_answers(tiny_llm_checkpoint, tmp_path):

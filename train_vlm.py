@@ -75,7 +75,7 @@ class TrainConfig:
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
     ground_keypoints: float = 0.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the
-                                        # patch of the k-th object its question names by colour (a cross-entropy over patches)
+                                        # patch of the k-th thing its question names (an object by colour, or the gripper)
     distinct_words: bool = True         # data=world from our stage 1: re-draw the colour and shape words' embeddings (after
                                         # stage 1 they are nearly alike: the text never needed to tell them apart)
     seq_len: int = 0                    # max tokens per sample (longer conversations lose turns); 0 = the LLM's max_seq_len
@@ -224,17 +224,8 @@ def train(cfg):
 
     ground = None
     if cfg.ground_keypoints and cfg.data == "world" and raw_model.vision_config.answer_keypoints:
-        from eval_sim import COLOUR_NAMES
-        colour_of_token = torch.full((raw_model.config.vocab_size,), -1, dtype=torch.long)
-        one_token = {c: tokenizer.encode(" " + c) for c in COLOUR_NAMES}
-        one_token = {c: ids[0] for c, ids in one_token.items() if len(ids) == 1}  # a word split in pieces cannot be found
-        if not one_token:
-            raise D.UserError("--ground_keypoints finds the colour words in each question: the tokenizer must "
-                              "hold them as single tokens (our stage 1's does)")
-        if len(one_token) < len(COLOUR_NAMES):
-            print(f"ground_keypoints: only {', '.join(one_token)} are single tokens; questions naming the others add no target")
-        colour_of_token[list(one_token.values())] = torch.tensor([COLOUR_NAMES.index(c) for c in one_token])
-        ground = functools.partial(grounding_loss, colour_of_token=colour_of_token.to(dist.device),
+        ground = functools.partial(grounding_loss, word_index=ground_word_index(tokenizer, raw_model.config.vocab_size,
+                                                                                verbose=dist.is_master).to(dist.device),
                                    grid=raw_model.vision_config.grid)
 
     def to_device(batch):  # -> idx, targets, images (--oracle: the scene facts), the cells' colour words (or None)
@@ -435,29 +426,79 @@ def table_cell(x, y, grid):
     return row * grid + col
 
 
-def grounding_loss(keypoints, idx, labels, colour_of_token, grid, named=2):
+def ground_words():
+    """The words that name one thing of a world scene, in grounding_loss's order: the six colours (each colour is one
+    object or bowl), then 'gripper'."""
+    from eval_sim import COLOUR_NAMES
+    return [*COLOUR_NAMES, "gripper"]
+
+
+def ground_word_index(tokenizer, vocab_size, verbose=True):
+    """(vocab_size,) long: each token's index in ground_words(), or -1."""
+    ids = {w: tokenizer.encode(" " + w) for w in ground_words()}
+    one_token = {w: i[0] for w, i in ids.items() if len(i) == 1}  # a word split in pieces cannot be found
+    if not one_token:
+        raise D.UserError("--ground_keypoints finds the colour words and 'gripper' in each question: the "
+                          "tokenizer must hold them as single tokens (our stage 1's does)")
+    if len(one_token) < len(ids) and verbose:
+        print(f"ground_keypoints: only {', '.join(one_token)} are single tokens; questions naming the others add no target")
+    word_index = torch.full((vocab_size,), -1, dtype=torch.long)
+    word_index[list(one_token.values())] = torch.tensor([ground_words().index(w) for w in one_token])
+    return word_index
+
+
+@torch.no_grad()
+def pointing_accuracy(model, tokenizer, examples, image_size):
+    """Held-out pointing of the answer keypoints: per keypoint that ground_targets supervises, the share of the
+    questions naming a thing where the keypoint's most attended patch is that thing's (a probe diagnostic)."""
+    word_index, device = ground_word_index(tokenizer, model.config.vocab_size, verbose=False), next(model.parameters()).device
+    hits, counts = Counter(), Counter()
+    for ex in examples:
+        if ex["turns"][0][0] == D.CAPTION_PROMPT:
+            continue
+        idx = torch.tensor([D.encode_chat(tokenizer, ex["turns"], model.n_visual_tokens, model.config.max_seq_len)[0]],
+                           device=device)
+        _, _, extras = model(idx, model_view(ex, image_size)[None].to(device), return_extras=True)
+        targets = ground_targets(extras["keypoints"], idx, torch.tensor(ex["labels"], device=device),
+                                 word_index.to(device), model.vision_config.grid)
+        for k, (target, has) in enumerate(targets):
+            guess = extras["keypoints"]["patches"][..., k].argmax(2)
+            hits[k] += ((guess == target) & has).sum().item()
+            counts[k] += has.sum().item()
+    return [hits[k] / max(1, counts[k]) for k in sorted(counts)]
+
+
+def ground_targets(keypoints, idx, labels, word_index, grid, named=2):
     """The world's free pointing target for the answer keypoints (--ground_keypoints): at each answer, keypoint k
-    (k < named) should land on the patch holding the k-th object its question names by colour (the last one named
-    when the question names fewer). keypoints: AnswerKeypoints' attention; idx (B, T); labels (B, 126) the
-    scene_labels of each row's image; colour_of_token (vocab,): a colour word's index or -1. Mean cross-entropy
-    over the (answer, keypoint) pairs that have a target; questions naming no colour add nothing."""
+    (k < named) should land on the patch of the k-th thing its question names (ground_words: an object by its
+    colour, or the gripper; the last one named when the question names fewer). keypoints: AnswerKeypoints'
+    attention; idx (B, T); labels (B, 126) the scene_labels of each row's image; word_index (vocab,): each token's
+    index in ground_words() or -1. -> per keypoint k < named: (target patch (B, A), has a target (B, A) bool)."""
     from eval_sim import COLOUR_NAMES
     per_colour = (len(SCENE_LABEL_NAMES) - 12) // len(COLOUR_NAMES)
-    f = labels[:, :per_colour * len(COLOUR_NAMES)].float().view(len(labels), len(COLOUR_NAMES), per_colour)[..., -7:-5]
-    patch_of_colour = table_cell(f[..., 0], f[..., 1], grid)  # (B, colours): where each colour's object lies
-    colour = colour_of_token[idx]  # (B, T)
-    is_named = keypoints["words"] & (colour >= 0)[:, None]  # (B, A, T)
+    xy = labels[:, :per_colour * len(COLOUR_NAMES)].float().view(len(labels), len(COLOUR_NAMES), per_colour)[..., -7:-5]
+    xy = torch.cat([xy, labels[:, None, -2:].float()], 1)  # (B, 7, 2): each colour's object, then the gripper
+    patch_of = table_cell(xy[..., 0], xy[..., 1], grid)  # (B, 7): the patch under each
+    word = word_index[idx]  # (B, T)
+    is_named = keypoints["words"] & (word >= 0)[:, None]  # (B, A, T)
     count = is_named.sum(-1)  # (B, A)
     rank = is_named.long().cumsum(-1) - 1
-    attention, losses = keypoints["patches"], []
-    for k in range(min(named, attention.size(-1))):
+    out = []
+    for k in range(min(named, keypoints["patches"].size(-1))):
         pick = is_named & (rank == count.clamp(max=k + 1)[..., None] - 1)  # one word per answer
-        c = (pick * colour[:, None]).sum(-1)  # (B, A): the colour's index where count > 0
-        target = patch_of_colour.gather(1, c)  # (B, A)
-        p = attention[..., k].gather(2, target[..., None]).squeeze(-1)  # (B, A): the keypoint's mass on that patch
-        losses.append(-(p.clamp(min=1e-8).log())[(count > 0) & keypoints["valid"]])
+        out.append((patch_of.gather(1, (pick * word[:, None]).sum(-1)), (count > 0) & keypoints["valid"]))
+    return out
+
+
+def grounding_loss(keypoints, idx, labels, word_index, grid, named=2):
+    """Mean cross-entropy over patches of each keypoint against its ground_targets, over the (answer, keypoint)
+    pairs that have one."""
+    losses = []
+    for k, (target, has) in enumerate(ground_targets(keypoints, idx, labels, word_index, grid, named)):
+        p = keypoints["patches"][..., k].gather(2, target[..., None]).squeeze(-1)  # (B, A): mass on the target patch
+        losses.append(-(p.clamp(min=1e-8).log())[has])
     losses = torch.cat(losses)
-    return losses.mean() if losses.numel() else attention.new_zeros(())
+    return losses.mean() if losses.numel() else keypoints["patches"].new_zeros(())
 
 
 def cell_facts(labels, grid):
@@ -656,8 +697,12 @@ def probe(cfg):
                                            [ex["caption"] for ex in out["val_examples"]])
         rows.append({"seed": seed, "images": out["accuracy"], "blank": blank, "caption": (precision, recall),
                      "seconds": out["seconds"]})
+        pointing = ""
+        if out["model"].vision_config.answer_keypoints and cfg.data == "world":
+            hits = pointing_accuracy(out["model"], out["tokenizer"], out["val_examples"], cfg.image_size)
+            pointing = ", keypoints on the named thing " + "/".join(f"{h:.0%}" for h in hits)
         print(f"probe seed {seed}: {out['accuracy']['all'][0] / out['accuracy']['all'][1]:.1%} with images, "
-              f"{blank['all'][0] / blank['all'][1]:.1%} blanked, captions P {precision:.1%} R {recall:.1%}, "
+              f"{blank['all'][0] / blank['all'][1]:.1%} blanked, captions P {precision:.1%} R {recall:.1%}{pointing}, "
               f"{out['seconds']:.0f}s; accuracy by step " + ", ".join(f"{s} {a:.1%}" for s, a in out["curve"]), flush=True)
     print_probe_table(rows, out["questions"], cfg)
     return rows

@@ -74,8 +74,10 @@ class TrainConfig:
                                         # (model.AnswerKeypoints; off when their word table would pass 50M parameters); 0 = off
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
+    answer_maps: bool = False           # the answer keypoints also hand the decoder their attention maps over the patch grid
     ground_keypoints: float = 0.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the
                                         # patch of the k-th thing its question names (an object by colour, or the gripper)
+    distinct_answers: bool = False      # with distinct_words: also re-draw every other answer word (places, numbers, yes/no, ...)
     distinct_words: bool = True         # data=world from our stage 1: re-draw the colour and shape words' embeddings (after
                                         # stage 1 they are nearly alike: the text never needed to tell them apart)
     seq_len: int = 0                    # max tokens per sample (longer conversations lose turns); 0 = the LLM's max_seq_len
@@ -363,6 +365,7 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             pixel_std=tuple(pixel_mean_std[1]), stem=cfg.vision_stem, coord_channels=cfg.coord_channels,
                             film_vocab=llm.config.vocab_size if cfg.film else 0,
                             answer_keypoints=keypoints, answer_vocab=llm.config.vocab_size if keypoints else 0,
+                            answer_maps=cfg.answer_maps and keypoints > 0,
                             fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,
@@ -370,8 +373,11 @@ def vlm_from_llm(cfg, pixel_mean_std):
     except ValueError as e:  # an impossible patch grid
         raise D.UserError(str(e)) from None
     if cfg.distinct_words and cfg.data == "world" and not hf.init_dir(cfg.init):
-        from eval_sim import COLOUR_NAMES, KINDS
-        rows = [tokenizer.encode(" " + w)[0] for w in [*COLOUR_NAMES, *KINDS]]
+        from eval_sim import COLOUR_NAMES, KINDS, NUMBER_WORDS, REGIONS
+        words = [*COLOUR_NAMES, *KINDS]
+        if cfg.distinct_answers:
+            words += list(dict.fromkeys(" ".join([*REGIONS, *NUMBER_WORDS, "yes no open closed nothing"]).split()))
+        rows = [i[0] for i in map(lambda w: tokenizer.encode(" " + w), words) if len(i) == 1]
         with torch.no_grad():
             table = model.llm.embed_tokens.weight
             fresh = torch.randn(len(rows), table.size(1), generator=torch.Generator().manual_seed(cfg.seed))

@@ -310,14 +310,13 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, generator=None,
-                 valid_vocab=None, embeds=None, positions=None, deepstack=None, step_bias=None):
+                 valid_vocab=None, embeds=None, positions=None, deepstack=None):
         """Sample continuations of idx (B, T) with a KV cache: one prefill pass, then one token per
         step. temperature 0 = greedy. Stops early when every row has produced stop_token.
         valid_vocab: the tokenizer's size; the embedding's padding rows are never sampled.
         embeds: (B, T, C) inputs for the prefill instead of idx's embeddings (stage 2: with images).
         positions, deepstack: Qwen3-VL's prefill inputs (forward); each new token's position is then
-        the cache length + (the prompt's largest position + 1 - T), as transformers continues them.
-        step_bias: (B, C) added to every new token's embedding (stage 2: the answer keypoints' vector)."""
+        the cache length + (the prompt's largest position + 1 - T), as transformers continues them."""
         B, T = idx.shape
         cache = self.new_kv_cache(B, min(T + max_new_tokens, self.config.max_seq_len))
         logits, _ = self(idx if embeds is None else None, embeds=embeds, kv_cache=cache, positions=positions,
@@ -334,8 +333,7 @@ class Transformer(nn.Module):
             if cache.pos >= cache.k.size(3):
                 break
             step_positions = None if delta is None else (cache.pos + delta).view(1, B, 1).expand(3, B, 1)
-            step = dict(idx=next_token) if step_bias is None else dict(embeds=self.embed_tokens(next_token) + step_bias[:, None])
-            logits, _ = self(**step, kv_cache=cache, positions=step_positions)
+            logits, _ = self(next_token, kv_cache=cache, positions=step_positions)
         return torch.cat([idx] + out, dim=1)
 
     def num_params(self, exclude_embedding=False):
@@ -484,10 +482,6 @@ class VisionConfig:
     answer_keypoints: int = 0     # > 0: at each <|assistant|>, this many keypoints over the patches, aimed by that
                                   # turn's question words (AnswerKeypoints); their features join its input
     answer_vocab: int = 0         # rows of AnswerKeypoints' word tables (the LLM's vocab_size)
-    answer_span: bool = False     # AnswerKeypoints' vector is added at <|assistant|> and at every answer token after it
-                                  # (a two-word answer's second word sees it too), not only at <|assistant|>
-    answer_maps: bool = False     # AnswerKeypoints also hand over each keypoint's attention map over the patch grid
-                                  # (summed over images): where it looked, as a code a linear layer maps to a region
     fact_outputs: int = 0         # > 0: the projector also holds a linear read-out of this many facts per visual token,
                                   # trained by stage 2's dense loss on what each cell shows (train_vlm.py --cell_facts)
 
@@ -629,8 +623,7 @@ class Projector(nn.Module):
         if c.fact_outputs and not shuffled_norm:  # visual token -> its cell's facts (a training signal, unused after)
             self.facts = nn.Linear(llm_width, c.fact_outputs)
         if c.answer_keypoints and not shuffled_norm:  # kept here: the projector's optimizer group and learning rate
-            self.answer_keypoints = AnswerKeypoints(c.answer_vocab, c.n_embd, c.grid, llm_width, c.answer_keypoints,
-                                                    maps=c.answer_maps, span=c.answer_span)
+            self.answer_keypoints = AnswerKeypoints(c.answer_vocab, c.n_embd, c.grid, llm_width, c.answer_keypoints)
 
     def forward(self, x):
         B, _, C = x.shape
@@ -657,16 +650,15 @@ class AnswerKeypoints(nn.Module):
     no attention circuit in the decoder to find the bowl first (docs/stage2.md). In stage 3 the prompt
     ends with <|assistant|> too: there the instruction aims them."""
 
-    def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32, maps=False, span=False):
+    def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32):
         super().__init__()
-        self.keypoints, self.patch_dim, self.max_words, self.grid, self.maps = keypoints, patch_dim, max_words, grid, maps
-        self.span = span  # the vector also goes to every later token of the turn (its answer), not only <|assistant|>
+        self.keypoints, self.patch_dim, self.max_words = keypoints, patch_dim, max_words
         self.query = nn.Embedding(vocab_size, patch_dim * keypoints)  # what each word looks for, per keypoint
         self.weight = nn.Embedding(vocab_size, keypoints)              # how much each word counts, per keypoint
         self.order = nn.Parameter(torch.zeros(max_words, keypoints))   # ... and its place in the question
         self.sharpness = nn.Parameter(torch.zeros(keypoints))          # log scale of the patch scores: a keypoint can
                                                                        # grow sharp faster than its query table grows
-        self.out = nn.Linear(keypoints * (patch_dim + 2 + maps * grid * grid), n_embd)
+        self.out = nn.Linear(keypoints * (patch_dim + 2), n_embd)
         k = torch.arange(grid * grid)  # raster order: patch k at column k % grid, row k // grid, in [-1, 1]
         self.register_buffer("xy", torch.stack([k % grid, k // grid], -1).float() / max(grid - 1, 1) * 2 - 1,
                              persistent=False)
@@ -690,17 +682,9 @@ class AnswerKeypoints(nn.Module):
         scores = torch.einsum("bpc,back->bapk", patches.float(), q) * self.sharpness.exp()
         w = scores.softmax(dim=2)  # (B, A, P, K)
         xy = torch.einsum("bapk,pd->bakd", w, self.xy.repeat(patches.size(1) // len(self.xy), 1))  # per image's grid
-        features = [torch.einsum("bapk,bpc->bakc", w, patches.float()), xy]
-        if self.maps:  # (B, A, K, grid * grid): the attention over each image's patches, summed over the images
-            features.append(w.view(B, A, -1, self.grid * self.grid, self.keypoints).sum(2).transpose(2, 3))
-        out = self.out(torch.cat(features, -1).flatten(2).to(patches.dtype)) * valid[..., None]  # (B, A, n_embd)
-        if self.span:  # each position after its turn's <|assistant|> (the answer, its end, padding) gets that turn's vector
-            seen = answer.long().cumsum(1)  # answers up to and including each position
-            which = (seen - 1).clamp(min=0)
-            in_answer = (seen > 0) & (turn == turn.gather(1, at).gather(1, which))
-            out = out.gather(1, which[..., None].expand(-1, -1, out.size(-1))) * in_answer[..., None]
-        else:
-            out = patches.new_zeros(B, T, out.size(-1)).scatter_add(1, at[..., None].expand_as(out), out)
+        features = torch.einsum("bapk,bpc->bakc", w, patches.float())
+        out = self.out(torch.cat([features, xy], -1).flatten(2).to(patches.dtype)) * valid[..., None]  # (B, A, n_embd)
+        out = patches.new_zeros(B, T, out.size(-1)).scatter_add(1, at[..., None].expand_as(out), out)
         return (out, {"patches": w, "words": asks, "valid": valid}) if return_attention else out
 
     def place_in_turn(self, words, turn):
@@ -810,8 +794,7 @@ class VLM(nn.Module):
                                  f"image(s) x {self.n_visual_tokens} visual tokens = {want}")
         positions = self.mrope_positions(is_image) if self.llm.config.mrope_section else None
         if n_images == 0:
-            return {"embeds": x, "patches": None, "positions": positions, "deepstack": [], "keypoints": None,
-                    "answer_vector": None}
+            return {"embeds": x, "patches": None, "positions": positions, "deepstack": [], "keypoints": None}
         prompt = None
         if self.vision.config.film_vocab:  # the first user turn's words (before <|assistant|>), for every image of the row
             words = ((idx == self.prompt_end_id).cumsum(1) == 0) & ~is_image
@@ -819,17 +802,15 @@ class VLM(nn.Module):
         # (B * n_images, n_patches, C_vit), and the DeepStack layers' hidden states
         patches, layers = self.vision(images.flatten(0, 1), prompt, return_layers=True)
         x = x.masked_scatter(is_image.unsqueeze(-1), self.projector(patches).to(x.dtype))
-        answer, keypoints, answer_vector = idx == self.prompt_end_id, None, None
+        answer, keypoints = idx == self.prompt_end_id, None
         if self.vision.config.answer_keypoints and answer.any():  # every image's patches, one softmax over them all
             words, turn = ~((idx == self.prompt_start_id) | answer | is_image), (idx == self.prompt_start_id).cumsum(1)
             patches_by_row = patches.reshape(idx.size(0), -1, patches.size(-1))
             out, keypoints = self.projector.answer_keypoints(idx, patches_by_row, words, turn, answer, return_attention=True)
             x = x + out.to(x.dtype)
-            answer_vector = out[:, -1]  # with answer_span, what each token generated after the prompt adds
         deepstack = [x.new_zeros(x.shape).masked_scatter(is_image.unsqueeze(-1), projector(h).to(x.dtype))
                      for projector, h in zip(self.projector.deepstack, layers)] if layers else []
-        return {"embeds": x, "patches": patches, "positions": positions, "deepstack": deepstack, "keypoints": keypoints,
-                "answer_vector": answer_vector}
+        return {"embeds": x, "patches": patches, "positions": positions, "deepstack": deepstack, "keypoints": keypoints}
 
     def forward(self, idx, images, targets=None, return_extras=False):
         """idx, targets (B, T) (targets -1 = no loss: data.py keeps only answer tokens);
@@ -852,10 +833,8 @@ class VLM(nn.Module):
         """Continue prompts idx (B, T) about images: one prefill with the image embeddings into the
         KV cache, then token by token (Transformer.generate). Returns (B, T + new) ids."""
         inputs = self.llm_inputs(idx, images)
-        span = self.vision.config.answer_keypoints and self.vision.config.answer_span
         return self.llm.generate(idx, max_new_tokens, temperature, top_k, stop_token, generator, valid_vocab,
-                                 embeds=inputs["embeds"], positions=inputs["positions"], deepstack=inputs["deepstack"],
-                                 step_bias=inputs["answer_vector"] if span else None)
+                                 embeds=inputs["embeds"], positions=inputs["positions"], deepstack=inputs["deepstack"])
 
     def param_counts(self):
         return {"vision": sum(p.numel() for p in self.vision.parameters()),

@@ -74,11 +74,8 @@ class TrainConfig:
                                         # (model.AnswerKeypoints; off when their word table would pass 50M parameters); 0 = off
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
-    answer_span: bool = False           # the answer keypoints' vector also at every answer token, not only at <|assistant|>
-    answer_maps: bool = False           # the answer keypoints also hand the decoder their attention maps over the patch grid
     ground_keypoints: float = 0.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the
                                         # patch of the k-th thing its question names (an object by colour, or the gripper)
-    distinct_answers: bool = False      # with distinct_words: also re-draw every other answer word (places, numbers, yes/no, ...)
     distinct_words: bool = True         # data=world from our stage 1: re-draw the colour and shape words' embeddings (after
                                         # stage 1 they are nearly alike: the text never needed to tell them apart)
     seq_len: int = 0                    # max tokens per sample (longer conversations lose turns); 0 = the LLM's max_seq_len
@@ -87,7 +84,6 @@ class TrainConfig:
     micro_batch: int = 16               # samples per forward pass per process
     max_steps: int = 200
     lr: float = 1e-3                    # the LLM's peak learning rate (pretrained: gentler than the new parts)
-    embed_lr: float = 0.0               # > 0: the LLM's token embedding table (tied to its output layer) at this learning rate
     vision_lr: float = 1e-3             # 3e-3 was too high for the tower alone (docs/stage2.md)
     projector_lr: float = 3e-3
     freeze_llm: bool = False            # train only the vision tower and projector
@@ -127,7 +123,7 @@ RANGES = {**SHARED_RANGES, "world_train": (1, None), "world_val": (1, None), "im
           "patch_size": (1, None), "vision_layers": (1, None), "vision_embd": (1, None), "vision_heads": (1, None),
           "vision_head_dim": (1, None), "vision_mlp_hidden": (1, None), "pixel_shuffle": (1, None),
           "projector_hidden": (1, None), "seq_len": (0, None), "batch_size": (1, None), "vision_lr": (0, None),
-          "projector_lr": (0, None), "embed_lr": (0, None), "projector_warmup_steps": (0, None), "eval_batches": (1, None),
+          "projector_lr": (0, None), "projector_warmup_steps": (0, None), "eval_batches": (1, None),
           "show_captions": (0, None), "world_turns": (0, None), "caption_every": (1, None), "world_question_sets": (1, None),
           "cell_words": (0, None), "cell_facts": (0, None), "answer_keypoints": (0, None),
           "ground_keypoints": (0, None)}
@@ -204,10 +200,6 @@ def train(cfg):
              "projector": (raw_model.projector.parameters(), cfg.projector_lr)}
     if cfg.freeze_llm:
         raw_model.llm.requires_grad_(False)
-    elif cfg.embed_lr:  # the (tied) token embedding table at its own learning rate, the rest of the LLM at lr
-        table = raw_model.llm.embed_tokens.weight
-        parts["llm"] = ([p for p in raw_model.llm.parameters() if p is not table], cfg.lr)
-        parts["embeddings"] = ([table], cfg.embed_lr)
     else:
         parts["llm"] = (raw_model.llm.parameters(), cfg.lr)
     optimizer = make_optimizer(parts, cfg, dist.device)
@@ -371,7 +363,6 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             pixel_std=tuple(pixel_mean_std[1]), stem=cfg.vision_stem, coord_channels=cfg.coord_channels,
                             film_vocab=llm.config.vocab_size if cfg.film else 0,
                             answer_keypoints=keypoints, answer_vocab=llm.config.vocab_size if keypoints else 0,
-                            answer_maps=cfg.answer_maps and keypoints > 0, answer_span=cfg.answer_span and keypoints > 0,
                             fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,
@@ -379,11 +370,8 @@ def vlm_from_llm(cfg, pixel_mean_std):
     except ValueError as e:  # an impossible patch grid
         raise D.UserError(str(e)) from None
     if cfg.distinct_words and cfg.data == "world" and not hf.init_dir(cfg.init):
-        from eval_sim import COLOUR_NAMES, KINDS, NUMBER_WORDS, REGIONS
-        words = [*COLOUR_NAMES, *KINDS]
-        if cfg.distinct_answers:
-            words += list(dict.fromkeys(" ".join([*REGIONS, *NUMBER_WORDS, "yes no open closed nothing"]).split()))
-        rows = [i[0] for i in map(lambda w: tokenizer.encode(" " + w), words) if len(i) == 1]
+        from eval_sim import COLOUR_NAMES, KINDS
+        rows = [tokenizer.encode(" " + w)[0] for w in [*COLOUR_NAMES, *KINDS]]
         with torch.no_grad():
             table = model.llm.embed_tokens.weight
             fresh = torch.randn(len(rows), table.size(1), generator=torch.Generator().manual_seed(cfg.seed))

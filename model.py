@@ -482,8 +482,6 @@ class VisionConfig:
     answer_keypoints: int = 0     # > 0: at each <|assistant|>, this many keypoints over the patches, aimed by that
                                   # turn's question words (AnswerKeypoints); their features join its input
     answer_vocab: int = 0         # rows of AnswerKeypoints' word tables (the LLM's vocab_size)
-    answer_heads: int = 1         # > 1: AnswerKeypoints' output is a mixture of this many linear maps, weighted by the
-                                  # question's words ("where" can read the place, "what shape" the features)
     fact_outputs: int = 0         # > 0: the projector also holds a linear read-out of this many facts per visual token,
                                   # trained by stage 2's dense loss on what each cell shows (train_vlm.py --cell_facts)
 
@@ -625,8 +623,7 @@ class Projector(nn.Module):
         if c.fact_outputs and not shuffled_norm:  # visual token -> its cell's facts (a training signal, unused after)
             self.facts = nn.Linear(llm_width, c.fact_outputs)
         if c.answer_keypoints and not shuffled_norm:  # kept here: the projector's optimizer group and learning rate
-            self.answer_keypoints = AnswerKeypoints(c.answer_vocab, c.n_embd, c.grid, llm_width, c.answer_keypoints,
-                                                    heads=c.answer_heads)
+            self.answer_keypoints = AnswerKeypoints(c.answer_vocab, c.n_embd, c.grid, llm_width, c.answer_keypoints)
 
     def forward(self, x):
         B, _, C = x.shape
@@ -653,17 +650,15 @@ class AnswerKeypoints(nn.Module):
     no attention circuit in the decoder to find the bowl first (docs/stage2.md). In stage 3 the prompt
     ends with <|assistant|> too: there the instruction aims them."""
 
-    def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32, heads=1):
+    def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32):
         super().__init__()
-        self.keypoints, self.patch_dim, self.max_words, self.heads = keypoints, patch_dim, max_words, heads
+        self.keypoints, self.patch_dim, self.max_words = keypoints, patch_dim, max_words
         self.query = nn.Embedding(vocab_size, patch_dim * keypoints)  # what each word looks for, per keypoint
         self.weight = nn.Embedding(vocab_size, keypoints)              # how much each word counts, per keypoint
         self.order = nn.Parameter(torch.zeros(max_words, keypoints))   # ... and its place in the question
         self.sharpness = nn.Parameter(torch.zeros(keypoints))          # log scale of the patch scores: a keypoint can
                                                                        # grow sharp faster than its query table grows
-        self.out = nn.Linear(keypoints * (patch_dim + 2), n_embd * heads)
-        if heads > 1:  # each word's vote for the output maps; the question's mean vote picks the mixture
-            self.head = nn.Embedding(vocab_size, heads)
+        self.out = nn.Linear(keypoints * (patch_dim + 2), n_embd)
         k = torch.arange(grid * grid)  # raster order: patch k at column k % grid, row k // grid, in [-1, 1]
         self.register_buffer("xy", torch.stack([k % grid, k // grid], -1).float() / max(grid - 1, 1) * 2 - 1,
                              persistent=False)
@@ -688,11 +683,7 @@ class AnswerKeypoints(nn.Module):
         w = scores.softmax(dim=2)  # (B, A, P, K)
         xy = torch.einsum("bapk,pd->bakd", w, self.xy.repeat(patches.size(1) // len(self.xy), 1))  # per image's grid
         features = torch.einsum("bapk,bpc->bakc", w, patches.float())
-        out = self.out(torch.cat([features, xy], -1).flatten(2).to(patches.dtype))  # (B, A, heads * n_embd)
-        if self.heads > 1:
-            vote = torch.einsum("bat,bth->bah", asks.float(), self.head(idx).float()) / asks.sum(-1, keepdim=True).clamp(min=1)
-            out = (out.view(B, A, self.heads, -1) * vote.softmax(-1)[..., None].to(out.dtype)).sum(2)
-        out = out * valid[..., None]  # (B, A, n_embd)
+        out = self.out(torch.cat([features, xy], -1).flatten(2).to(patches.dtype)) * valid[..., None]  # (B, A, n_embd)
         out = patches.new_zeros(B, T, out.size(-1)).scatter_add(1, at[..., None].expand_as(out), out)
         return (out, {"patches": w, "words": asks, "valid": valid}) if return_attention else out
 

@@ -72,7 +72,6 @@ class TrainConfig:
                                         # names the colour in its cell (read off the rendered pixels) or 'nothing'; 0 = off
     answer_keypoints: int = 4           # keypoints over the patches aimed by each question's words, read at its answer
                                         # (model.AnswerKeypoints; off when their word table would pass 50M parameters); 0 = off
-    answer_heads: int = 1               # > 1: the answer keypoints' output map is a mixture of this many, chosen by the question
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
     ground_keypoints: float = 0.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the
@@ -126,7 +125,7 @@ RANGES = {**SHARED_RANGES, "world_train": (1, None), "world_val": (1, None), "im
           "projector_hidden": (1, None), "seq_len": (0, None), "batch_size": (1, None), "vision_lr": (0, None),
           "projector_lr": (0, None), "projector_warmup_steps": (0, None), "eval_batches": (1, None),
           "show_captions": (0, None), "world_turns": (0, None), "caption_every": (1, None), "world_question_sets": (1, None),
-          "cell_words": (0, None), "cell_facts": (0, None), "answer_keypoints": (0, None), "answer_heads": (1, None),
+          "cell_words": (0, None), "cell_facts": (0, None), "answer_keypoints": (0, None),
           "ground_keypoints": (0, None)}
 RULES = SHARED_RULES + [
     (lambda c, w: c.image_size % c.patch_size == 0 and (c.image_size // c.patch_size) % c.pixel_shuffle == 0,
@@ -364,7 +363,6 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             pixel_std=tuple(pixel_mean_std[1]), stem=cfg.vision_stem, coord_channels=cfg.coord_channels,
                             film_vocab=llm.config.vocab_size if cfg.film else 0,
                             answer_keypoints=keypoints, answer_vocab=llm.config.vocab_size if keypoints else 0,
-                            answer_heads=cfg.answer_heads if keypoints else 1,
                             fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,

@@ -2368,6 +2368,8 @@ def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(t
     # the probe's diagnostic: the share of held-out questions whose keypoints' top patch is the named thing's
     hits = train_vlm.pointing_accuracy(model, tok, [ex], 16)
     assert len(hits) == 2 and all(0 <= h <= 1 for h in hits)
+    with pytest.raises(data.UserError, match="--ground_keypoints points"):  # nothing to point with
+        train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "none") + ["--ground_keypoints=1", "--answer_keypoints=0"])
 
 
 def test_vlm_with_answer_keypoints_trains_saves_loads_and_answers(tiny_llm_checkpoint, tmp_path):

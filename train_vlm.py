@@ -135,6 +135,9 @@ RULES = SHARED_RULES + [
      "--batch_size={batch_size} must be a multiple of micro_batch * world_size = {micro_batch} * {world_size}"),
     (lambda c, w: c.vision_stem in ("patch", "conv"), "--vision_stem={vision_stem}: expected 'patch' or 'conv'"),
     (lambda c, w: c.oracle in ("", "scene", "cells"), "--oracle={oracle}: expected '', 'scene' or 'cells'"),
+    (lambda c, w: not c.ground_keypoints or (c.data == "world" and c.answer_keypoints and not c.oracle),
+     "--ground_keypoints points the answer keypoints with the built-in world's labels: it needs --data=world, "
+     "--answer_keypoints > 0 and no --oracle"),
     (lambda c, w: not c.oracle or (c.data == "world" and c.probe),
      "--oracle reads the built-in world's scene facts and saves nothing: it needs --data=world and --probe"),
 ]
@@ -223,7 +226,9 @@ def train(cfg):
                                          rgb=world_colours()[1])
 
     ground = None
-    if cfg.ground_keypoints and cfg.data == "world" and raw_model.vision_config.answer_keypoints:
+    if cfg.ground_keypoints and not raw_model.vision_config.answer_keypoints and dist.is_master:
+        print("ground_keypoints off: this model has no answer keypoints")
+    elif cfg.ground_keypoints:
         ground = functools.partial(grounding_loss, word_index=ground_word_index(tokenizer, raw_model.config.vocab_size,
                                                                                 verbose=dist.is_master).to(dist.device),
                                    grid=raw_model.vision_config.grid)

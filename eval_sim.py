@@ -1161,7 +1161,10 @@ def main(argv=None):
         print(format_table(per_task, overall, name))
         print(f"wrote {out}/results.json and GIFs in {out}/gifs ({result['seconds']} s)")
     elif args.cmd == "compare":  # comma-separated files on a side are pooled (seeds of one recipe)
-        a, b = (pool_results([load_results(p) for p in side.split(",") if p]) for side in (args.a, args.b))
+        sides = [[p for p in side.split(",") if p] for side in (args.a, args.b)]
+        if not all(sides):
+            raise UserError("compare needs a results.json (or several, comma-separated) on each side")
+        a, b = (pool_results([load_results(p) for p in side]) for side in sides)
         print(f"A = {args.a}\nB = {args.b}")
         print(f"{'task':<16}{'A':>12}{'B':>12}{'B-A':>8}{'P(B>A)':>8}{'Fisher p':>10}{'Bonf. p':>10}")
         for r in compare_results(a, b):

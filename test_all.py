@@ -530,6 +530,8 @@ def test_compare_on_synthetic_results_gives_known_rates_posteriors_and_bonferron
     proc = subprocess.run([sys.executable, "eval_sim.py", "compare", f"{tmp_path}/a.json,{tmp_path}/b.json",
                            str(tmp_path / "b.json")], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert proc.returncode == 0 and "105/200" in proc.stdout and "55/100" in proc.stdout
+    with pytest.raises(data.UserError, match="on each side"):
+        eval_sim.main(["compare", ",", str(tmp_path / "b.json")])
 
 
 def test_bad_inputs_give_clear_user_errors(tmp_path):

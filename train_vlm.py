@@ -431,6 +431,14 @@ def table_cell(x, y, grid):
     return row * grid + col
 
 
+def split_labels(labels):
+    """scene_labels rows (n, 126) -> (per colour (n, 6, 19): kinds, regions, x, y, held, on, under, in bowl, nearest;
+    the gripper (n, 12): closed, regions, x, y)."""
+    from eval_sim import COLOUR_NAMES
+    per = len(SCENE_LABEL_NAMES) - 12  # the gripper's 12 numbers come last
+    return labels[:, :per].reshape(len(labels), len(COLOUR_NAMES), -1), labels[:, per:]
+
+
 def ground_words():
     """The words that name one thing of a world scene, in grounding_loss's order: the six colours (each colour is one
     object or bowl), then 'gripper'."""
@@ -479,10 +487,8 @@ def ground_targets(keypoints, idx, labels, word_index, grid, named=2):
     colour, or the gripper; the last one named when the question names fewer). keypoints: AnswerKeypoints'
     attention; idx (B, T); labels (B, 126) the scene_labels of each row's image; word_index (vocab,): each token's
     index in ground_words() or -1. -> per keypoint k < named: (target patch (B, A), has a target (B, A) bool)."""
-    from eval_sim import COLOUR_NAMES
-    per_colour = (len(SCENE_LABEL_NAMES) - 12) // len(COLOUR_NAMES)
-    xy = labels[:, :per_colour * len(COLOUR_NAMES)].float().view(len(labels), len(COLOUR_NAMES), per_colour)[..., -7:-5]
-    xy = torch.cat([xy, labels[:, None, -2:].float()], 1)  # (B, 7, 2): each colour's object, then the gripper
+    colours, gripper = split_labels(labels.float())
+    xy = torch.cat([colours[..., -7:-5], gripper[:, None, -2:]], 1)  # (B, 7, 2): each colour's object, then the gripper
     patch_of = table_cell(xy[..., 0], xy[..., 1], grid)  # (B, 7): the patch under each
     word = word_index[idx]  # (B, T)
     is_named = keypoints["words"] & (word >= 0)[:, None]  # (B, A, T)
@@ -510,19 +516,18 @@ def cell_facts(labels, grid):
     """scene_labels rows (n, 126) -> (n, grid * grid, CELL_FEATURES): per cell of a grid over the table (row-major from
     the top, the visual tokens' order), the facts of the objects and the gripper whose centre lies in it."""
     from eval_sim import COLOUR_NAMES, KINDS
-    n, per = labels.size(0), len(SCENE_LABEL_NAMES) - 12  # the gripper's 12 numbers come last
-    per_colour = per // len(COLOUR_NAMES)
+    n = labels.size(0)
     out = labels.new_zeros(n, grid * grid, CELL_FEATURES)
     rows = torch.arange(n)
+    colours, g = split_labels(labels)  # g: the gripper's closed, regions, x, y
 
     for c in range(len(COLOUR_NAMES)):
-        f = labels[:, c * per_colour:(c + 1) * per_colour]  # kinds, regions, x, y, held, on, under, in bowl, nearest
+        f = colours[:, c]  # kinds, regions, x, y, held, on, under, in bowl, nearest
         present = f[:, :len(KINDS)].sum(1)  # 1 where an object has this colour
         x, y, five = f[:, -7], f[:, -6], f[:, -5:]
         one = torch.cat([torch.nn.functional.one_hot(torch.tensor(c), len(COLOUR_NAMES)).to(f).expand(n, -1),
                          f[:, :len(KINDS)], five, x[:, None], y[:, None], f.new_zeros(n, 4)], 1) * present[:, None]
         out[rows, table_cell(x, y, grid)] += one
-    g = labels[:, per:]  # closed, regions, x, y
     out[rows, table_cell(g[:, -2], g[:, -1], grid), -4:] += torch.stack([torch.ones_like(g[:, 0]), g[:, 0], g[:, -2], g[:, -1]], 1)
     return out
 

@@ -2338,7 +2338,7 @@ def test_answer_keypoints_read_only_their_own_turns_question_and_land_on_its_ans
     assert not torch.allclose(keypoints(first_changed, patches, words, turn, answer)[0, 7], out[0, 7])
 
 
-def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(tiny_llm_checkpoint, tmp_path):
+def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(tiny_llm_checkpoint, tmp_path, capsys):
     from eval_sim import COLOUR_NAMES
     args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "g") + ["--answer_keypoints=2"]
     model, tok = train_vlm.vlm_from_llm(train_vlm.parse_config(train_vlm.TrainConfig, args), ((0.5,) * 3, (0.5,) * 3))
@@ -2370,8 +2370,9 @@ def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(t
     # the probe's diagnostic: the share of held-out questions whose keypoints' top patch is the named thing's
     hits = train_vlm.pointing_accuracy(model, tok, [ex], 16)
     assert len(hits) == 2 and all(0 <= h <= 1 for h in hits)
-    with pytest.raises(data.UserError, match="--ground_keypoints points"):  # nothing to point with
-        train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "none") + ["--ground_keypoints=1", "--answer_keypoints=0"])
+    train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "none") + ["--max_steps=1", "--show_captions=0",
+                                                                            "--answer_keypoints=0"])
+    assert "ground_keypoints off: no answer keypoints" in capsys.readouterr().out  # on by default, off with nothing to point
 
 
 def test_vlm_with_answer_keypoints_trains_saves_loads_and_answers(tiny_llm_checkpoint, tmp_path):

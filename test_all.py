@@ -2372,7 +2372,7 @@ def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(t
     assert len(hits) == 2 and all(0 <= h <= 1 for h in hits)
     train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "none") + ["--max_steps=1", "--show_captions=0",
                                                                             "--answer_keypoints=0"])
-    assert "ground_keypoints off: no answer keypoints" in capsys.readouterr().out  # on by default, off with nothing to point
+    assert "ground_keypoints off: this model has no answer keypoints" in capsys.readouterr().out  # on by default, off with nothing to point
 
 
 def test_vlm_with_answer_keypoints_trains_saves_loads_and_answers(tiny_llm_checkpoint, tmp_path):

@@ -76,7 +76,7 @@ class TrainConfig:
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
     ground_keypoints: float = 1.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the
                                         # patch of the k-th thing its question names (an object by colour, or the gripper);
-                                        # off without answer keypoints or with --oracle
+                                        # off, with one printed line, where the model has no answer keypoints
     distinct_words: bool = True         # data=world from our stage 1: re-draw the colour and shape words' embeddings (after
                                         # stage 1 they are nearly alike: the text never needed to tell them apart)
     seq_len: int = 0                    # max tokens per sample (longer conversations lose turns); 0 = the LLM's max_seq_len
@@ -229,8 +229,8 @@ def train(cfg):
     if word_index is not None:
         ground = functools.partial(grounding_loss, word_index=word_index.to(dist.device), grid=raw_model.vision_config.grid)
     elif cfg.ground_keypoints and cfg.data == "world" and dist.is_master:
-        print("ground_keypoints off: " + ("no answer keypoints (--oracle, or --answer_keypoints=0)"
-                                          if not raw_model.vision_config.answer_keypoints else
+        no_keypoints = "this model has no answer keypoints (--oracle, --answer_keypoints=0, or a vocabulary too large)"
+        print("ground_keypoints off: " + (no_keypoints if not raw_model.vision_config.answer_keypoints else
                                           "the tokenizer splits every colour word and 'gripper' in pieces"))
 
     def to_device(batch):  # -> idx, targets, images (--oracle: the scene facts), the cells' colour words (or None)

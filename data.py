@@ -641,13 +641,14 @@ class ImageTextLoader:
     ranks step through that one order in lockstep, rank r taking the r-th slice of every
     world_size * B examples, so ranks never share data and one process with grad_accum = n sees the
     data of n processes. targets are the next tokens where loss_mask says so, else -1. Rows are
-    padded with <|pad|> to the longest, rounded up to a multiple of 32 (few shapes to compile).
+    padded with <|pad|> to the longest, rounded up to a multiple of pad_multiple (32: few shapes to compile;
+    8 where nothing is compiled: fewer wasted tokens).
     An unreadable image is a UserError naming it; with skip_bad the next example takes its place
     and it is counted in `skipped`. The position is the resumable state (state_dict)."""
 
     def __init__(self, examples, tokenizer, batch_size, seq_len, image_size, n_visual_tokens, rank=0,
-                 world_size=1, num_examples=None, shuffle=True, seed=0, augment=False, skip_bad=False):
-        self.examples, self.tokenizer = examples, tokenizer
+                 world_size=1, num_examples=None, shuffle=True, seed=0, augment=False, skip_bad=False, pad_multiple=32):
+        self.examples, self.tokenizer, self.pad_multiple = examples, tokenizer, pad_multiple
         self.n = len(examples) if num_examples is None else num_examples
         self.B, self.seq_len, self.image_size, self.n_visual_tokens = batch_size, seq_len, image_size, n_visual_tokens
         self.rank, self.world_size, self.shuffle, self.seed = rank, world_size, shuffle, seed
@@ -706,7 +707,7 @@ class ImageTextLoader:
         """[(ids, loss_mask, images, labels)] -> padded (idx, targets, images, labels); input = ids[:-1], targets = ids[1:]."""
         if len({r[2].size(0) for r in rows}) > 1:
             raise UserError("examples in one batch have different numbers of images; give every example the same number")
-        T = min(-(-max(len(r[0]) - 1 for r in rows) // 32) * 32, self.seq_len)
+        T = min(-(-max(len(r[0]) - 1 for r in rows) // self.pad_multiple) * self.pad_multiple, self.seq_len)
         idx = torch.full((len(rows), T), self.tokenizer.special("<|pad|>"), dtype=torch.long)
         targets = torch.full((len(rows), T), -1, dtype=torch.long)
         for b, (ids, mask, *_) in enumerate(rows):

@@ -941,6 +941,11 @@ def test_jsonl_and_tar_readers_and_a_corrupt_image_is_named_or_skipped(tmp_path)
     loader = make(skip_bad=True)
     idx, targets, images, _ = loader.next_batch()
     assert images.shape == (5, 1, 3, 16, 16) and loader.skipped == 1
+    longest = max((t >= 0).nonzero().max().item() for t in targets) + 1  # the last target is the row's end
+    assert idx.shape[1] == min(-(-longest // 32) * 32, 64)  # padded to a multiple of 32 (the default), within seq_len
+    idx8, targets8, *_ = make(skip_bad=True, pad_multiple=8).next_batch()  # the same rows, less padding
+    assert idx8.shape[1] == -(-longest // 8) * 8 < idx.shape[1] and torch.equal(idx8, idx[:, :idx8.shape[1]])
+    assert torch.equal(targets8, targets[:, :idx8.shape[1]]) and (targets[:, idx8.shape[1]:] == -1).all()
     with pytest.raises(data.UserError, match=r"d2.jsonl:1: expected a string 'text'"):
         (tmp_path / "d2.jsonl").write_text('{"image": "a.png", "conversations": [{"from": "gpt"}]}\n')
         data.read_image_text_jsonl(str(tmp_path / "d2.jsonl"))

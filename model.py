@@ -816,7 +816,7 @@ class VLM(nn.Module):
         """idx, targets (B, T) (targets -1 = no loss: data.py keeps only answer tokens);
         images (B, n_images, 3, H, W). Returns (logits, loss) as Transformer.forward; return_extras: also
         {"visual": the visual tokens the LLM read, (B, n_images * n_visual_tokens, C) in placeholder order,
-        "keypoints": the answer keypoints' attention (AnswerKeypoints, return_attention) or None}, for stage 2's
+        "patches": the tower's features (B * n_images, n_patches, C_vit) or None, "keypoints": the answer keypoints' attention (AnswerKeypoints, return_attention) or None}, for stage 2's
         dense losses."""
         inputs = self.llm_inputs(idx, images)
         logits, loss = self.llm(embeds=inputs["embeds"], targets=targets, positions=inputs["positions"],
@@ -825,7 +825,7 @@ class VLM(nn.Module):
             return logits, loss
         embeds = inputs["embeds"]
         visual = embeds[idx == self.image_token_id].view(idx.size(0), -1, embeds.size(-1))
-        return logits, loss, {"visual": visual, "keypoints": inputs["keypoints"]}
+        return logits, loss, {"visual": visual, "patches": inputs["patches"], "keypoints": inputs["keypoints"]}
 
     @torch.no_grad()
     def generate(self, idx, images, max_new_tokens, temperature=1.0, top_k=None, stop_token=None,

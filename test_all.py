@@ -2209,6 +2209,26 @@ def test_vlm_probe_trains_each_seed_and_prints_accuracy_with_and_without_images(
     assert "blanked" in out and "captions P/R" in out and "left/above" in out
 
 
+def test_patch_facts_experiment_reads_cell_facts_off_the_towers_patches(tiny_llm_checkpoint, tmp_path):
+    from eval_sim import KINDS
+    args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "pf")
+    model, tok = train_vlm.vlm_from_llm(train_vlm.parse_config(train_vlm.TrainConfig, args), ((0.5,) * 3, (0.5,) * 3))
+    ex = train_vlm.world_example(0, "val", 16)
+    idx = torch.tensor([data.encode_chat(tok, ex["turns"], model.n_visual_tokens, model.config.max_seq_len)[0]])
+    _, _, extras = model(idx, train_vlm.model_view(ex, 16)[None], return_extras=True)
+    grid = model.vision_config.grid  # 16 px / 4 px patches: the read-out's targets are per patch, not per visual token
+    assert extras["patches"].shape == (1, grid * grid, 16) and model.n_visual_tokens < grid * grid
+    labels = torch.tensor(ex["labels"]).float()
+    facts = train_vlm.cell_facts(labels, grid)
+    colours, _ = train_vlm.split_labels(labels)
+    assert facts.shape == (1, grid * grid, train_vlm.CELL_FEATURES)
+    assert facts[..., :6].sum() == colours[..., :len(KINDS)].sum() > 0 and facts[..., 16].sum() == 1  # every thing, one gripper
+    rows = train_vlm.main(args + ["--max_steps=2", "--probe", "--probe_seeds=1", "--patch_facts=1.0", "--show_captions=0"])
+    assert len(rows) == 1 and not os.path.exists(tmp_path / "pf" / "latest")
+    with pytest.raises(data.UserError, match="--patch_facts is an experiment of the probe"):
+        train_vlm.main(args + ["--patch_facts=1.0"])
+
+
 def test_scene_labels_state_what_the_caption_says():
     from eval_sim import COLOUR_NAMES, KINDS, REGIONS, SCENE_LABEL_NAMES, region_of
     per = len(KINDS) + len(REGIONS) + 7

@@ -77,6 +77,8 @@ class TrainConfig:
     ground_keypoints: float = 1.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the
                                         # patch of the k-th thing its question names (an object by colour, or the gripper);
                                         # off, with one printed line, where the model has no answer keypoints
+    patch_facts: float = 0.0            # data=world, --probe: weight of cell_facts' loss also on the tower's patches (a linear
+                                        # read-out of each patch, not saved: an experiment)
     distinct_words: bool = True         # data=world from our stage 1: re-draw the colour and shape words' embeddings (after
                                         # stage 1 they are nearly alike: the text never needed to tell them apart)
     seq_len: int = 0                    # max tokens per sample (longer conversations lose turns); 0 = the LLM's max_seq_len
@@ -127,7 +129,7 @@ RANGES = {**SHARED_RANGES, "world_train": (1, None), "world_val": (1, None), "im
           "projector_lr": (0, None), "projector_warmup_steps": (0, None), "eval_batches": (1, None),
           "show_captions": (0, None), "world_turns": (0, None), "caption_every": (1, None), "world_question_sets": (1, None),
           "cell_words": (0, None), "cell_facts": (0, None), "answer_keypoints": (0, None),
-          "ground_keypoints": (0, None)}
+          "ground_keypoints": (0, None), "patch_facts": (0, None)}
 RULES = SHARED_RULES + [
     (lambda c, w: c.image_size % c.patch_size == 0 and (c.image_size // c.patch_size) % c.pixel_shuffle == 0,
      "--image_size={image_size} must be a multiple of patch_size {patch_size}, and the patch grid a multiple of "
@@ -136,6 +138,8 @@ RULES = SHARED_RULES + [
      "--batch_size={batch_size} must be a multiple of micro_batch * world_size = {micro_batch} * {world_size}"),
     (lambda c, w: c.vision_stem in ("patch", "conv"), "--vision_stem={vision_stem}: expected 'patch' or 'conv'"),
     (lambda c, w: c.oracle in ("", "scene", "cells"), "--oracle={oracle}: expected '', 'scene' or 'cells'"),
+    (lambda c, w: not c.patch_facts or (c.data == "world" and c.probe and not c.oracle),
+     "--patch_facts is an experiment of the probe on the built-in world: it needs --data=world, --probe, no --oracle"),
     (lambda c, w: not c.oracle or (c.data == "world" and c.probe),
      "--oracle reads the built-in world's scene facts and saves nothing: it needs --data=world and --probe"),
 ]
@@ -204,6 +208,10 @@ def train(cfg):
         raw_model.llm.requires_grad_(False)
     else:
         parts["llm"] = (raw_model.llm.parameters(), cfg.lr)
+    patch_reader = None
+    if cfg.patch_facts:  # an experiment: probe runs save nothing, so the read-out lives here
+        patch_reader = torch.nn.Linear(raw_model.vision_config.n_embd, CELL_FEATURES).to(dist.device)
+        parts["patch_reader"] = (patch_reader.parameters(), cfg.projector_lr)
     optimizer = make_optimizer(parts, cfg, dist.device)
     step = load_checkpoint(resume_ckpt, raw_model, optimizer, train_loader) if resume_ckpt else 0
     model = torch.compile(raw_model) if cfg.compile else raw_model
@@ -280,6 +288,9 @@ def train(cfg):
                 if facts is not None:  # (B * n_images, cells, CELL_FEATURES), the visual tokens' order
                     predicted = raw_model.projector.facts(extras["visual"].view(*facts.shape[:2], -1))
                     loss = loss + cfg.cell_facts * cell_facts_loss(predicted.float(), facts)
+                if patch_reader is not None:
+                    patch_facts = cell_facts(batch[3].flatten(0, 1).float(), raw_model.vision_config.grid).to(dist.device)
+                    loss = loss + cfg.patch_facts * cell_facts_loss(patch_reader(extras["patches"]).float(), patch_facts)
                 if ground is not None and extras["keypoints"] is not None:
                     loss = loss + cfg.ground_keypoints * ground(extras["keypoints"], idx, batch[3][:, 0].to(dist.device))
                 if cells is not None:  # the visual tokens' positions, in the order their cells were labelled

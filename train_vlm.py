@@ -209,7 +209,7 @@ def train(cfg):
     else:
         parts["llm"] = (raw_model.llm.parameters(), cfg.lr)
     patch_reader = None
-    if cfg.patch_facts:  # an experiment: probe runs save nothing, so the read-out lives here
+    if cfg.patch_facts:  # an experiment: probe runs save nothing, so the read-out lives here (outside --grad_clip)
         patch_reader = torch.nn.Linear(raw_model.vision_config.n_embd, CELL_FEATURES).to(dist.device)
         parts["patch_reader"] = (patch_reader.parameters(), cfg.projector_lr)
     optimizer = make_optimizer(parts, cfg, dist.device)

@@ -816,8 +816,8 @@ class VLM(nn.Module):
         """idx, targets (B, T) (targets -1 = no loss: data.py keeps only answer tokens);
         images (B, n_images, 3, H, W). Returns (logits, loss) as Transformer.forward; return_extras: also
         {"visual": the visual tokens the LLM read, (B, n_images * n_visual_tokens, C) in placeholder order,
-        "patches": the tower's features (B * n_images, n_patches, C_vit) or None, "keypoints": the answer keypoints' attention (AnswerKeypoints, return_attention) or None}, for stage 2's
-        dense losses."""
+        "patches": the tower's features (B * n_images, n_patches, C_vit) or None, "keypoints": the answer
+        keypoints' attention (AnswerKeypoints, return_attention) or None}, for stage 2's dense losses."""
         inputs = self.llm_inputs(idx, images)
         logits, loss = self.llm(embeds=inputs["embeds"], targets=targets, positions=inputs["positions"],
                                 deepstack=inputs["deepstack"])

@@ -232,15 +232,17 @@ def train(cfg):
                                          words=[tokenizer.encode(" " + w)[0] for w in world_colours()[0] + ["nothing"]],
                                          rgb=world_colours()[1])
 
-    ground, word_index = None, None  # like cell_facts, on by default and off where the world's labels cannot reach
-    if cfg.ground_keypoints and cfg.data == "world" and raw_model.vision_config.answer_keypoints:
-        word_index = ground_word_index(tokenizer, raw_model.config.vocab_size, verbose=dist.is_master)
-    if word_index is not None:
-        ground = functools.partial(grounding_loss, word_index=word_index.to(dist.device), grid=raw_model.vision_config.grid)
-    elif cfg.ground_keypoints and cfg.data == "world" and dist.is_master:
-        no_keypoints = "this model has no answer keypoints (--oracle, --answer_keypoints=0, or a vocabulary too large)"
-        print("ground_keypoints off: " + (no_keypoints if not raw_model.vision_config.answer_keypoints else
-                                          "the tokenizer splits every colour word and 'gripper' in pieces"))
+    ground = None  # like cell_facts: on by default, off (one printed line) where the world's labels cannot reach
+    if cfg.ground_keypoints and cfg.data == "world":
+        has_keypoints = raw_model.vision_config.answer_keypoints
+        word_index = ground_word_index(tokenizer, raw_model.config.vocab_size, dist.is_master) if has_keypoints else None
+        if word_index is not None:
+            ground = functools.partial(grounding_loss, word_index=word_index.to(dist.device),
+                                       grid=raw_model.vision_config.grid)
+        elif dist.is_master:
+            print("ground_keypoints off: " + ("the tokenizer splits every colour word and 'gripper' in pieces" if has_keypoints
+                                              else "this model has no answer keypoints (--oracle, --answer_keypoints=0, "
+                                                   "or a vocabulary too large)"))
 
     def to_device(batch):  # -> idx, targets, images (--oracle: the scene facts), the cells' colour words (or None)
         idx, targets, images = (t.to(dist.device, non_blocking=True) for t in batch[:3])
@@ -289,8 +291,8 @@ def train(cfg):
                     predicted = raw_model.projector.facts(extras["visual"].view(*facts.shape[:2], -1))
                     loss = loss + cfg.cell_facts * cell_facts_loss(predicted.float(), facts)
                 if patch_reader is not None:
-                    patch_facts = cell_facts(batch[3].flatten(0, 1).float(), raw_model.vision_config.grid).to(dist.device)
-                    loss = loss + cfg.patch_facts * cell_facts_loss(patch_reader(extras["patches"]).float(), patch_facts)
+                    patch_targets = cell_facts(batch[3].flatten(0, 1).float(), raw_model.vision_config.grid).to(dist.device)
+                    loss = loss + cfg.patch_facts * cell_facts_loss(patch_reader(extras["patches"]).float(), patch_targets)
                 if ground is not None and extras["keypoints"] is not None:
                     loss = loss + cfg.ground_keypoints * ground(extras["keypoints"], idx, batch[3][:, 0].to(dist.device))
                 if cells is not None:  # the visual tokens' positions, in the order their cells were labelled
@@ -476,9 +478,9 @@ def pointing_accuracy(model, tokenizer, examples, image_size):
     """Held-out pointing of the answer keypoints: per keypoint that ground_targets supervises, the share of the
     questions naming a thing where the keypoint's most attended patch is that thing's (a probe diagnostic)."""
     word_index, device = ground_word_index(tokenizer, model.config.vocab_size, verbose=False), next(model.parameters()).device
-    hits, counts = Counter(), Counter()
     if word_index is None:  # no named thing can be found in the questions
         return []
+    hits, counts = Counter(), Counter()
     for ex in examples:
         if ex["turns"][0][0] == D.CAPTION_PROMPT:
             continue

@@ -684,7 +684,8 @@ class AnswerKeypoints(nn.Module):
         xy = torch.einsum("bapk,pd->bakd", w, self.xy.repeat(patches.size(1) // len(self.xy), 1))  # per image's grid
         features = torch.einsum("bapk,bpc->bakc", w, patches.float())
         out = self.out(torch.cat([features, xy], -1).flatten(2).to(patches.dtype)) * valid[..., None]  # (B, A, n_embd)
-        out = patches.new_zeros(B, T, out.size(-1)).scatter_add(1, at[..., None].expand_as(out), out)
+        out = out.new_zeros(B, T, out.size(-1)).scatter_add(  # out is bf16 under autocast
+            1, at[..., None].expand_as(out), out)
         return (out, {"patches": w, "words": asks, "valid": valid}) if return_attention else out
 
     def place_in_turn(self, words, turn):

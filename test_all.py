@@ -2400,6 +2400,17 @@ def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(t
     assert "ground_keypoints off: this model has no answer keypoints" in capsys.readouterr().out  # on by default, off with nothing to point
 
 
+def test_bf16_autocast_trains_stage_2_and_3_with_answer_keypoints(tiny_llm_checkpoint, vla_world, tmp_path):
+    """bf16 autocast is the default on CUDA (and on CPUs with native bf16): a bf16 linear's output must not meet
+    an fp32 buffer (AnswerKeypoints' scatter once did: the default stage 2 crashed on GPU)."""
+    vlm = str(tmp_path / "vlm")
+    train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, vlm) + ["--max_steps=2", "--answer_keypoints=2", "--dtype=bfloat16"])
+    log = [json.loads(line) for line in open(f"{vlm}/metrics.jsonl")]
+    assert all(math.isfinite(r["loss"]) for r in log)
+    train_vla.main(vla_args(vla_world, tmp_path / "vla", f"--init={vlm}", "--max_steps=2", "--dtype=bfloat16"))
+    assert os.path.exists(tmp_path / "vla" / "step_000002" / "model.safetensors")
+
+
 def test_vlm_with_answer_keypoints_trains_saves_loads_and_answers(tiny_llm_checkpoint, tmp_path):
     out = str(tmp_path / "ak")
     train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, out) + ["--max_steps=2", "--answer_keypoints=2", "--ground_keypoints=1.0"])

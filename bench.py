@@ -37,7 +37,7 @@ class BenchConfig:
     warmup: int = 3             # untimed steps (compilation happens here)
     steps: int = 10             # timed steps
     device: str = "auto"
-    dtype: str = "auto"         # 'auto' = bf16 on CUDA, fp32 on CPU
+    dtype: str = "auto"         # 'auto' = bf16 on CUDA and CPUs with avx512_bf16/AMX, else fp32 (as train_llm.py)
     compile: bool = True
     weight_decay: float = 0.1   # (optimizer settings, as in train_llm)
     beta1: float = 0.9

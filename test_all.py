@@ -2400,6 +2400,16 @@ def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(t
     assert "ground_keypoints off: this model has no answer keypoints" in capsys.readouterr().out  # on by default, off with nothing to point
 
 
+def test_auto_dtype_is_bf16_only_where_the_hardware_multiplies_it(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(train_llm, "cpu_has_native_bf16", lambda: native)
+        assert train_llm.resolve_dtype(cpu, "auto") == want  # emulated bf16 would be ~150x slower
+        assert train_llm.resolve_dtype(cpu, "auto", bf16_on_cpu=False) == "float32"  # stage 3: no faster in bf16
+        assert train_llm.resolve_dtype(cuda, "auto", bf16_on_cpu=False) == "bfloat16"
+        assert train_llm.resolve_dtype(cpu, "float32") == "float32"
+
+
 def test_bf16_autocast_trains_stage_2_and_3_with_answer_keypoints(tiny_llm_checkpoint, vla_world, tmp_path):
     """bf16 autocast is the default on CUDA (and on CPUs with native bf16): a bf16 linear's output must not meet
     an fp32 buffer (AnswerKeypoints' scatter once did: the default stage 2 crashed on GPU)."""

@@ -80,7 +80,7 @@ class TrainConfig:
     keep_checkpoints: int = 2           # older step_* directories are deleted
     # system
     device: str = "auto"                # 'auto' | 'cpu' | 'cuda'
-    dtype: str = "auto"                 # 'bfloat16' autocast | 'float32' | 'auto' = bf16 on CUDA, fp32 on CPU (no avx512_bf16 here: bf16 matmul ~150x slower)
+    dtype: str = "auto"                 # 'bfloat16' autocast | 'float32' | 'auto' = bf16 on CUDA and CPUs with avx512_bf16/AMX, else fp32
     compile: bool = True                # torch.compile the training model
     seed: int = 1337
     resume: bool = False                # continue exactly from out_dir's latest checkpoint
@@ -419,9 +419,22 @@ def all_reduce_mean(t, dist):
     return t
 
 
-def resolve_dtype(device, dtype):
+def cpu_has_native_bf16():
+    """Whether this CPU multiplies bf16 in hardware (avx512_bf16 or AMX): elsewhere bf16 matmuls are emulated,
+    ~150x slower than fp32 (docs/experiments.md section 1)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:  # not Linux: assume not
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_dtype(device, dtype, bf16_on_cpu=True):
+    """'auto' -> bf16 autocast on CUDA, and on a CPU with native bf16 where the stage gains from it
+    (bf16_on_cpu: stages 1 and 2 ran 1.3-1.5x faster; stage 3's small matmuls did not), else fp32."""
     if dtype == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
+        native = device.type == "cuda" or (bf16_on_cpu and device.type == "cpu" and cpu_has_native_bf16())
+        return "bfloat16" if native else "float32"
     if dtype not in ("bfloat16", "float32"):
         raise D.UserError(f"--dtype={dtype}: expected 'auto', 'bfloat16' or 'float32'")
     return dtype

@@ -106,7 +106,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # system
     device: str = "auto"                # 'auto' | 'cpu' | 'cuda'
-    dtype: str = "auto"                 # 'bfloat16' autocast | 'float32' | 'auto' = bf16 on CUDA, fp32 on CPU
+    dtype: str = "auto"                 # 'bfloat16' autocast | 'float32' | 'auto' = bf16 on CUDA and CPUs with avx512_bf16/AMX, else fp32
     compile: bool = torch.cuda.is_available()  # torch.compile the training model (on CPU: slower to start, no faster)
     seed: int = 1337
     resume: bool = False                # continue exactly from out_dir's latest checkpoint

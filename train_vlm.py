@@ -72,6 +72,8 @@ class TrainConfig:
                                         # names the colour in its cell (read off the rendered pixels) or 'nothing'; 0 = off
     answer_keypoints: int = 4           # keypoints over the patches aimed by each question's words, read at its answer
                                         # (model.AnswerKeypoints; off when their word table would pass 50M parameters); 0 = off
+    answer_pairs: bool = False          # the answer keypoints also hand over each pair's |dx|, |dy|, distance, signs (model.py)
+    answer_near: bool = False           # answer keypoints 2.. also look near where keypoint 0 landed (model.py)
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
     ground_keypoints: float = 1.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the
@@ -382,6 +384,7 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             pixel_std=tuple(pixel_mean_std[1]), stem=cfg.vision_stem, coord_channels=cfg.coord_channels,
                             film_vocab=llm.config.vocab_size if cfg.film else 0,
                             answer_keypoints=keypoints, answer_vocab=llm.config.vocab_size if keypoints else 0,
+                            answer_pairs=cfg.answer_pairs and keypoints > 1, answer_near=cfg.answer_near and keypoints > 2,
                             fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,

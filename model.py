@@ -484,8 +484,6 @@ class VisionConfig:
     answer_vocab: int = 0         # rows of AnswerKeypoints' word tables (the LLM's vocab_size)
     answer_pairs: bool = False    # AnswerKeypoints also hand over |dx|, |dy|, distance and signs of dx, dy of every
                                   # keypoint pair (relations: left of / above / in the bowl need them)
-    answer_near: bool = False     # AnswerKeypoints 2.. also prefer patches near where keypoint 0 landed (a learned
-                                  # locality: "the object nearest the gripper", "what the gripper holds")
     fact_outputs: int = 0         # > 0: the projector also holds a linear read-out of this many facts per visual token,
                                   # trained by stage 2's dense loss on what each cell shows (train_vlm.py --cell_facts)
 
@@ -628,7 +626,7 @@ class Projector(nn.Module):
             self.facts = nn.Linear(llm_width, c.fact_outputs)
         if c.answer_keypoints and not shuffled_norm:  # kept here: the projector's optimizer group and learning rate
             self.answer_keypoints = AnswerKeypoints(c.answer_vocab, c.n_embd, c.grid, llm_width, c.answer_keypoints,
-                                                    pairs=c.answer_pairs, near=c.answer_near)
+                                                    pairs=c.answer_pairs)
 
     def forward(self, x):
         B, _, C = x.shape
@@ -650,12 +648,14 @@ class AnswerKeypoints(nn.Module):
     its query q_k = sum_t a_tk query_k[word_t] says what to look for. A softmax over the image's patches of
     exp(sharpness_k) * patch . q_k (a spatial soft-argmax, as stage 3's language keypoints; the learned
     sharpness lets a keypoint focus before its query table has grown) gives the expected (x, y) and the
-    pooled patch features, and one linear layer adds all keypoints' to the answer position's input.
+    pooled patch features, and one linear layer adds all keypoints' to the answer position's input; with
+    pairs, also each keypoint pair's |dx|, |dy|, distance and signs of (dx, dy): the nonlinear pieces of "left
+    of", "above" and region answers, which the decoder was slow to learn from x, y alone (docs/stage2.md).
     Matching a word against the patches is one dot product, so "what colour is the bowl at the top?" needs
     no attention circuit in the decoder to find the bowl first (docs/stage2.md). In stage 3 the prompt
     ends with <|assistant|> too: there the instruction aims them."""
 
-    def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32, pairs=False, near=False):
+    def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32, pairs=False):
         super().__init__()
         self.keypoints, self.patch_dim, self.max_words = keypoints, patch_dim, max_words
         self.pairs = torch.triu_indices(keypoints, keypoints, 1).tolist() if pairs else None  # [[k...], [l...]], k < l
@@ -664,8 +664,6 @@ class AnswerKeypoints(nn.Module):
         self.order = nn.Parameter(torch.zeros(max_words, keypoints))   # ... and its place in the question
         self.sharpness = nn.Parameter(torch.zeros(keypoints))          # log scale of the patch scores: a keypoint can
                                                                        # grow sharp faster than its query table grows
-        # log weight of keypoint k's squared distance from keypoint 0 in its patch scores (k >= 2; 0 = a strong pull)
-        self.locality = nn.Parameter(torch.zeros(keypoints - 2)) if near and keypoints > 2 else None
         n_pairs = keypoints * (keypoints - 1) // 2 if pairs else 0
         self.out = nn.Linear(keypoints * (patch_dim + 2) + 5 * n_pairs, n_embd)
         k = torch.arange(grid * grid)  # raster order: patch k at column k % grid, row k // grid, in [-1, 1]
@@ -689,14 +687,8 @@ class AnswerKeypoints(nn.Module):
         query = self.query(idx).view(B, T, self.patch_dim, self.keypoints).float()
         q = torch.einsum("batk,btck->back", a, query)
         scores = torch.einsum("bpc,back->bapk", patches.float(), q) * self.sharpness.exp()
-        grid_xy = self.xy.repeat(patches.size(1) // len(self.xy), 1)  # (P, 2): each image's own grid
-        if self.locality is not None:  # keypoints 2.. look near where keypoint 0 landed
-            first = torch.einsum("bap,pd->bad", scores[..., 0].softmax(dim=2), grid_xy)
-            dist2 = (grid_xy[None, None] - first[:, :, None]).square().sum(-1)  # (B, A, P)
-            pull = torch.cat([self.locality.new_zeros(2), self.locality.exp()])
-            scores = scores - dist2[..., None] * pull
         w = scores.softmax(dim=2)  # (B, A, P, K)
-        xy = torch.einsum("bapk,pd->bakd", w, grid_xy)
+        xy = torch.einsum("bapk,pd->bakd", w, self.xy.repeat(patches.size(1) // len(self.xy), 1))  # per image's grid
         features = torch.einsum("bapk,bpc->bakc", w, patches.float())
         read = [torch.cat([features, xy], -1).flatten(2)]  # (B, A, K * (patch_dim + 2)): per keypoint
         if self.pairs:  # (B, A, pairs, 2): where keypoint l is from keypoint k

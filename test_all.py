@@ -2363,7 +2363,7 @@ def test_answer_keypoints_read_only_their_own_turns_question_and_land_on_its_ans
     assert not torch.allclose(keypoints(first_changed, patches, words, turn, answer)[0, 7], out[0, 7])
 
 
-def test_answer_keypoints_hand_over_pair_relations_and_can_look_near_the_first():
+def test_answer_keypoints_hand_over_the_relations_of_each_pair():
     torch.manual_seed(0)
     idx = torch.tensor([[0, 1, 2, 2, 10, 11, 12, 3, 20, 0, 1, 13, 14, 3, 21, 0]])
     words, turn, answer = (idx >= 10) & (idx < 20), (idx == 1).cumsum(1), idx == 3
@@ -2378,15 +2378,6 @@ def test_answer_keypoints_hand_over_pair_relations_and_can_look_near_the_first()
         d = xy[:, :, l] - xy[:, :, k]
         want = torch.cat([d.abs(), d.norm(dim=-1, keepdim=True), d.sign()], -1)
         assert torch.allclose(read[0][..., 30 + 5 * n: 35 + 5 * n], want, atol=1e-4)
-    # near: keypoints 2.. are pulled towards where keypoint 0 landed; with no query of their own they land there
-    near = M.AnswerKeypoints(vocab_size=50, patch_dim=8, grid=4, n_embd=16, keypoints=3, near=True)
-    with torch.no_grad():
-        near.query.weight.view(50, 8, 3)[:, :, 0] = patches[0, 5] * 10  # keypoint 0 looks for patch 5's features
-        near.query.weight.view(50, 8, 3)[:, :, 1:] = 0
-        near.locality.fill_(3.0)
-    _, attention = near(idx, patches, words, turn, answer, return_attention=True)
-    top = attention["patches"][0, 0].argmax(0)  # each keypoint's patch at the first answer
-    assert top[0] == 5 and top[2] == 5 and top[1] != 5  # keypoint 1 (no pull) stays spread out
 
 
 def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(tiny_llm_checkpoint, tmp_path, capsys):

@@ -691,9 +691,9 @@ class AnswerKeypoints(nn.Module):
         xy = torch.einsum("bapk,pd->bakd", w, self.xy.repeat(patches.size(1) // len(self.xy), 1))  # per image's grid
         features = torch.einsum("bapk,bpc->bakc", w, patches.float())
         read = [torch.cat([features, xy], -1).flatten(2)]  # (B, A, K * (patch_dim + 2)): per keypoint
-        if self.pairs:  # (B, A, pairs, 2): where keypoint l is from keypoint k
+        if self.pairs:  # d (B, A, n_pairs, 2): where keypoint l lies from keypoint k
             d = xy[:, :, self.pairs[1]] - xy[:, :, self.pairs[0]]
-            read.append(torch.cat([d.abs(), (d.square().sum(-1, keepdim=True) + 1e-8).sqrt(), d.sign()], -1).flatten(2))
+            read.append(torch.cat([d.abs(), d.norm(dim=-1, keepdim=True), d.sign()], -1).flatten(2))  # norm: grad 0 at 0
         out = self.out(torch.cat(read, -1).to(patches.dtype)) * valid[..., None]  # (B, A, n_embd)
         out = out.new_zeros(B, T, out.size(-1)).scatter_add(  # out is bf16 under autocast
             1, at[..., None].expand_as(out), out)

@@ -484,6 +484,10 @@ class VisionConfig:
     answer_vocab: int = 0         # rows of AnswerKeypoints' word tables (the LLM's vocab_size)
     answer_pairs: bool = False    # AnswerKeypoints also hand over |dx|, |dy|, distance and signs of dx, dy of every
                                   # keypoint pair (relations: left of / above / in the bowl need them)
+    answer_glimpse: int = 0       # > 0: AnswerKeypoints also read a square of this many pixels of the image around each
+                                  # keypoint through a small CNN (shapes, fingers: finer than one patch); 0 = off
+    answer_near: bool = False     # AnswerKeypoints 1.. also prefer patches near keypoint 0, as much as the question's
+                                  # words ask ("the object nearest the gripper"); off for old checkpoints
     fact_outputs: int = 0         # > 0: the projector also holds a linear read-out of this many facts per visual token,
                                   # trained by stage 2's dense loss on what each cell shows (train_vlm.py --cell_facts)
 
@@ -626,7 +630,8 @@ class Projector(nn.Module):
             self.facts = nn.Linear(llm_width, c.fact_outputs)
         if c.answer_keypoints and not shuffled_norm:  # kept here: the projector's optimizer group and learning rate
             self.answer_keypoints = AnswerKeypoints(c.answer_vocab, c.n_embd, c.grid, llm_width, c.answer_keypoints,
-                                                    pairs=c.answer_pairs)
+                                                    pairs=c.answer_pairs, glimpse=c.answer_glimpse,
+                                                    near=c.answer_near)
 
     def forward(self, x):
         B, _, C = x.shape
@@ -655,24 +660,34 @@ class AnswerKeypoints(nn.Module):
     no attention circuit in the decoder to find the bowl first (docs/stage2.md). In stage 3 the prompt
     ends with <|assistant|> too: there the instruction aims them."""
 
-    def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32, pairs=False):
+    def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32, pairs=False, glimpse=0,
+                 glimpse_width=64, near=False):
         super().__init__()
-        self.keypoints, self.patch_dim, self.max_words = keypoints, patch_dim, max_words
+        self.keypoints, self.patch_dim, self.max_words, self.grid = keypoints, patch_dim, max_words, grid
         self.pairs = torch.triu_indices(keypoints, keypoints, 1).tolist() if pairs else None  # [[k...], [l...]], k < l
         self.query = nn.Embedding(vocab_size, patch_dim * keypoints)  # what each word looks for, per keypoint
         self.weight = nn.Embedding(vocab_size, keypoints)              # how much each word counts, per keypoint
         self.order = nn.Parameter(torch.zeros(max_words, keypoints))   # ... and its place in the question
         self.sharpness = nn.Parameter(torch.zeros(keypoints))          # log scale of the patch scores: a keypoint can
                                                                        # grow sharp faster than its query table grows
+        self.near = nn.Embedding(vocab_size, keypoints) if near else None  # how strongly each word pulls keypoints 1..
+                                                                           # towards keypoint 0
         n_pairs = keypoints * (keypoints - 1) // 2 if pairs else 0
-        self.out = nn.Linear(keypoints * (patch_dim + 2) + 5 * n_pairs, n_embd)
+        self.glimpse_size = glimpse
+        if glimpse:  # three 3x3 convolutions, then the max over the square: where in it a detail lies does not matter
+            w = glimpse_width
+            self.glimpse = nn.Sequential(nn.Conv2d(3, w // 2, 3, padding=1), nn.ReLU(),
+                                         nn.Conv2d(w // 2, w // 2, 3, stride=2, padding=1), nn.ReLU(),
+                                         nn.Conv2d(w // 2, w, 3, padding=1), nn.ReLU())
+        self.out = nn.Linear(keypoints * (patch_dim + 2 + (glimpse_width if glimpse else 0)) + 5 * n_pairs, n_embd)
         k = torch.arange(grid * grid)  # raster order: patch k at column k % grid, row k // grid, in [-1, 1]
         self.register_buffer("xy", torch.stack([k % grid, k // grid], -1).float() / max(grid - 1, 1) * 2 - 1,
                              persistent=False)
 
-    def forward(self, idx, patches, words, turn, answer, return_attention=False):
-        """idx (B, T); patches (B, P, patch_dim) (one image per row); words, answer (B, T) bool: question
-        words and answer starts; turn (B, T): each token's turn number -> (B, T, n_embd), zero but at answers.
+    def forward(self, idx, patches, words, turn, answer, images=None, return_attention=False):
+        """idx (B, T); patches (B, P, patch_dim) (all of a row's images, in order); words, answer (B, T) bool:
+        question words and answer starts; turn (B, T): each token's turn number; images (B, n_images, 3, H, W)
+        standardized (for the glimpse) -> (B, T, n_embd), zero but at answers.
         return_attention: also {"patches": (B, A, P, K) each keypoint's softmax over the patches at the row's A
         answers (in order; `valid` (B, A) marks real ones), "words": (B, A, T) bool, the question words each read}."""
         B, T = idx.shape
@@ -687,10 +702,19 @@ class AnswerKeypoints(nn.Module):
         query = self.query(idx).view(B, T, self.patch_dim, self.keypoints).float()
         q = torch.einsum("batk,btck->back", a, query)
         scores = torch.einsum("bpc,back->bapk", patches.float(), q) * self.sharpness.exp()
+        grid_xy = self.xy.repeat(patches.size(1) // len(self.xy), 1)  # (P, 2): each image's own grid
+        if self.near is not None:  # nearest = best match minus a distance cost; the question's words set the cost
+            pull = F.softplus(10 * torch.einsum("batk,btk->bak", a, self.near(idx).float()) - 4)  # x10: rows learn
+            pull = pull * (torch.arange(self.keypoints, device=idx.device) > 0)  # faster; -4: ~0 at the start (0.018)
+            anchor = torch.einsum("bap,pd->bad", scores[..., 0].softmax(dim=2), grid_xy)  # (B, A, 2)
+            scores = scores - (grid_xy - anchor[:, :, None]).square().sum(-1)[..., None] * pull[:, :, None]
         w = scores.softmax(dim=2)  # (B, A, P, K)
-        xy = torch.einsum("bapk,pd->bakd", w, self.xy.repeat(patches.size(1) // len(self.xy), 1))  # per image's grid
+        xy = torch.einsum("bapk,pd->bakd", w, grid_xy)
         features = torch.einsum("bapk,bpc->bakc", w, patches.float())
-        read = [torch.cat([features, xy], -1).flatten(2)]  # (B, A, K * (patch_dim + 2)): per keypoint
+        read = [features, xy]
+        if self.glimpse_size:
+            read.append(self.glimpses(images.float(), w))
+        read = [torch.cat(read, -1).flatten(2)]  # (B, A, K * (patch_dim + 2 [+ glimpse_width])): per keypoint
         if self.pairs:  # d (B, A, n_pairs, 2): where keypoint l lies from keypoint k
             d = xy[:, :, self.pairs[1]] - xy[:, :, self.pairs[0]]
             read.append(torch.cat([d.abs(), d.norm(dim=-1, keepdim=True), d.sign()], -1).flatten(2))  # norm: grad 0 at 0
@@ -698,6 +722,24 @@ class AnswerKeypoints(nn.Module):
         out = out.new_zeros(B, T, out.size(-1)).scatter_add(  # out is bf16 under autocast
             1, at[..., None].expand_as(out), out)
         return (out, {"patches": w, "words": asks, "valid": valid}) if return_attention else out
+
+    def glimpses(self, images, w):
+        """images (B, N, 3, H, W), w (B, A, P, K) -> (B, A, K, glimpse_width): the CNN's features of a square of
+        glimpse_size pixels centred where each keypoint points in each image, weighted by its mass in that image."""
+        B, N, _, H, W = images.shape
+        A, K, G, g = w.size(1), self.keypoints, self.glimpse_size, self.grid
+        w = w.view(B, A, N, g * g, K)
+        mass = w.sum(3)  # (B, A, N, K)
+        xy = torch.einsum("banpk,pd->bankd", w, self.xy) / mass.clamp(min=1e-9)[..., None]
+        centre = ((xy + 1) * (g - 1) / 2 + 0.5) / g * 2 - 1  # patch-centre coordinates -> grid_sample's (pixel edges)
+        offset = (torch.arange(G, device=w.device) - (G - 1) / 2) * 2
+        offset = torch.stack(torch.meshgrid(offset / W, offset / H, indexing="xy"), -1)  # (G, G, 2) as (x, y)
+        grid = centre.permute(0, 2, 1, 3, 4).reshape(B * N, A * K, 1, 1, 2) + offset  # (B*N, A*K, G, G, 2)
+        crops = F.grid_sample(images.flatten(0, 1), grid.flatten(1, 2), align_corners=False)  # (B*N, 3, A*K*G, G)
+        crops = crops.view(B * N, 3, A * K, G, G).transpose(1, 2).flatten(0, 1)  # (B*N*A*K, 3, G, G)
+        f = self.glimpse(crops.to(self.glimpse[0].weight.dtype))
+        f = f.amax((-2, -1)).float().view(B, N, A, K, -1).transpose(1, 2)  # (B, A, N, K, F)
+        return (f * mass[..., None]).sum(2)
 
     def place_in_turn(self, words, turn):
         """(B, T): each word's index among its turn's words, capped at max_words - 1."""
@@ -749,7 +791,7 @@ class VLM(nn.Module):
           patch_embedding, q/k/v, gate/up, projector linears   normal(0, 0.02)
           o_proj, down_proj                                     normal(0, 0.02 / sqrt(2 * vision n_layer))
           position_embedding                                    normal(0, 0.02)
-          conv_stem weights (stem='conv')                       kaiming normal (ReLU gain): the signal keeps its scale
+          conv_stem, answer glimpse conv weights                kaiming normal (ReLU gain): the signal keeps its scale
           film table                                            zeros (the stem starts unconditioned)
           answer keypoints' sharpness                           zeros (log scale 0: scores = patch . query)
           biases zeros, RMSNorm weights ones
@@ -758,7 +800,7 @@ class VLM(nn.Module):
         for name, p in [*self.vision.named_parameters(), *self.projector.named_parameters(prefix="projector")]:
             if name.startswith("film.") or name.endswith("sharpness"):
                 nn.init.zeros_(p)
-            elif name.startswith("conv_stem.") and p.dim() > 1:
+            elif (name.startswith("conv_stem.") or ".glimpse." in name) and p.dim() > 1:
                 nn.init.kaiming_normal_(p, nonlinearity="relu")
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.vision.config.n_layer))
@@ -818,7 +860,9 @@ class VLM(nn.Module):
         if self.vision.config.answer_keypoints and answer.any():  # every image's patches, one softmax over them all
             words, turn = ~((idx == self.prompt_start_id) | answer | is_image), (idx == self.prompt_start_id).cumsum(1)
             patches_by_row = patches.reshape(idx.size(0), -1, patches.size(-1))
-            out, keypoints = self.projector.answer_keypoints(idx, patches_by_row, words, turn, answer, return_attention=True)
+            standardized = (images - self.vision.pixel_mean) / self.vision.pixel_std  # as the tower reads them
+            out, keypoints = self.projector.answer_keypoints(idx, patches_by_row, words, turn, answer, standardized,
+                                                             return_attention=True)
             x = x + out.to(x.dtype)
         deepstack = [x.new_zeros(x.shape).masked_scatter(is_image.unsqueeze(-1), projector(h).to(x.dtype))
                      for projector, h in zip(self.projector.deepstack, layers)] if layers else []

@@ -2380,6 +2380,27 @@ def test_answer_keypoints_hand_over_the_relations_of_each_pair():
         assert torch.allclose(read[0][..., 30 + 5 * n: 35 + 5 * n], want, atol=1e-4)
 
 
+def test_answer_glimpse_crops_the_pixels_where_each_keypoint_points_in_each_image():
+    torch.manual_seed(0)
+    keypoints = M.AnswerKeypoints(vocab_size=50, patch_dim=8, grid=8, n_embd=16, keypoints=2, glimpse=16)
+    images = torch.zeros(1, 2, 3, 64, 64)
+    images[0, 1, :, 40:44, 20:24] = 1.0  # a square in the second image only
+    w = torch.zeros(1, 1, 2 * 64, 2)  # (B, A, patches of both images, K)
+    w[0, 0, 64 + 5 * 8 + 2, 0] = 1.0  # keypoint 0: the second image's patch (column 2, row 5), centre pixel (20, 44)
+    w[0, 0, 0, 1] = 1.0               # keypoint 1: the first image's top-left patch
+    crops = []
+    keypoints.glimpse[0].register_forward_hook(lambda module, inputs, output: crops.append(inputs[0]))
+    features = keypoints.glimpses(images, w)
+    first, second = crops[0].view(2, 1, 2, 3, 16, 16)[:, 0]  # (images, keypoints, 3, G, G)
+    rows, cols = torch.nonzero(second[0, 0] > 0.5, as_tuple=True)  # pixels 36..51 down, 12..27 across
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (4, 7, 8, 11) and second[1].abs().sum() == 0
+    assert first.abs().sum() == 0  # the first image is blank
+    # each keypoint's features: its crop's in the image holding its mass (here all of it in one image)
+    cnn = lambda crop: keypoints.glimpse(crop[None]).amax((-2, -1))[0]
+    assert torch.allclose(features[0, 0, 0], cnn(second[0]), atol=1e-6)
+    assert torch.allclose(features[0, 0, 1], cnn(first[1]), atol=1e-6)
+
+
 def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(tiny_llm_checkpoint, tmp_path, capsys):
     from eval_sim import COLOUR_NAMES
     args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "g") + ["--answer_keypoints=2"]

@@ -74,6 +74,10 @@ class TrainConfig:
                                         # (model.AnswerKeypoints; off when their word table would pass 50M parameters); 0 = off
     answer_pairs: bool = True           # the answer keypoints also hand over each pair's |dx|, |dy|, distance, signs (model.py):
                                         # 79.9% against 70.9% over three probe seeds (docs/stage2.md)
+    answer_glimpse: int = 0             # > 0: the answer keypoints also read a square of this many pixels around where they point
+                                        # through a small CNN (model.py): shape and the gripper's fingers are finer than a patch
+    answer_near: bool = False           # keypoints 1.. also prefer patches near keypoint 0, as strongly as the question's words
+                                        # ask (model.py): "the object nearest the gripper"
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
     ground_keypoints: float = 1.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the
@@ -385,6 +389,8 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             film_vocab=llm.config.vocab_size if cfg.film else 0,
                             answer_keypoints=keypoints, answer_vocab=llm.config.vocab_size if keypoints else 0,
                             answer_pairs=cfg.answer_pairs and keypoints > 1,
+                            answer_glimpse=cfg.answer_glimpse if keypoints else 0,
+                            answer_near=cfg.answer_near and keypoints > 1,
                             fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,

@@ -486,8 +486,6 @@ class VisionConfig:
                                   # keypoint pair (relations: left of / above / in the bowl need them)
     answer_glimpse: int = 0       # > 0: AnswerKeypoints also read a square of this many pixels of the image around each
                                   # keypoint through a small CNN (shapes, fingers: finer than one patch); 0 = off
-    answer_refine: bool = False   # with a glimpse: each keypoint's (x, y) also moves to where in its square the CNN points
-                                  # (finer than a patch: region borders fall inside patches)
     answer_near: bool = False     # AnswerKeypoints 1.. also prefer patches near keypoint 0, as much as the question's
                                   # words ask ("the object nearest the gripper"); off for old checkpoints
     fact_outputs: int = 0         # > 0: the projector also holds a linear read-out of this many facts per visual token,
@@ -633,7 +631,7 @@ class Projector(nn.Module):
         if c.answer_keypoints and not shuffled_norm:  # kept here: the projector's optimizer group and learning rate
             self.answer_keypoints = AnswerKeypoints(c.answer_vocab, c.n_embd, c.grid, llm_width, c.answer_keypoints,
                                                     pairs=c.answer_pairs, glimpse=c.answer_glimpse,
-                                                    near=c.answer_near, refine=c.answer_refine)
+                                                    near=c.answer_near)
 
     def forward(self, x):
         B, _, C = x.shape
@@ -663,7 +661,7 @@ class AnswerKeypoints(nn.Module):
     ends with <|assistant|> too: there the instruction aims them."""
 
     def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32, pairs=False, glimpse=0,
-                 glimpse_width=64, near=False, refine=False):
+                 glimpse_width=64, near=False):
         super().__init__()
         self.keypoints, self.patch_dim, self.max_words, self.grid = keypoints, patch_dim, max_words, grid
         self.pairs = torch.triu_indices(keypoints, keypoints, 1).tolist() if pairs else None  # [[k...], [l...]], k < l
@@ -675,16 +673,12 @@ class AnswerKeypoints(nn.Module):
         self.near = nn.Embedding(vocab_size, keypoints) if near else None  # how strongly each word pulls keypoints 1..
                                                                            # towards keypoint 0
         n_pairs = keypoints * (keypoints - 1) // 2 if pairs else 0
-        self.glimpse_size, self.where = glimpse, None
+        self.glimpse_size = glimpse
         if glimpse:  # three 3x3 convolutions, then the max over the square: where in it a detail lies does not matter
             w = glimpse_width
             self.glimpse = nn.Sequential(nn.Conv2d(3, w // 2, 3, padding=1), nn.ReLU(),
                                          nn.Conv2d(w // 2, w // 2, 3, stride=2, padding=1), nn.ReLU(),
                                          nn.Conv2d(w // 2, w, 3, padding=1), nn.ReLU())
-            # refine: a softmax over the CNN's (G/2)^2 map says where in the square the thing lies
-            self.where = nn.Conv2d(w, 1, 1) if refine else None
-        elif refine:
-            raise ValueError("refine needs a glimpse (glimpse > 0)")
         self.out = nn.Linear(keypoints * (patch_dim + 2 + (glimpse_width if glimpse else 0)) + 5 * n_pairs, n_embd)
         k = torch.arange(grid * grid)  # raster order: patch k at column k % grid, row k // grid, in [-1, 1]
         self.register_buffer("xy", torch.stack([k % grid, k // grid], -1).float() / max(grid - 1, 1) * 2 - 1,
@@ -717,24 +711,21 @@ class AnswerKeypoints(nn.Module):
         w = scores.softmax(dim=2)  # (B, A, P, K)
         xy = torch.einsum("bapk,pd->bakd", w, grid_xy)
         features = torch.einsum("bapk,bpc->bakc", w, patches.float())
-        read = [features]
+        read = [features, xy]
         if self.glimpse_size:
-            glimpse, shift = self.glimpses(images.float(), w)
-            xy = xy + shift  # 0 without refine
-            read.append(glimpse)
-        read = [torch.cat([*read, xy], -1).flatten(2)]  # (B, A, K * (patch_dim + 2 [+ glimpse_width])): per keypoint
+            read.append(self.glimpses(images.float(), w))
+        read = [torch.cat(read, -1).flatten(2)]  # (B, A, K * (patch_dim + 2 [+ glimpse_width])): per keypoint
         if self.pairs:  # d (B, A, n_pairs, 2): where keypoint l lies from keypoint k
             d = xy[:, :, self.pairs[1]] - xy[:, :, self.pairs[0]]
             read.append(torch.cat([d.abs(), d.norm(dim=-1, keepdim=True), d.sign()], -1).flatten(2))  # norm: grad 0 at 0
         out = self.out(torch.cat(read, -1).to(patches.dtype)) * valid[..., None]  # (B, A, n_embd)
         out = out.new_zeros(B, T, out.size(-1)).scatter_add(  # out is bf16 under autocast
             1, at[..., None].expand_as(out), out)
-        return (out, {"patches": w, "xy": xy, "words": asks, "valid": valid}) if return_attention else out
+        return (out, {"patches": w, "words": asks, "valid": valid}) if return_attention else out
 
     def glimpses(self, images, w):
         """images (B, N, 3, H, W), w (B, A, P, K) -> (B, A, K, glimpse_width): the CNN's features of a square of
-        glimpse_size pixels centred where each keypoint points in each image, weighted by its mass in that image;
-        and (B, A, K, 2) where in the square `where` points (0 without refine), in the keypoints' xy units."""
+        glimpse_size pixels centred where each keypoint points in each image, weighted by its mass in that image."""
         B, N, _, H, W = images.shape
         A, K, G, g = w.size(1), self.keypoints, self.glimpse_size, self.grid
         w = w.view(B, A, N, g * g, K)
@@ -746,15 +737,9 @@ class AnswerKeypoints(nn.Module):
         grid = centre.permute(0, 2, 1, 3, 4).reshape(B * N, A * K, 1, 1, 2) + offset  # (B*N, A*K, G, G, 2)
         crops = F.grid_sample(images.flatten(0, 1), grid.flatten(1, 2), align_corners=False)  # (B*N, 3, A*K*G, G)
         crops = crops.view(B * N, 3, A * K, G, G).transpose(1, 2).flatten(0, 1)  # (B*N*A*K, 3, G, G)
-        fmap = self.glimpse(crops.to(self.glimpse[0].weight.dtype))  # (B*N*A*K, F, G/2, G/2)
-        f = fmap.amax((-2, -1)).float().view(B, N, A, K, -1).transpose(1, 2)  # (B, A, N, K, F)
-        shift = mass.new_zeros(B, A, N, K, 2)
-        if self.where is not None:  # map cell j lies over crop pixel 2j: (2j - (G-1)/2) pixels from the centre
-            p = self.where(fmap).float().flatten(1).softmax(-1)  # (B*N*A*K, (G/2)^2)
-            j = (torch.arange(fmap.size(-1), device=w.device) * 2 - (G - 1) / 2) * 2 / (g - 1)
-            at = torch.stack(torch.meshgrid(j / (W / g), j / (H / g), indexing="xy"), -1).flatten(0, 1)  # xy units
-            shift = (p @ at).view(B, N, A, K, 2).transpose(1, 2)
-        return (f * mass[..., None]).sum(2), (shift * mass[..., None]).sum(2)
+        f = self.glimpse(crops.to(self.glimpse[0].weight.dtype))
+        f = f.amax((-2, -1)).float().view(B, N, A, K, -1).transpose(1, 2)  # (B, A, N, K, F)
+        return (f * mass[..., None]).sum(2)
 
     def place_in_turn(self, words, turn):
         """(B, T): each word's index among its turn's words, capped at max_words - 1."""

@@ -2390,8 +2390,7 @@ def test_answer_glimpse_crops_the_pixels_where_each_keypoint_points_in_each_imag
     w[0, 0, 0, 1] = 1.0               # keypoint 1: the first image's top-left patch
     crops = []
     keypoints.glimpse[0].register_forward_hook(lambda module, inputs, output: crops.append(inputs[0]))
-    features, shift = keypoints.glimpses(images, w)
-    assert shift.abs().sum() == 0  # no refine
+    features = keypoints.glimpses(images, w)
     first, second = crops[0].view(2, 1, 2, 3, 16, 16)[:, 0]  # (images, keypoints, 3, G, G)
     rows, cols = torch.nonzero(second[0, 0] > 0.5, as_tuple=True)  # pixels 36..51 down, 12..27 across
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (4, 7, 8, 11) and second[1].abs().sum() == 0
@@ -2400,22 +2399,6 @@ def test_answer_glimpse_crops_the_pixels_where_each_keypoint_points_in_each_imag
     cnn = lambda crop: keypoints.glimpse(crop[None]).amax((-2, -1))[0]
     assert torch.allclose(features[0, 0, 0], cnn(second[0]), atol=1e-6)
     assert torch.allclose(features[0, 0, 1], cnn(first[1]), atol=1e-6)
-
-
-def test_answer_refine_moves_each_keypoint_to_where_its_glimpse_points():
-    keypoints = M.AnswerKeypoints(vocab_size=50, patch_dim=8, grid=8, n_embd=16, keypoints=1, glimpse=16, refine=True)
-
-    class Peak(torch.nn.Module):  # `where` sure of map cell (row 6, column 1): crop pixel (x 2, y 12)
-        def forward(self, fmap):
-            logits = torch.full((fmap.size(0), 1, 8, 8), -1e4)
-            logits[:, :, 6, 1] = 0.0
-            return logits
-    keypoints.where = Peak()
-    w = torch.zeros(1, 1, 64, 1)
-    w[0, 0, 5 * 8 + 2] = 1.0  # patch (column 2, row 5): centre pixel (20, 44)
-    _, shift = keypoints.glimpses(torch.zeros(1, 1, 3, 64, 64), w)
-    pixels = shift[0, 0, 0] * (8 - 1) / 2 * 8  # xy units -> pixels: 1 unit = 3.5 patches of 8
-    assert torch.allclose(pixels, torch.tensor([2 - 7.5, 12 - 7.5]))  # from the square's centre (7.5, 7.5)
 
 
 def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(tiny_llm_checkpoint, tmp_path, capsys):
@@ -2447,9 +2430,6 @@ def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(t
     want = -(attention[0, 0, patch[first], 0].log() + attention[0, 0, patch[second], 1].log()  # answer 2: no target
              + attention[0, 2, gripper, 0].log() + attention[0, 2, gripper, 1].log()) / 4  # answer 3: both on the gripper
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
-    (_, has, place), _ = train_vlm.ground_targets(extras["keypoints"], idx, labels, lut, grid=4)
-    col, row = ((place[0, 0] + 1) / 2 * 3).round().long().tolist()  # xy units -> the patch it lies in
-    assert has[0, 0] and row * 4 + col == patch[first]
     # the probe's diagnostic: the share of held-out questions whose keypoints' top patch is the named thing's
     hits = train_vlm.pointing_accuracy(model, tok, [ex], 16)
     assert len(hits) == 2 and all(0 <= h <= 1 for h in hits)

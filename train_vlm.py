@@ -76,8 +76,6 @@ class TrainConfig:
                                         # 79.9% against 70.9% over three probe seeds (docs/stage2.md)
     answer_glimpse: int = 0             # > 0: the answer keypoints also read a square of this many pixels around where they point
                                         # through a small CNN (model.py): shape and the gripper's fingers are finer than a patch
-    answer_refine: bool = False         # with a glimpse: each keypoint's (x, y) moves to where in its square a CNN head points
-                                        # (model.py; region borders fall inside patches), trained by ground_keypoints too
     answer_near: bool = False           # keypoints 1.. also prefer patches near keypoint 0, as strongly as the question's words
                                         # ask (model.py): "the object nearest the gripper"
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
@@ -246,7 +244,7 @@ def train(cfg):
         word_index = ground_word_index(tokenizer, raw_model.config.vocab_size, dist.is_master) if has_keypoints else None
         if word_index is not None:
             ground = functools.partial(grounding_loss, word_index=word_index.to(dist.device),
-                                       grid=raw_model.vision_config.grid, refine=raw_model.vision_config.answer_refine)
+                                       grid=raw_model.vision_config.grid)
         elif dist.is_master:
             print("ground_keypoints off: " + ("the tokenizer splits every colour word and 'gripper' in pieces" if has_keypoints
                                               else "this model has no answer keypoints (--oracle, --answer_keypoints=0, "
@@ -393,7 +391,6 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             answer_pairs=cfg.answer_pairs and keypoints > 1,
                             answer_glimpse=cfg.answer_glimpse if keypoints else 0,
                             answer_near=cfg.answer_near and keypoints > 1,
-                            answer_refine=cfg.answer_refine and cfg.answer_glimpse > 0 and keypoints > 0,
                             fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,
@@ -501,7 +498,7 @@ def pointing_accuracy(model, tokenizer, examples, image_size):
         _, _, extras = model(idx, model_view(ex, image_size)[None].to(device), return_extras=True)
         targets = ground_targets(extras["keypoints"], idx, torch.tensor(ex["labels"], device=device),
                                  word_index.to(device), model.vision_config.grid)
-        for k, (target, has, _) in enumerate(targets):
+        for k, (target, has) in enumerate(targets):
             guess = extras["keypoints"]["patches"][..., k].argmax(2)
             hits[k] += ((guess == target) & has).sum().item()
             counts[k] += has.sum().item()
@@ -513,8 +510,7 @@ def ground_targets(keypoints, idx, labels, word_index, grid, named=2):
     (k < named) should land on the patch of the k-th thing its question names (ground_words: an object by its
     colour, or the gripper; the last one named when the question names fewer). keypoints: AnswerKeypoints'
     attention; idx (B, T); labels (B, 126) the scene_labels of each row's image; word_index (vocab,): each token's
-    index in ground_words() or -1. -> per keypoint k < named: (target patch (B, A), has a target (B, A) bool, the
-    target's place (B, A, 2) in the keypoints' xy units: patch centres at -1 .. 1)."""
+    index in ground_words() or -1. -> per keypoint k < named: (target patch (B, A), has a target (B, A) bool)."""
     colours, gripper = split_labels(labels.float())
     xy = torch.cat([colours[..., -7:-5], gripper[:, None, -2:]], 1)  # (B, 7, 2): each colour's object, then the gripper
     patch_of = table_cell(xy[..., 0], xy[..., 1], grid)  # (B, 7): the patch under each
@@ -525,24 +521,17 @@ def ground_targets(keypoints, idx, labels, word_index, grid, named=2):
     out = []
     for k in range(min(named, keypoints["patches"].size(-1))):
         pick = is_named & (rank == count.clamp(max=k + 1)[..., None] - 1)  # one word per answer
-        thing = (pick * word[:, None]).sum(-1)  # (B, A)
-        place = xy.gather(1, thing[..., None].expand(-1, -1, 2))  # (B, A, 2) in table coordinates (y up)
-        place = torch.stack([place[..., 0] * grid - 0.5, (1 - place[..., 1]) * grid - 0.5], -1) / (grid - 1) * 2 - 1
-        out.append((patch_of.gather(1, thing), (count > 0) & keypoints["valid"], place))
+        out.append((patch_of.gather(1, (pick * word[:, None]).sum(-1)), (count > 0) & keypoints["valid"]))
     return out
 
 
-def grounding_loss(keypoints, idx, labels, word_index, grid, named=2, refine=False):
+def grounding_loss(keypoints, idx, labels, word_index, grid, named=2):
     """Mean cross-entropy over patches of each keypoint against its ground_targets, over the (answer, keypoint)
-    pairs that have one; refine (the keypoints' xy refined by their glimpse): plus the L1 distance of xy from
-    the target's place."""
+    pairs that have one."""
     losses = []
-    for k, (target, has, place) in enumerate(ground_targets(keypoints, idx, labels, word_index, grid, named)):
+    for k, (target, has) in enumerate(ground_targets(keypoints, idx, labels, word_index, grid, named)):
         p = keypoints["patches"][..., k].gather(2, target[..., None]).squeeze(-1)  # (B, A): mass on the target patch
-        loss = -p.clamp(min=1e-8).log()
-        if refine:
-            loss = loss + (keypoints["xy"][:, :, k] - place).abs().sum(-1)
-        losses.append(loss[has])
+        losses.append(-(p.clamp(min=1e-8).log())[has])
     losses = torch.cat(losses)
     return losses.mean() if losses.numel() else keypoints["patches"].new_zeros(())
 

@@ -2401,6 +2401,27 @@ def test_answer_glimpse_crops_the_pixels_where_each_keypoint_points_in_each_imag
     assert torch.allclose(features[0, 0, 1], cnn(first[1]), atol=1e-6)
 
 
+def test_answer_near_pulls_keypoint_1_towards_keypoint_0_only_when_the_question_asks():
+    keypoints = M.AnswerKeypoints(vocab_size=50, patch_dim=4, grid=4, n_embd=8, keypoints=2, near=True)
+    with torch.no_grad():
+        for table in (keypoints.near, keypoints.weight, keypoints.query):
+            table.weight.zero_()
+        keypoints.near.weight[12] = 1.0  # word 12 ("nearest") asks for a strong pull: softplus(10 * 1 - 4) = 6
+        query = keypoints.query.weight.view(50, 4, 2)  # (word, feature, keypoint)
+        query[10, 2, 0] = 5.0          # keypoint 0 looks for feature 2
+        query[10, :2, 1] = 5.0         # keypoint 1 for features 0 and 1
+    patches = torch.zeros(1, 16, 4)
+    patches[0, 0, 2] = 1.0                         # patch 0 (top left): keypoint 0's
+    patches[0, 1, :2] = torch.tensor([1.0, 0.0])   # patch 1, beside it: score 5 for keypoint 1
+    patches[0, 15, :2] = torch.tensor([1.0, 0.4])  # patch 15 (bottom right): score 7, its best match, far away
+    for question, want in (([10, 11], 15), ([10, 12], 1)):
+        idx = torch.tensor([[1, *question, 3]])
+        words, turn, answer = (idx >= 10) & (idx < 20), (idx == 1).cumsum(1), idx == 3
+        _, attention = keypoints(idx, patches, words, turn, answer, return_attention=True)
+        w = attention["patches"][0, 0]  # (16 patches, 2 keypoints)
+        assert w[:, 0].argmax() == 0 and w[:, 1].argmax() == want  # with word 12: the match nearest keypoint 0
+
+
 def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(tiny_llm_checkpoint, tmp_path, capsys):
     from eval_sim import COLOUR_NAMES
     args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "g") + ["--answer_keypoints=2"]

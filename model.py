@@ -655,7 +655,9 @@ class AnswerKeypoints(nn.Module):
     sharpness lets a keypoint focus before its query table has grown) gives the expected (x, y) and the
     pooled patch features, and one linear layer adds all keypoints' to the answer position's input; with
     pairs, also each keypoint pair's |dx|, |dy|, distance and signs of (dx, dy): the nonlinear pieces of "left
-    of", "above" and region answers, which the decoder was slow to learn from x, y alone (docs/stage2.md).
+    of", "above" and region answers, which the decoder was slow to learn from x, y alone (docs/stage2.md). Options
+    (off by default; stage 3 learned worse from them, docs/stage2.md): glimpse, a small CNN over the pixels around
+    each keypoint; near, a pull of keypoints 1.. towards keypoint 0 as strong as the question's words ask.
     Matching a word against the patches is one dot product, so "what colour is the bowl at the top?" needs
     no attention circuit in the decoder to find the bowl first (docs/stage2.md). In stage 3 the prompt
     ends with <|assistant|> too: there the instruction aims them."""
@@ -704,8 +706,9 @@ class AnswerKeypoints(nn.Module):
         scores = torch.einsum("bpc,back->bapk", patches.float(), q) * self.sharpness.exp()
         grid_xy = self.xy.repeat(patches.size(1) // len(self.xy), 1)  # (P, 2): each image's own grid
         if self.near is not None:  # nearest = best match minus a distance cost; the question's words set the cost
-            pull = F.softplus(10 * torch.einsum("batk,btk->bak", a, self.near(idx).float()) - 4)  # x10: rows learn
-            pull = pull * (torch.arange(self.keypoints, device=idx.device) > 0)  # faster; -4: ~0 at the start (0.018)
+            # x10: the table's rows learn 10x faster; -4: the pull starts near 0 (softplus(-4) = 0.018)
+            pull = F.softplus(10 * torch.einsum("batk,btk->bak", a, self.near(idx).float()) - 4)  # (B, A, K)
+            pull = pull * (torch.arange(self.keypoints, device=idx.device) > 0)  # keypoint 0 is the anchor
             anchor = torch.einsum("bap,pd->bad", scores[..., 0].softmax(dim=2), grid_xy)  # (B, A, 2)
             scores = scores - (grid_xy - anchor[:, :, None]).square().sum(-1)[..., None] * pull[:, :, None]
         w = scores.softmax(dim=2)  # (B, A, P, K)
@@ -860,7 +863,8 @@ class VLM(nn.Module):
         if self.vision.config.answer_keypoints and answer.any():  # every image's patches, one softmax over them all
             words, turn = ~((idx == self.prompt_start_id) | answer | is_image), (idx == self.prompt_start_id).cumsum(1)
             patches_by_row = patches.reshape(idx.size(0), -1, patches.size(-1))
-            standardized = (images - self.vision.pixel_mean) / self.vision.pixel_std  # as the tower reads them
+            standardized = ((images - self.vision.pixel_mean) / self.vision.pixel_std  # as the tower reads them
+                            if self.vision.config.answer_glimpse else None)
             out, keypoints = self.projector.answer_keypoints(idx, patches_by_row, words, turn, answer, standardized,
                                                              return_attention=True)
             x = x + out.to(x.dtype)

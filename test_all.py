@@ -2473,7 +2473,8 @@ def test_bf16_autocast_trains_stage_2_and_3_with_answer_keypoints(tiny_llm_check
     """bf16 autocast is the default on CUDA (and on CPUs with native bf16): a bf16 linear's output must not meet
     an fp32 buffer (AnswerKeypoints' scatter once did: the default stage 2 crashed on GPU)."""
     vlm = str(tmp_path / "vlm")
-    train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, vlm) + ["--max_steps=2", "--answer_keypoints=2", "--dtype=bfloat16"])
+    train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, vlm) + ["--max_steps=2", "--answer_keypoints=2", "--dtype=bfloat16",
+                                                          "--answer_glimpse=8", "--answer_near"])  # the options too
     log = [json.loads(line) for line in open(f"{vlm}/metrics.jsonl")]
     assert all(math.isfinite(r["loss"]) for r in log)
     train_vla.main(vla_args(vla_world, tmp_path / "vla", f"--init={vlm}", "--max_steps=2", "--dtype=bfloat16"))

@@ -561,10 +561,14 @@ class VisionTower(nn.Module):
         table = F.interpolate(table, size=(c.grid, c.grid), mode="bilinear", align_corners=True)
         return table.permute(0, 2, 3, 1).reshape(c.grid * c.grid, -1)
 
+    def standardize(self, images):
+        """Pixels as the tower reads them: per-channel (images - pixel_mean) / pixel_std."""
+        return (images - self.pixel_mean) / self.pixel_std
+
     def forward(self, images, prompt=None, return_layers=False):
         """prompt: (ids (B, T), mask (B, T) bool) of the words that condition the stem (FiLM), or None.
         return_layers: also the hidden states after each of config.deepstack_layers (a list)."""
-        images = (images - self.pixel_mean) / self.pixel_std
+        images = self.standardize(images)
         c = self.config
         if c.coord_channels:
             B, _, H, W = images.shape
@@ -863,8 +867,7 @@ class VLM(nn.Module):
         if self.vision.config.answer_keypoints and answer.any():  # every image's patches, one softmax over them all
             words, turn = ~((idx == self.prompt_start_id) | answer | is_image), (idx == self.prompt_start_id).cumsum(1)
             patches_by_row = patches.reshape(idx.size(0), -1, patches.size(-1))
-            standardized = ((images - self.vision.pixel_mean) / self.vision.pixel_std  # as the tower reads them
-                            if self.vision.config.answer_glimpse else None)
+            standardized = self.vision.standardize(images) if self.vision.config.answer_glimpse else None
             out, keypoints = self.projector.answer_keypoints(idx, patches_by_row, words, turn, answer, standardized,
                                                              return_attention=True)
             x = x + out.to(x.dtype)

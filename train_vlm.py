@@ -75,9 +75,8 @@ class TrainConfig:
     answer_pairs: bool = True           # the answer keypoints also hand over each pair's |dx|, |dy|, distance, signs (model.py):
                                         # 79.9% against 70.9% over three probe seeds (docs/stage2.md)
     answer_glimpse: int = 0             # > 0: the answer keypoints also read a square of this many pixels around where they point
-                                        # through a small CNN (model.py): shape, the gripper's fingers are finer than a patch. With
-                                        # --answer_near: 85.0% against 79.9% (three probe seeds), but stage 3 from it learned
-                                        # worse (docs/stage2.md), so off by default
+                                        # through a small CNN (model.py): shape, the gripper's fingers are finer than a patch. Off
+                                        # by default: stage 3 learned worse from such a VLM (docs/stage2.md)
     answer_near: bool = False           # keypoints 1.. also prefer patches near keypoint 0, as strongly as the question's words
                                         # ask (model.py): "the object nearest the gripper"
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts

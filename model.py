@@ -310,11 +310,12 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, generator=None,
-                 valid_vocab=None, embeds=None, positions=None, deepstack=None):
+                 valid_vocab=None, embeds=None, positions=None, deepstack=None, step_embeds=None):
         """Sample continuations of idx (B, T) with a KV cache: one prefill pass, then one token per
         step. temperature 0 = greedy. Stops early when every row has produced stop_token.
         valid_vocab: the tokenizer's size; the embedding's padding rows are never sampled.
         embeds: (B, T, C) inputs for the prefill instead of idx's embeddings (stage 2: with images).
+        step_embeds: ids so far (B, T') -> the last token's input (B, 1, C), instead of its embedding.
         positions, deepstack: Qwen3-VL's prefill inputs (forward); each new token's position is then
         the cache length + (the prompt's largest position + 1 - T), as transformers continues them."""
         B, T = idx.shape
@@ -333,7 +334,8 @@ class Transformer(nn.Module):
             if cache.pos >= cache.k.size(3):
                 break
             step_positions = None if delta is None else (cache.pos + delta).view(1, B, 1).expand(3, B, 1)
-            logits, _ = self(next_token, kv_cache=cache, positions=step_positions)
+            step = None if step_embeds is None else step_embeds(torch.cat([idx] + out, dim=1))
+            logits, _ = self(next_token if step is None else None, embeds=step, kv_cache=cache, positions=step_positions)
         return torch.cat([idx] + out, dim=1)
 
     def num_params(self, exclude_embedding=False):
@@ -486,6 +488,11 @@ class VisionConfig:
                                   # keypoint pair (relations: left of / above / in the bowl need them)
     answer_glimpse: int = 0       # > 0: AnswerKeypoints also read a square of this many pixels of the image around each
                                   # keypoint through a small CNN (shapes, fingers: finer than one patch); 0 = off
+    answer_glimpse_grey: bool = False  # the glimpse sees brightness only (its pixels' mean over the colour channels)
+    answer_every_token: bool = False  # AnswerKeypoints also read at every answer token, aimed by the turn's words so far
+                                      # (a caption's "red" aims them at the red object to name its shape)
+    answer_summary: int = 0       # > 0: AnswerKeypoints also hand over this many features, each the max over the
+                                  # patches of a linear map of them (which colours, kinds the image holds)
     answer_near: bool = False     # AnswerKeypoints 1.. also prefer patches near keypoint 0, as much as the question's
                                   # words ask ("the object nearest the gripper"); off for old checkpoints
     fact_outputs: int = 0         # > 0: the projector also holds a linear read-out of this many facts per visual token,
@@ -635,7 +642,8 @@ class Projector(nn.Module):
         if c.answer_keypoints and not shuffled_norm:  # kept here: the projector's optimizer group and learning rate
             self.answer_keypoints = AnswerKeypoints(c.answer_vocab, c.n_embd, c.grid, llm_width, c.answer_keypoints,
                                                     pairs=c.answer_pairs, glimpse=c.answer_glimpse,
-                                                    near=c.answer_near)
+                                                    glimpse_grey=c.answer_glimpse_grey, near=c.answer_near,
+                                                    recency=c.answer_every_token, summary=c.answer_summary)
 
     def forward(self, x):
         B, _, C = x.shape
@@ -661,13 +669,16 @@ class AnswerKeypoints(nn.Module):
     pairs, also each keypoint pair's |dx|, |dy|, distance and signs of (dx, dy): the nonlinear pieces of "left
     of", "above" and region answers, which the decoder was slow to learn from x, y alone (docs/stage2.md). Options
     (off by default; stage 3 learned worse from them, docs/stage2.md): glimpse, a small CNN over the pixels around
-    each keypoint; near, a pull of keypoints 1.. towards keypoint 0 as strong as the question's words ask.
+    each keypoint (grey: from brightness only); near, a pull of keypoints 1.. towards keypoint 0 as strong as the
+    question's words ask; every token, a read-out at each answer token too, aimed by the turn's words up to it, each
+    word also weighted by how far back it lies (generation re-aims them at every new token); summary, features
+    max-pooled over all patches (what the image holds: a caption's next colour).
     Matching a word against the patches is one dot product, so "what colour is the bowl at the top?" needs
     no attention circuit in the decoder to find the bowl first (docs/stage2.md). In stage 3 the prompt
     ends with <|assistant|> too: there the instruction aims them."""
 
     def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32, pairs=False, glimpse=0,
-                 glimpse_width=64, near=False):
+                 glimpse_width=64, glimpse_grey=False, near=False, recency=False, summary=0):
         super().__init__()
         self.keypoints, self.patch_dim, self.max_words, self.grid = keypoints, patch_dim, max_words, grid
         self.pairs = torch.triu_indices(keypoints, keypoints, 1).tolist() if pairs else None  # [[k...], [l...]], k < l
@@ -678,14 +689,18 @@ class AnswerKeypoints(nn.Module):
                                                                        # grow sharp faster than its query table grows
         self.near = nn.Embedding(vocab_size, keypoints) if near else None  # how strongly each word pulls keypoints 1..
                                                                            # towards keypoint 0
+        # read at every answer token: each word also counts by how far back it lies (the latest colour named)
+        self.recency = nn.Parameter(torch.zeros(max_words, keypoints)) if recency else None
+        self.summary = nn.Linear(patch_dim, summary) if summary else None  # max-pooled: what the image holds
         n_pairs = keypoints * (keypoints - 1) // 2 if pairs else 0
-        self.glimpse_size = glimpse
+        self.glimpse_size, self.glimpse_grey = glimpse, glimpse_grey
         if glimpse:  # three 3x3 convolutions, then the max over the square: where in it a detail lies does not matter
             w = glimpse_width
-            self.glimpse = nn.Sequential(nn.Conv2d(3, w // 2, 3, padding=1), nn.ReLU(),
+            self.glimpse = nn.Sequential(nn.Conv2d(1 if glimpse_grey else 3, w // 2, 3, padding=1), nn.ReLU(),
                                          nn.Conv2d(w // 2, w // 2, 3, stride=2, padding=1), nn.ReLU(),
                                          nn.Conv2d(w // 2, w, 3, padding=1), nn.ReLU())
-        self.out = nn.Linear(keypoints * (patch_dim + 2 + (glimpse_width if glimpse else 0)) + 5 * n_pairs, n_embd)
+        self.out = nn.Linear(keypoints * (patch_dim + 2 + (glimpse_width if glimpse else 0)) + 5 * n_pairs + summary,
+                             n_embd)
         k = torch.arange(grid * grid)  # raster order: patch k at column k % grid, row k // grid, in [-1, 1]
         self.register_buffer("xy", torch.stack([k % grid, k // grid], -1).float() / max(grid - 1, 1) * 2 - 1,
                              persistent=False)
@@ -702,8 +717,10 @@ class AnswerKeypoints(nn.Module):
         at = torch.argsort((~answer).to(torch.int8), dim=1, stable=True)[:, :A]  # (B, A): answer positions first
         valid = torch.arange(A, device=idx.device)[None] < n_answers[:, None]
         position = torch.arange(T, device=idx.device)
-        asks = words[:, None, :] & (turn.gather(1, at)[:, :, None] == turn[:, None, :]) & (position < at[:, :, None])
+        asks = words[:, None, :] & (turn.gather(1, at)[:, :, None] == turn[:, None, :]) & (position <= at[:, :, None])
         logits = (self.weight(idx).float() + self.order[self.place_in_turn(words, turn)])[:, None]  # (B, 1, T, K)
+        if self.recency is not None:  # (B, A, T, K)
+            logits = logits + self.recency[(at[:, :, None] - position).clamp(0, self.max_words - 1)]
         a = logits.masked_fill(~asks[..., None], -1e9).softmax(dim=2)  # (B, A, T, K)
         query = self.query(idx).view(B, T, self.patch_dim, self.keypoints).float()
         q = torch.einsum("batk,btck->back", a, query)
@@ -725,15 +742,19 @@ class AnswerKeypoints(nn.Module):
         if self.pairs:  # d (B, A, n_pairs, 2): where keypoint l lies from keypoint k
             d = xy[:, :, self.pairs[1]] - xy[:, :, self.pairs[0]]
             read.append(torch.cat([d.abs(), d.norm(dim=-1, keepdim=True), d.sign()], -1).flatten(2))  # norm: grad 0 at 0
+        if self.summary is not None:
+            read.append(self.summary(patches).float().amax(1)[:, None].expand(B, A, -1))
         out = self.out(torch.cat(read, -1).to(patches.dtype)) * valid[..., None]  # (B, A, n_embd)
         out = out.new_zeros(B, T, out.size(-1)).scatter_add(  # out is bf16 under autocast
             1, at[..., None].expand_as(out), out)
-        return (out, {"patches": w, "words": asks, "valid": valid}) if return_attention else out
+        return (out, {"patches": w, "words": asks, "valid": valid, "at": at}) if return_attention else out
 
     def glimpses(self, images, w):
         """images (B, N, 3, H, W), w (B, A, P, K) -> (B, A, K, glimpse_width): the CNN's features of a square of
         glimpse_size pixels centred where each keypoint points in each image, weighted by its mass in that image."""
-        B, N, _, H, W = images.shape
+        if self.glimpse_grey:
+            images = images.mean(2, keepdim=True)
+        B, N, C, H, W = images.shape
         A, K, G, g = w.size(1), self.keypoints, self.glimpse_size, self.grid
         w = w.view(B, A, N, g * g, K)
         mass = w.sum(3)  # (B, A, N, K)
@@ -742,8 +763,8 @@ class AnswerKeypoints(nn.Module):
         offset = (torch.arange(G, device=w.device) - (G - 1) / 2) * 2
         offset = torch.stack(torch.meshgrid(offset / W, offset / H, indexing="xy"), -1)  # (G, G, 2) as (x, y)
         grid = centre.permute(0, 2, 1, 3, 4).reshape(B * N, A * K, 1, 1, 2) + offset  # (B*N, A*K, G, G, 2)
-        crops = F.grid_sample(images.flatten(0, 1), grid.flatten(1, 2), align_corners=False)  # (B*N, 3, A*K*G, G)
-        crops = crops.view(B * N, 3, A * K, G, G).transpose(1, 2).flatten(0, 1)  # (B*N*A*K, 3, G, G)
+        crops = F.grid_sample(images.flatten(0, 1), grid.flatten(1, 2), align_corners=False)  # (B*N, C, A*K*G, G)
+        crops = crops.view(B * N, C, A * K, G, G).transpose(1, 2).flatten(0, 1)  # (B*N*A*K, C, G, G)
         f = self.glimpse(crops.to(self.glimpse[0].weight.dtype))
         f = f.amax((-2, -1)).float().view(B, N, A, K, -1).transpose(1, 2)  # (B, A, N, K, F)
         return (f * mass[..., None]).sum(2)
@@ -768,15 +789,18 @@ class VLM(nn.Module):
     (parameter names unchanged, so stage-1 weights load as llm.*), `vision`, `projector`."""
 
     def __init__(self, llm_config: GPTConfig, vision_config: VisionConfig, image_token_id, llm=None,
-                 prompt_end_id=None, prompt_start_id=None):
+                 prompt_end_id=None, prompt_start_id=None, text_end_id=None):
         super().__init__()
         if (vision_config.film_vocab or vision_config.answer_keypoints) and prompt_end_id is None:
             raise ValueError("a prompt-conditioned vision tower (film_vocab or answer_keypoints > 0) needs "
                              "prompt_end_id (<|assistant|>)")
         if vision_config.answer_keypoints and (prompt_start_id is None or vision_config.temporal_patch_size > 1):
             raise ValueError("answer_keypoints need prompt_start_id (<|user|>) and one of our towers")
+        if vision_config.answer_every_token and text_end_id is None:
+            raise ValueError("answer_every_token needs text_end_id (<|endoftext|>): where each answer ends")
         self.prompt_end_id = prompt_end_id  # the words before its first occurrence condition the tower (FiLM)
         self.prompt_start_id = prompt_start_id  # each turn's question starts after it (answer_keypoints)
+        self.text_end_id = text_end_id  # each turn's answer ends with it (answer_every_token)
         self.llm = llm if llm is not None else Transformer(llm_config)
         self.vision = VisionTower(vision_config)
         self.projector = Projector(vision_config, llm_config.n_embd)
@@ -866,14 +890,30 @@ class VLM(nn.Module):
         answer, keypoints = idx == self.prompt_end_id, None
         if self.vision.config.answer_keypoints and answer.any():  # every image's patches, one softmax over them all
             words, turn = ~((idx == self.prompt_start_id) | answer | is_image), (idx == self.prompt_start_id).cumsum(1)
+            read_at = self.answer_tokens(idx, turn) if self.vision.config.answer_every_token else answer
             patches_by_row = patches.reshape(idx.size(0), -1, patches.size(-1))
             standardized = self.vision.standardize(images) if self.vision.config.answer_glimpse else None
-            out, keypoints = self.projector.answer_keypoints(idx, patches_by_row, words, turn, answer, standardized,
+            out, keypoints = self.projector.answer_keypoints(idx, patches_by_row, words, turn, read_at, standardized,
                                                              return_attention=True)
             x = x + out.to(x.dtype)
+            if self.vision.config.answer_every_token:  # hand on the <|assistant|> positions' only (grounding, pointing)
+                keep = idx.gather(1, keypoints["at"]) == self.prompt_end_id  # (B, A), in order
+                first = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :int(keep.sum(1).max())]
+                keypoints = {"patches": keypoints["patches"].gather(1, first[..., None, None].expand(
+                                 -1, -1, *keypoints["patches"].shape[2:])),
+                             "words": keypoints["words"].gather(1, first[..., None].expand(-1, -1, idx.size(1))),
+                             "valid": keep.gather(1, first) & keypoints["valid"].gather(1, first),
+                             "at": keypoints["at"].gather(1, first)}
         deepstack = [x.new_zeros(x.shape).masked_scatter(is_image.unsqueeze(-1), projector(h).to(x.dtype))
                      for projector, h in zip(self.projector.deepstack, layers)] if layers else []
         return {"embeds": x, "patches": patches, "positions": positions, "deepstack": deepstack, "keypoints": keypoints}
+
+    def answer_tokens(self, idx, turn):
+        """(B, T) bool: each turn's <|assistant|> and its answer's tokens, up to (not with) its <|endoftext|>. The row
+        starts with <|endoftext|> and every turn before ends with one, so in turn k (from 1) k of them come before
+        its answer and k + 1 after."""
+        assistants, ends = (idx == self.prompt_end_id).cumsum(1), (idx == self.text_end_id).cumsum(1)
+        return (turn >= 1) & (assistants >= turn) & (ends <= turn)
 
     def forward(self, idx, images, targets=None, return_extras=False):
         """idx, targets (B, T) (targets -1 = no loss: data.py keeps only answer tokens);
@@ -896,8 +936,23 @@ class VLM(nn.Module):
         """Continue prompts idx (B, T) about images: one prefill with the image embeddings into the
         KV cache, then token by token (Transformer.generate). Returns (B, T + new) ids."""
         inputs = self.llm_inputs(idx, images)
+        step_embeds = None
+        if self.vision.config.answer_every_token and inputs["keypoints"] is not None:  # each new token is read at too
+            patches_by_row = inputs["patches"].reshape(idx.size(0), -1, inputs["patches"].size(-1))
+            standardized = self.vision.standardize(images) if self.vision.config.answer_glimpse else None
+
+            def step_embeds(ids):  # the keypoints over the whole sequence so far, read at its last token
+                turn = (ids == self.prompt_start_id).cumsum(1)
+                words = ~((ids == self.prompt_start_id) | (ids == self.prompt_end_id) | (ids == self.image_token_id))
+                last = torch.zeros_like(ids, dtype=torch.bool)
+                last[:, -1] = self.answer_tokens(ids, turn)[:, -1]
+                if not last.any():  # every row has ended its answer
+                    return self.llm.embed_tokens(ids[:, -1:])
+                out = self.projector.answer_keypoints(ids, patches_by_row, words, turn, last, standardized)
+                return self.llm.embed_tokens(ids[:, -1:]) + out[:, -1:].to(inputs["embeds"].dtype)
         return self.llm.generate(idx, max_new_tokens, temperature, top_k, stop_token, generator, valid_vocab,
-                                 embeds=inputs["embeds"], positions=inputs["positions"], deepstack=inputs["deepstack"])
+                                 embeds=inputs["embeds"], positions=inputs["positions"], deepstack=inputs["deepstack"],
+                                 step_embeds=step_embeds)
 
     def param_counts(self):
         return {"vision": sum(p.numel() for p in self.vision.parameters()),
@@ -926,7 +981,7 @@ class VLM(nn.Module):
         special = cfg["tokenizer"]["special_tokens"]
         return cls(config_from_dict(GPTConfig, cfg["model"]), config_from_dict(VisionConfig, cfg["vision"]),
                    special["<|image|>"], prompt_end_id=special.get("<|assistant|>"),
-                   prompt_start_id=special.get("<|user|>"))
+                   prompt_start_id=special.get("<|user|>"), text_end_id=special.get("<|endoftext|>"))
 
 
 def grow_embeddings(llm, vocab_size):

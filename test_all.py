@@ -2422,6 +2422,40 @@ def test_answer_near_pulls_keypoint_1_towards_keypoint_0_only_when_the_question_
         assert w[:, 0].argmax() == 0 and w[:, 1].argmax() == want  # with word 12: the match nearest keypoint 0
 
 
+def test_answer_every_token_reads_at_each_answer_token_and_generation_matches_the_full_forward(tiny_llm_checkpoint,
+                                                                                                 tmp_path):
+    torch.manual_seed(0)
+    args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "e") + [
+        "--answer_keypoints=2", "--answer_every_token", "--answer_summary=4", "--answer_glimpse=4"]
+    model, tok = train_vlm.vlm_from_llm(train_vlm.parse_config(train_vlm.TrainConfig, args), ((0.5,) * 3, (0.5,) * 3))
+    model.eval()
+    with torch.no_grad():  # the read-out's tables large enough to change every answer token's prediction
+        for name, p in model.projector.answer_keypoints.named_parameters():
+            p.normal_(0.0, 0.5 if p.dim() > 1 else 1.0)
+    read = []
+    hook = model.projector.answer_keypoints.register_forward_hook(lambda module, inputs, output: read.append(output[0]))
+    # read at each turn's <|assistant|> and its answer's tokens, up to (not with) its <|endoftext|>
+    turns = [("how many bowls are there?", "two"), ("describe the image.", "the red disc is on the left side.")]
+    idx = torch.tensor([data.encode_chat(tok, turns, model.n_visual_tokens)[0]])
+    images = torch.rand(2, 1, 3, 16, 16)
+    model(idx, images[:1])
+    at = read[-1][0].abs().sum(-1) > 0
+    assert tok.decode(idx[0, at].tolist()) == "<|assistant|> two<|assistant|> the red disc is on the left side."
+    hook.remove()
+    # greedy generation (one token at a time, each read at as it comes) = the argmax of one forward over the result;
+    # <|endoftext|> never predicted, so that every new token is an answer token
+    model.llm.lm_head.register_forward_hook(lambda module, inputs, output: output.index_fill(
+        -1, torch.tensor([tok.special("<|endoftext|>")]), -1e4))
+    prompt = [data.encode_chat(tok, [(q, None)], model.n_visual_tokens)[0] for q in ("what colour is the bowl?",
+                                                                                      "describe the image.")]
+    for ids, image in zip(prompt, images):  # one row at a time: the prompts differ in length
+        ids = torch.tensor([ids])
+        out = model.generate(ids, image[None], max_new_tokens=6, temperature=0)
+        logits, _ = model(out, image[None])
+        assert torch.equal(logits[0, ids.size(1) - 1:-1].argmax(-1), out[0, ids.size(1):])
+        assert model.answer_tokens(out, (out == tok.special("<|user|>")).cumsum(1))[0, ids.size(1):].all()
+
+
 def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(tiny_llm_checkpoint, tmp_path, capsys):
     from eval_sim import COLOUR_NAMES
     args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "g") + ["--answer_keypoints=2"]

@@ -77,6 +77,11 @@ class TrainConfig:
     answer_glimpse: int = 0             # > 0: the answer keypoints also read a square of this many pixels around where they point
                                         # through a small CNN (model.py): shape, the gripper's fingers are finer than a patch. Off
                                         # by default: stage 3 learned worse from such a VLM (docs/stage2.md)
+    answer_glimpse_grey: bool = False   # the glimpse sees brightness only: shape and the fingers need no colour
+    answer_every_token: bool = False    # the answer keypoints are also read at every answer token, aimed by the turn's words so
+                                        # far (model.py): a caption's "red" aims them at the red object, to name its shape
+    answer_summary: int = 0             # > 0: the answer keypoints' read-out also holds this many max-pooled features of the
+                                        # patches: which colours and kinds the image holds (for captions)
     answer_near: bool = False           # keypoints 1.. also prefer patches near keypoint 0, as strongly as the question's words
                                         # ask (model.py): "the object nearest the gripper"
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
@@ -135,7 +140,7 @@ RANGES = {**SHARED_RANGES, "world_train": (1, None), "world_val": (1, None), "im
           "projector_hidden": (1, None), "seq_len": (0, None), "batch_size": (1, None), "vision_lr": (0, None),
           "projector_lr": (0, None), "projector_warmup_steps": (0, None), "eval_batches": (1, None),
           "show_captions": (0, None), "world_turns": (0, None), "caption_every": (1, None), "world_question_sets": (1, None),
-          "cell_words": (0, None), "cell_facts": (0, None), "answer_keypoints": (0, None), "answer_glimpse": (0, None),
+          "cell_words": (0, None), "cell_facts": (0, None), "answer_keypoints": (0, None), "answer_glimpse": (0, None), "answer_summary": (0, None),
           "ground_keypoints": (0, None), "patch_facts": (0, None)}
 RULES = SHARED_RULES + [
     (lambda c, w: c.image_size % c.patch_size == 0 and (c.image_size // c.patch_size) % c.pixel_shuffle == 0,
@@ -391,11 +396,14 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             answer_keypoints=keypoints, answer_vocab=llm.config.vocab_size if keypoints else 0,
                             answer_pairs=cfg.answer_pairs and keypoints > 1,
                             answer_glimpse=cfg.answer_glimpse if keypoints else 0,
+                            answer_glimpse_grey=cfg.answer_glimpse_grey, answer_every_token=cfg.answer_every_token and keypoints > 0,
+                            answer_summary=cfg.answer_summary if keypoints else 0,
                             answer_near=cfg.answer_near and keypoints > 1,
                             fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,
-                      prompt_end_id=tokenizer.special("<|assistant|>"), prompt_start_id=tokenizer.special("<|user|>"))
+                      prompt_end_id=tokenizer.special("<|assistant|>"), prompt_start_id=tokenizer.special("<|user|>"),
+                      text_end_id=tokenizer.special("<|endoftext|>"))
     except ValueError as e:  # an impossible patch grid
         raise D.UserError(str(e)) from None
     if cfg.distinct_words and cfg.data == "world" and not hf.init_dir(cfg.init):

@@ -736,14 +736,14 @@ class AnswerKeypoints(nn.Module):
         xy = torch.einsum("bapk,pd->bakd", w, grid_xy)
         features = torch.einsum("bapk,bpc->bakc", w, patches.float())
         read = [features, xy]
-        if self.glimpse_size:
-            read.append(self.glimpses(images.float(), w))
+        if self.glimpse_size:  # the glimpse and the summary read the first image: the one camera stage 2 trained on
+            read.append(self.glimpses(images[:, :1].float(), w[:, :, :self.grid ** 2]))
         read = [torch.cat(read, -1).flatten(2)]  # (B, A, K * (patch_dim + 2 [+ glimpse_width])): per keypoint
         if self.pairs:  # d (B, A, n_pairs, 2): where keypoint l lies from keypoint k
             d = xy[:, :, self.pairs[1]] - xy[:, :, self.pairs[0]]
             read.append(torch.cat([d.abs(), d.norm(dim=-1, keepdim=True), d.sign()], -1).flatten(2))  # norm: grad 0 at 0
         if self.summary is not None:
-            read.append(self.summary(patches).float().amax(1)[:, None].expand(B, A, -1))
+            read.append(self.summary(patches[:, :self.grid ** 2]).float().amax(1)[:, None].expand(B, A, -1))
         out = self.out(torch.cat(read, -1).to(patches.dtype)) * valid[..., None]  # (B, A, n_embd)
         out = out.new_zeros(B, T, out.size(-1)).scatter_add(  # out is bf16 under autocast
             1, at[..., None].expand_as(out), out)
@@ -751,7 +751,8 @@ class AnswerKeypoints(nn.Module):
 
     def glimpses(self, images, w):
         """images (B, N, 3, H, W), w (B, A, P, K) -> (B, A, K, glimpse_width): the CNN's features of a square of
-        glimpse_size pixels centred where each keypoint points in each image, weighted by its mass in that image."""
+        glimpse_size pixels centred where each keypoint points in each image, weighted by its share of its mass
+        over these images."""
         if self.glimpse_grey:
             images = images.mean(2, keepdim=True)
         B, N, C, H, W = images.shape
@@ -767,7 +768,7 @@ class AnswerKeypoints(nn.Module):
         crops = crops.view(B * N, C, A * K, G, G).transpose(1, 2).flatten(0, 1)  # (B*N*A*K, C, G, G)
         f = self.glimpse(crops.to(self.glimpse[0].weight.dtype))
         f = f.amax((-2, -1)).float().view(B, N, A, K, -1).transpose(1, 2)  # (B, A, N, K, F)
-        return (f * mass[..., None]).sum(2)
+        return (f * (mass / mass.sum(2, keepdim=True).clamp(min=1e-9))[..., None]).sum(2)
 
     def place_in_turn(self, words, turn):
         """(B, T): each word's index among its turn's words, capped at max_words - 1."""

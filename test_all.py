@@ -2189,6 +2189,7 @@ def test_caption_scores_are_object_level_precision_and_recall():
     assert train_vlm.caption_objects(truth[0]) == {("red", "block"), ("blue", "bowl")}
     assert train_vlm.caption_scores(["the red block and the green disc."], truth) == (0.5, 0.5)
     assert train_vlm.caption_scores(["a table."], truth) == (0.0, 0.0)
+    assert train_vlm.caption_misses(["the red disc and the green disc."], truth) == (1, 1)  # red: wrong kind
 
 
 def test_world_captions_come_in_whole_micro_batches():
@@ -2399,6 +2400,28 @@ def test_answer_glimpse_crops_the_pixels_where_each_keypoint_points_in_each_imag
     cnn = lambda crop: keypoints.glimpse(crop[None]).amax((-2, -1))[0]
     assert torch.allclose(features[0, 0, 0], cnn(second[0]), atol=1e-6)
     assert torch.allclose(features[0, 0, 1], cnn(first[1]), atol=1e-6)
+
+
+def test_answer_summary_and_glimpse_read_the_first_image_only():
+    # stage 2 trains them on one camera; stage 3's second (the wrist) would hand them features never trained on
+    torch.manual_seed(0)
+    keypoints = M.AnswerKeypoints(vocab_size=50, patch_dim=8, grid=4, n_embd=16, keypoints=2, glimpse=4, summary=3)
+    with torch.no_grad():
+        keypoints.sharpness.fill_(-30.0)  # flat keypoints: the same places whatever the patches
+    read = []
+    keypoints.out.register_forward_hook(lambda module, inputs, output: read.append(inputs[0][0, 0]))
+    idx = torch.tensor([[1, 10, 11, 3]])
+    words, turn, answer = (idx >= 10) & (idx < 20), (idx == 1).cumsum(1), idx == 3
+    patches, images = torch.randn(1, 32, 8), torch.randn(1, 2, 3, 16, 16)  # two images of 4 x 4 patches
+    other_patches, other_images = patches.clone(), images.clone()
+    other_patches[0, 16:] = torch.randn(16, 8)  # the second image's patches and pixels replaced
+    other_images[0, 1] = torch.randn(3, 16, 16)
+    keypoints(idx, patches, words, turn, answer, images)
+    keypoints(idx, other_patches, words, turn, answer, other_images)
+    per_keypoint = [r[:2 * (8 + 2 + 64)].view(2, 8 + 2 + 64) for r in read]  # pooled features, place, glimpse
+    assert not torch.allclose(per_keypoint[0][:, :8], per_keypoint[1][:, :8])  # the keypoints see both images
+    assert torch.allclose(per_keypoint[0][:, 10:], per_keypoint[1][:, 10:], atol=1e-6)  # the glimpse: the first
+    assert torch.allclose(read[0][-3:], read[1][-3:]) and read[0][-3:].abs().sum() > 0  # the summary: the first
 
 
 def test_answer_near_pulls_keypoint_1_towards_keypoint_0_only_when_the_question_asks():

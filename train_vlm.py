@@ -705,6 +705,17 @@ def caption_scores(generated, truths):
     return hit / max(1, named), hit / max(1, true)
 
 
+def caption_misses(generated, truths):
+    """The objects captions name wrongly, by why: (a colour in the scene with the wrong kind, a colour not in it)."""
+    wrong_kind = absent = 0
+    for g, t in zip(generated, truths):
+        g, t = caption_objects(g), caption_objects(t)
+        colours = {colour for colour, _ in t}
+        wrong_kind += sum(colour in colours for colour, _ in g - t)
+        absent += sum(colour not in colours for colour, _ in g - t)
+    return wrong_kind, absent
+
+
 def generate_captions(answer, examples, image_size, oracle=False):
     return answer([(model_view(ex, image_size, oracle), D.CAPTION_PROMPT) for ex in examples], max_new_tokens=96)
 
@@ -720,8 +731,11 @@ def show_captions(answer, examples, image_size, n_show=3):
         print(f"caption: {caption!r}" + (f"\n  truth: {ex['caption']!r}" if "caption" in ex else ""))
     if not known:
         return None
-    precision, recall = caption_scores(generated, [ex["caption"] for ex in known])
-    print(f"captions of {len(known)} held-out scenes name their objects with precision {precision:.1%}, recall {recall:.1%}")
+    truths = [ex["caption"] for ex in known]
+    precision, recall = caption_scores(generated, truths)
+    wrong_kind, absent = caption_misses(generated, truths)
+    print(f"captions of {len(known)} held-out scenes name their objects with precision {precision:.1%}, recall {recall:.1%}; "
+          f"named wrongly: {wrong_kind} a colour in the scene with the wrong kind, {absent} a colour not in it")
     return precision, recall
 
 

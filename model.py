@@ -489,6 +489,8 @@ class VisionConfig:
     answer_glimpse: int = 0       # > 0: AnswerKeypoints also read a square of this many pixels of the image around each
                                   # keypoint through a small CNN (shapes, fingers: finer than one patch); 0 = off
     answer_glimpse_grey: bool = False  # the glimpse sees brightness only (its pixels' mean over the colour channels)
+    answer_glimpse_dense: bool = False  # the glimpse's CNN runs once over the whole image, its features max-pooled per
+                                        # patch and pooled with each keypoint's weights (no crops: cheap at every token)
     answer_every_token: bool = False  # AnswerKeypoints also read at every answer token, aimed by the turn's words so far
                                       # (a caption's "red" aims them at the red object to name its shape)
     answer_summary: int = 0       # > 0: AnswerKeypoints also hand over this many features, each the max over the
@@ -642,7 +644,8 @@ class Projector(nn.Module):
         if c.answer_keypoints and not shuffled_norm:  # kept here: the projector's optimizer group and learning rate
             self.answer_keypoints = AnswerKeypoints(c.answer_vocab, c.n_embd, c.grid, llm_width, c.answer_keypoints,
                                                     pairs=c.answer_pairs, glimpse=c.answer_glimpse,
-                                                    glimpse_grey=c.answer_glimpse_grey, near=c.answer_near,
+                                                    glimpse_grey=c.answer_glimpse_grey,
+                                                    glimpse_dense=c.answer_glimpse_dense, near=c.answer_near,
                                                     recency=c.answer_every_token, summary=c.answer_summary)
 
     def forward(self, x):
@@ -678,7 +681,7 @@ class AnswerKeypoints(nn.Module):
     ends with <|assistant|> too: there the instruction aims them."""
 
     def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32, pairs=False, glimpse=0,
-                 glimpse_width=64, glimpse_grey=False, near=False, recency=False, summary=0):
+                 glimpse_width=64, glimpse_grey=False, glimpse_dense=False, near=False, recency=False, summary=0):
         super().__init__()
         self.keypoints, self.patch_dim, self.max_words, self.grid = keypoints, patch_dim, max_words, grid
         self.pairs = torch.triu_indices(keypoints, keypoints, 1).tolist() if pairs else None  # [[k...], [l...]], k < l
@@ -693,7 +696,7 @@ class AnswerKeypoints(nn.Module):
         self.recency = nn.Parameter(torch.zeros(max_words, keypoints)) if recency else None
         self.summary = nn.Linear(patch_dim, summary) if summary else None  # max-pooled: what the image holds
         n_pairs = keypoints * (keypoints - 1) // 2 if pairs else 0
-        self.glimpse_size, self.glimpse_grey = glimpse, glimpse_grey
+        self.glimpse_size, self.glimpse_grey, self.glimpse_dense = glimpse, glimpse_grey, glimpse_dense
         if glimpse:  # three 3x3 convolutions, then the max over the square: where in it a detail lies does not matter
             w = glimpse_width
             self.glimpse = nn.Sequential(nn.Conv2d(1 if glimpse_grey else 3, w // 2, 3, padding=1), nn.ReLU(),
@@ -737,7 +740,8 @@ class AnswerKeypoints(nn.Module):
         features = torch.einsum("bapk,bpc->bakc", w, patches.float())
         read = [features, xy]
         if self.glimpse_size:  # the glimpse and the summary read the first image: the one camera stage 2 trained on
-            read.append(self.glimpses(images[:, :1].float(), w[:, :, :self.grid ** 2]))
+            glimpses = self.dense_glimpses if self.glimpse_dense else self.glimpses
+            read.append(glimpses(images[:, :1].float(), w[:, :, :self.grid ** 2]))
         read = [torch.cat(read, -1).flatten(2)]  # (B, A, K * (patch_dim + 2 [+ glimpse_width])): per keypoint
         if self.pairs:  # d (B, A, n_pairs, 2): where keypoint l lies from keypoint k
             d = xy[:, :, self.pairs[1]] - xy[:, :, self.pairs[0]]
@@ -769,6 +773,14 @@ class AnswerKeypoints(nn.Module):
         f = self.glimpse(crops.to(self.glimpse[0].weight.dtype))
         f = f.amax((-2, -1)).float().view(B, N, A, K, -1).transpose(1, 2)  # (B, A, N, K, F)
         return (f * (mass / mass.sum(2, keepdim=True).clamp(min=1e-9))[..., None]).sum(2)
+
+    def dense_glimpses(self, images, w):
+        """images (B, 1, 3, H, W), w (B, A, P, K) over its patches -> (B, A, K, glimpse_width): the CNN over the whole
+        image, max-pooled within each patch, pooled with each keypoint's weights there (renormalized: its share)."""
+        images = images[:, 0].mean(1, keepdim=True) if self.glimpse_grey else images[:, 0]
+        f = self.glimpse(images.to(self.glimpse[0].weight.dtype))
+        f = F.adaptive_max_pool2d(f, self.grid).flatten(2).transpose(1, 2).float()  # (B, P, glimpse_width)
+        return torch.einsum("bapk,bpf->bakf", w, f) / w.sum(2).clamp(min=1e-9)[..., None]
 
     def place_in_turn(self, words, turn):
         """(B, T): each word's index among its turn's words, capped at max_words - 1."""

@@ -2402,6 +2402,21 @@ def test_answer_glimpse_crops_the_pixels_where_each_keypoint_points_in_each_imag
     assert torch.allclose(features[0, 0, 1], cnn(first[1]), atol=1e-6)
 
 
+def test_answer_dense_glimpse_is_the_cnn_over_the_image_max_pooled_in_each_patch_the_keypoint_weighs():
+    torch.manual_seed(0)
+    keypoints = M.AnswerKeypoints(vocab_size=50, patch_dim=8, grid=4, n_embd=16, keypoints=2, glimpse=8,
+                                  glimpse_dense=True)
+    images = torch.randn(1, 1, 3, 32, 32)
+    w = torch.zeros(1, 1, 16, 2)
+    w[0, 0, 6, 0] = 1.0                     # keypoint 0: patch (column 2, row 1) = pixels 8..15 down, 16..23 across
+    w[0, 0, 0, 1] = w[0, 0, 15, 1] = 0.25   # keypoint 1: half its mass here (the rest on another camera), half each
+    f = keypoints.glimpse(images[:, 0])     # (1, 64, 16, 16): stride 2, so patch (c, r) is [4r:4r+4, 4c:4c+4]
+    patch = lambda c, r: f[0, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4].amax((-2, -1))
+    got = keypoints.dense_glimpses(images, w)
+    assert torch.allclose(got[0, 0, 0], patch(2, 1), atol=1e-6)
+    assert torch.allclose(got[0, 0, 1], (patch(0, 0) + patch(3, 3)) / 2, atol=1e-6)
+
+
 def test_answer_summary_and_glimpse_read_the_first_image_only():
     # stage 2 trains them on one camera; stage 3's second (the wrist) would hand them features never trained on
     torch.manual_seed(0)

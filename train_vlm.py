@@ -78,6 +78,8 @@ class TrainConfig:
                                         # through a small CNN (model.py): shape, the gripper's fingers are finer than a patch. Off
                                         # by default: stage 3 learned worse from such a VLM (docs/stage2.md)
     answer_glimpse_grey: bool = False   # the glimpse sees brightness only: shape and the fingers need no colour
+    answer_glimpse_dense: bool = False  # the glimpse's CNN runs once over the image, max-pooled per patch (model.py): no crops,
+                                        # so cheap enough with --answer_every_token
     answer_every_token: bool = False    # the answer keypoints are also read at every answer token, aimed by the turn's words so
                                         # far (model.py): a caption's "red" aims them at the red object, to name its shape
     answer_summary: int = 0             # > 0: the answer keypoints' read-out also holds this many max-pooled features of the
@@ -396,7 +398,8 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             answer_keypoints=keypoints, answer_vocab=llm.config.vocab_size if keypoints else 0,
                             answer_pairs=cfg.answer_pairs and keypoints > 1,
                             answer_glimpse=cfg.answer_glimpse if keypoints else 0,
-                            answer_glimpse_grey=cfg.answer_glimpse_grey, answer_every_token=cfg.answer_every_token and keypoints > 0,
+                            answer_glimpse_grey=cfg.answer_glimpse_grey, answer_glimpse_dense=cfg.answer_glimpse_dense,
+                            answer_every_token=cfg.answer_every_token and keypoints > 0,
                             answer_summary=cfg.answer_summary if keypoints else 0,
                             answer_near=cfg.answer_near and keypoints > 1,
                             fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0)

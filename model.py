@@ -335,7 +335,8 @@ class Transformer(nn.Module):
                 break
             step_positions = None if delta is None else (cache.pos + delta).view(1, B, 1).expand(3, B, 1)
             step = None if step_embeds is None else step_embeds(torch.cat([idx] + out, dim=1))
-            logits, _ = self(next_token if step is None else None, embeds=step, kv_cache=cache, positions=step_positions)
+            logits, _ = self(next_token if step is None else None, embeds=step, kv_cache=cache,
+                             positions=step_positions)
         return torch.cat([idx] + out, dim=1)
 
     def num_params(self, exclude_embedding=False):
@@ -672,10 +673,11 @@ class AnswerKeypoints(nn.Module):
     pairs, also each keypoint pair's |dx|, |dy|, distance and signs of (dx, dy): the nonlinear pieces of "left
     of", "above" and region answers, which the decoder was slow to learn from x, y alone (docs/stage2.md). Options
     (off by default; stage 3 learned worse from them, docs/stage2.md): glimpse, a small CNN over the pixels around
-    each keypoint (grey: from brightness only; dense: the CNN once over the image, max-pooled per patch); near, a pull of keypoints 1.. towards keypoint 0 as strong as the
-    question's words ask; every token, a read-out at each answer token too, aimed by the turn's words up to it, each
-    word also weighted by how far back it lies (generation re-aims them at every new token); summary, features
-    max-pooled over all patches (what the image holds: a caption's next colour).
+    each keypoint (grey: from brightness only; dense: the CNN once over the image, max-pooled per patch); near, a
+    pull of keypoints 1.. towards keypoint 0 as strong as the question's words ask; every token, a read-out at each
+    answer token too, aimed by the turn's words up to it, each word also weighted by how far back it lies
+    (generation re-aims them at every new token); summary, features max-pooled over the patches (what the image
+    holds: a caption's next colour). The glimpse and summary read the first image only (stage 2's one camera).
     Matching a word against the patches is one dot product, so "what colour is the bowl at the top?" needs
     no attention circuit in the decoder to find the bowl first (docs/stage2.md). In stage 3 the prompt
     ends with <|assistant|> too: there the instruction aims them."""
@@ -902,7 +904,7 @@ class VLM(nn.Module):
         x = x.masked_scatter(is_image.unsqueeze(-1), self.projector(patches).to(x.dtype))
         answer, keypoints = idx == self.prompt_end_id, None
         if self.vision.config.answer_keypoints and answer.any():  # every image's patches, one softmax over them all
-            words, turn = ~((idx == self.prompt_start_id) | answer | is_image), (idx == self.prompt_start_id).cumsum(1)
+            words, turn = self.question_words(idx)
             read_at = self.answer_tokens(idx, turn) if self.vision.config.answer_every_token else answer
             patches_by_row = patches.reshape(idx.size(0), -1, patches.size(-1))
             standardized = self.vision.standardize(images) if self.vision.config.answer_glimpse else None
@@ -920,6 +922,12 @@ class VLM(nn.Module):
         deepstack = [x.new_zeros(x.shape).masked_scatter(is_image.unsqueeze(-1), projector(h).to(x.dtype))
                      for projector, h in zip(self.projector.deepstack, layers)] if layers else []
         return {"embeds": x, "patches": patches, "positions": positions, "deepstack": deepstack, "keypoints": keypoints}
+
+    def question_words(self, idx):
+        """(words, turn), both (B, T): the tokens AnswerKeypoints may pool (all but <|user|>, <|assistant|>, <|image|>)
+        and each token's turn number (1 from the first <|user|> on)."""
+        user = idx == self.prompt_start_id
+        return ~(user | (idx == self.prompt_end_id) | (idx == self.image_token_id)), user.cumsum(1)
 
     def answer_tokens(self, idx, turn):
         """(B, T) bool: each turn's <|assistant|> and its answer's tokens, up to (not with) its <|endoftext|>. The row
@@ -955,8 +963,7 @@ class VLM(nn.Module):
             standardized = self.vision.standardize(images) if self.vision.config.answer_glimpse else None
 
             def step_embeds(ids):  # the keypoints over the whole sequence so far, read at its last token
-                turn = (ids == self.prompt_start_id).cumsum(1)
-                words = ~((ids == self.prompt_start_id) | (ids == self.prompt_end_id) | (ids == self.image_token_id))
+                words, turn = self.question_words(ids)
                 last = torch.zeros_like(ids, dtype=torch.bool)
                 last[:, -1] = self.answer_tokens(ids, turn)[:, -1]
                 if not last.any():  # every row has ended its answer

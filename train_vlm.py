@@ -142,7 +142,8 @@ RANGES = {**SHARED_RANGES, "world_train": (1, None), "world_val": (1, None), "im
           "projector_hidden": (1, None), "seq_len": (0, None), "batch_size": (1, None), "vision_lr": (0, None),
           "projector_lr": (0, None), "projector_warmup_steps": (0, None), "eval_batches": (1, None),
           "show_captions": (0, None), "world_turns": (0, None), "caption_every": (1, None), "world_question_sets": (1, None),
-          "cell_words": (0, None), "cell_facts": (0, None), "answer_keypoints": (0, None), "answer_glimpse": (0, None), "answer_summary": (0, None),
+          "cell_words": (0, None), "cell_facts": (0, None), "answer_keypoints": (0, None),
+          "answer_glimpse": (0, None), "answer_summary": (0, None),
           "ground_keypoints": (0, None), "patch_facts": (0, None)}
 RULES = SHARED_RULES + [
     (lambda c, w: c.image_size % c.patch_size == 0 and (c.image_size // c.patch_size) % c.pixel_shuffle == 0,

@@ -157,6 +157,8 @@ RULES = SHARED_RULES + [
      "--patch_facts is an experiment of the probe on the built-in world: it needs --data=world, --probe, no --oracle"),
     (lambda c, w: not c.oracle or (c.data == "world" and c.probe),
      "--oracle reads the built-in world's scene facts and saves nothing: it needs --data=world and --probe"),
+    (lambda c, w: c.answer_glimpse or not (c.answer_glimpse_grey or c.answer_glimpse_dense),
+     "--answer_glimpse_grey and --answer_glimpse_dense change the glimpse: they need --answer_glimpse > 0"),
 ]
 
 

@@ -1077,6 +1077,8 @@ class ExpertConfig:
     language_keypoints: bool = False  # keypoints also match each patch against a query read from the
                                       # instruction, so a keypoint can follow "the red block" (keypoint_features)
     vocab_size: int = 0           # language_keypoints: the VLM's embedding rows (one query row per token)
+    keypoint_words: bool = False  # language_keypoints: which words a keypoint reads also depends on each word itself
+                                  # (a learned weight per token), not on the VLM's hidden states alone (keypoint_features)
     chunk_size: int = 8           # H: actions predicted per chunk (the policy executes the first k)
     predict: str = "velocity"     # what the expert outputs: 'velocity' v = noise - actions (pi0), or 'actions':
                                   # the clean chunk, v = (x_t - actions) / t (the same flow, see VLA.forward)
@@ -1146,6 +1148,8 @@ class ActionExpert(nn.Module):
             if c.language_keypoints:  # which prompt tokens a keypoint reads, and what each token asks for
                 self.keypoint_query_pool = nn.Linear(c.vlm_n_embd, c.keypoints)
                 self.keypoint_query_table = nn.Embedding(c.vocab_size, c.patch_dim * c.keypoints)
+                if c.keypoint_words:
+                    self.keypoint_word_weight = nn.Embedding(c.vocab_size, c.keypoints)
         cos, sin = rope_table(c.suffix_start + c.n_frames + c.chunk_size + 1, c.head_dim, c.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -1160,6 +1164,7 @@ class ActionExpert(nn.Module):
           down_proj                   normal(0, 0.02 / sqrt(2 * n_layer))
           keypoint_query_table        normal(0, 1): every token's query starts distinct and as loud as
                                       the patch scores, instead of inheriting the LLM's alike colour words
+          keypoint_word_weight        zeros: at first the hidden states alone choose the words
           other matrices              normal(0, 0.02)
           biases zeros, RMSNorm weights ones"""
         for name, p in self.named_parameters():
@@ -1167,6 +1172,8 @@ class ActionExpert(nn.Module):
                 nn.init.normal_(p, 0.0, 0.1)
             elif name.endswith("keypoint_query_table.weight"):
                 nn.init.normal_(p, 0.0, 1.0)
+            elif name.endswith("keypoint_word_weight.weight"):
+                nn.init.zeros_(p)
             elif name.endswith("down_proj.weight"):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
             elif p.dim() >= 2:
@@ -1224,7 +1231,10 @@ class ActionExpert(nn.Module):
         patches = patches.view(B, c.n_images, P, c.patch_dim)
         scores = self.keypoint_logits(patches).float()  # (B, n_images, P, keypoints)
         if c.language_keypoints:
-            read = self.keypoint_query_pool(hidden).float().masked_fill(~text_mask[..., None], float("-inf"))
+            read = self.keypoint_query_pool(hidden).float()
+            if c.keypoint_words:
+                read = read + 10 * self.keypoint_word_weight(tokens).float()
+            read = read.masked_fill(~text_mask[..., None], float("-inf"))
             table = self.keypoint_query_table(tokens).view(B, tokens.size(1), c.patch_dim, c.keypoints).float()
             query = torch.einsum("btk,btck->bck", read.softmax(dim=1), table)
             scores = scores + torch.einsum("bmpc,bck->bmpk", patches.float(), query) / math.sqrt(c.patch_dim)

@@ -660,6 +660,31 @@ def test_language_keypoints_follow_the_instruction_and_ignore_padding(vla_world)
         assert torch.equal(base, padded)
 
 
+def test_keypoint_words_let_a_word_of_its_own_choose_what_a_keypoint_reads(vla_world):
+    torch.manual_seed(0)
+    vla = tiny_vla(vla_world.tokenizer, **KEYPOINTS_ACTIONS, keypoint_words=True).eval()
+    expert, enc = vla.action_expert, vla_world.tokenizer.encode
+    assert not hasattr(tiny_vla(vla_world.tokenizer, **KEYPOINTS_ACTIONS).action_expert, "keypoint_word_weight")
+    assert expert.keypoint_word_weight.weight.abs().sum() == 0  # starts as the hidden states alone
+    batch = fake_batch(vla_world.tokenizer, vla, B=2)
+    with torch.no_grad():
+        expert.keypoint_query_pool.weight.zero_()
+        expert.keypoint_query_pool.bias.zero_()
+        expert.keypoint_word_weight.weight[enc(" red")[0]] = 3.0  # x10 in the logits: all weight on " red"
+        base = vla.encode_prefix(batch["idx"], batch["images"], batch["prefix_mask"])["keypoints"]
+        row = batch["idx"][0]
+        red = (row == enc(" red")[0]).nonzero()[0, 0]
+        other = [t for t in range(len(row)) if batch["prefix_mask"][0, t] and row[t] not in
+                 (enc(" red")[0], vla.vlm.image_token_id)][0]
+        idx = batch["idx"].clone()
+        idx[0, other] = enc(" green")[0]  # another word, unweighted: nothing moves
+        assert torch.allclose(base, vla.encode_prefix(idx, batch["images"], batch["prefix_mask"])["keypoints"], atol=1e-5)
+        idx = batch["idx"].clone()
+        idx[0, red] = enc(" green")[0]  # the weighted word gone: the query is the mean of the rest, row 0 moves
+        moved = vla.encode_prefix(idx, batch["images"], batch["prefix_mask"])["keypoints"]
+        assert not torch.allclose(base[0], moved[0], atol=1e-4) and torch.allclose(base[1], moved[1])
+
+
 def test_loss_ignores_actions_past_the_episode_end(vla_world):
     torch.manual_seed(0)
     vla = tiny_vla(vla_world.tokenizer)

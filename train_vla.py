@@ -74,6 +74,8 @@ class TrainConfig:
     cond_layers: int = 4                # action_token: last N VLM layers whose hidden states condition the expert
     keypoints: int = 16                 # spatial-softmax keypoints per image from the vision tower's patches; 0 = off
     language_keypoints: bool = True     # keypoints match patches against queries read from the instruction (model.py)
+    keypoint_words: bool = False        # language keypoints also weigh each instruction word by a learned weight of its own
+                                        # (model.py), so an unseen paraphrase still reads the colour word (docs/stage2.md)
     state_norm: str = "meanstd"         # normalization of the proprio state: meanstd | minmax | quantile
     action_norm: str = "minmax"         # of the actions (minmax: dataset range -> [-1, 1])
     # optimization
@@ -709,7 +711,8 @@ def expert_config(cfg, vlm, n_frames, n_cameras, state_dim, action_dim):
         n_head=llm.n_head, n_kv_head=llm.n_kv_head, head_dim=llm.head_dim, state_dim=state_dim, action_dim=action_dim,
         n_frames=n_frames, n_images=n_images, keypoints=cfg.keypoints,
         suffix_start=128 if n_images * vlm.n_visual_tokens <= 96 else -(-(n_images * vlm.n_visual_tokens + 96) // 64) * 64,
-        language_keypoints=language_keypoints, vocab_size=llm.vocab_size, patch_grid=vlm.vision_config.grid,
+        language_keypoints=language_keypoints, keypoint_words=language_keypoints and cfg.keypoint_words,
+        vocab_size=llm.vocab_size, patch_grid=vlm.vision_config.grid,
         patch_dim=vlm.vision_config.n_embd, predict=cfg.predict, chunk_size=cfg.chunk_size, vlm_n_embd=llm.n_embd,
         cond_layers=min(cfg.cond_layers, llm.n_layer), rope_theta=llm.rope_theta, qk_norm=llm.qk_norm)
 

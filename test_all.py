@@ -751,8 +751,10 @@ def test_keypoint_probe_scores_a_channel_that_tracks_the_target(vla_world, tmp_p
     # the probe of a trained policy: one R^2 per keypoint channel
     out = str(tmp_path / "run")
     train_vla.main(vla_args(vla_world, out, "--max_steps=2", "--keypoints=3", "--val_every=0"))
-    r2 = train_vla.probe_keypoints(train_vla.parse_config(train_vla.TrainConfig, [f"--out_dir={out}"]), scenes_per_task=2)
-    assert r2.shape == (3,) and np.all(r2 <= 1)
+    r2, r2_paraphrased = train_vla.probe_keypoints(train_vla.parse_config(train_vla.TrainConfig, [f"--out_dir={out}"]),
+                                                   scenes_per_task=2)
+    assert r2.shape == r2_paraphrased.shape == (3,) and np.all(r2 <= 1) and np.all(r2_paraphrased <= 1)
+    assert not np.allclose(r2, r2_paraphrased)  # language keypoints: other words, other points
 
 
 def test_episode_windows_pad_past_frames_with_stride_and_mask_the_end(vla_world):

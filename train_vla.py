@@ -871,27 +871,33 @@ def probe_keypoints(cfg, scenes_per_task=40):
     """Does some keypoint follow the object the instruction names? For each keypoint channel of
     out_dir's policy on the first camera, the R^2 of a linear fit from its (x, y) to the target
     object's table position, over the first frames of the evaluation scenes (seen split). The
-    policies that succeed are those where one channel locks on (docs/experiments.md, "seeds")."""
+    policies that succeed are those where one channel locks on (docs/experiments.md, "seeds").
+    The same scenes again with each task's held-out paraphrase as the instruction: does the channel
+    still follow when the words change (reach failed on "bring the gripper above the ...": docs/stage2.md)?
+    Returns (R^2 per channel with the seen instructions, with the paraphrases)."""
     policy = load_policy(find_checkpoint(cfg.out_dir), device="cpu")
     c = policy.vla.action_expert.config
     if not c.keypoints:
         raise D.UserError(f"the policy in {cfg.out_dir} has no keypoints (trained with --keypoints=0)")
-    points, targets = [], []
+    points, paraphrased, targets = [], [], []
     for task in eval_sim.TASKS:
         for i in range(scenes_per_task):
             env = eval_sim.TabletopEnv(task, policy.settings["image_size"])
             obs, _ = env.reset(eval_sim.EVAL_SEED + i)
             target = env.scene.objs[env.scene.goal["target"]]
-            with torch.no_grad():
-                batch = policy.inputs([obs])
-                keypoints = policy.vla.encode_prefix(batch["idx"], batch["images"], batch["prefix_mask"])["keypoints"]
-            points.append(keypoints.view(c.n_images, c.keypoints, 2)[0].numpy())
+            paraphrase = eval_sim.instruction_text(env.scene, len(eval_sim.TEMPLATES[task]) - 1)
+            for out, o in ((points, obs), (paraphrased, dict(obs, instruction=paraphrase))):
+                with torch.no_grad():
+                    batch = policy.inputs([o])
+                    keypoints = policy.vla.encode_prefix(batch["idx"], batch["images"], batch["prefix_mask"])["keypoints"]
+                out.append(keypoints.view(c.n_images, c.keypoints, 2)[0].numpy())
             targets.append((target.x, target.y))
-    r2 = keypoint_r2(np.array(points), np.array(targets))
-    best = np.argsort(r2)[::-1]
+    r2, r2_paraphrased = (keypoint_r2(np.array(p), np.array(targets)) for p in (points, paraphrased))
+    best = np.argsort(r2)[::-1][:4]
     print(f"{cfg.out_dir}: R^2 of the instructed object's position from each {policy.settings['cameras'][0]}-camera "
-          f"keypoint ({len(targets)} scenes), best first: " + ", ".join(f"#{k} {r2[k]:.2f}" for k in best[:4]))
-    return r2
+          f"keypoint ({len(targets)} scenes), best first: " + ", ".join(f"#{k} {r2[k]:.2f}" for k in best)
+          + "; the same channels with the held-out paraphrases: " + ", ".join(f"#{k} {r2_paraphrased[k]:.2f}" for k in best))
+    return r2, r2_paraphrased
 
 
 def keypoint_r2(points, targets):

@@ -75,8 +75,8 @@ class TrainConfig:
     keypoints: int = 16                 # spatial-softmax keypoints per image from the vision tower's patches; 0 = off
     language_keypoints: bool = True     # keypoints match patches against queries read from the instruction (model.py)
     keypoint_words: bool = False        # language keypoints also weigh each instruction word by a learned weight of its own
-                                        # (model.py): an unseen paraphrase still reads the colour word, but from the default
-                                        # VLM 86.5% against 89.5% without over five seeds (docs/stage2.md)
+                                        # (model.py): an unseen paraphrase still reads the colour word. Off: from the default
+                                        # VLM stage 3 did worse with it over five seeds (docs/stage2.md)
     state_norm: str = "meanstd"         # normalization of the proprio state: meanstd | minmax | quantile
     action_norm: str = "minmax"         # of the actions (minmax: dataset range -> [-1, 1])
     # optimization
@@ -887,11 +887,12 @@ def probe_keypoints(cfg, scenes_per_task=40):
             obs, _ = env.reset(eval_sim.EVAL_SEED + i)
             target = env.scene.objs[env.scene.goal["target"]]
             paraphrase = eval_sim.instruction_text(env.scene, len(eval_sim.TEMPLATES[task]) - 1)
-            for out, o in ((points, obs), (paraphrased, dict(obs, instruction=paraphrase))):
-                with torch.no_grad():
-                    batch = policy.inputs([o])
-                    keypoints = policy.vla.encode_prefix(batch["idx"], batch["images"], batch["prefix_mask"])["keypoints"]
-                out.append(keypoints.view(c.n_images, c.keypoints, 2)[0].numpy())
+            with torch.no_grad():  # the scene with its instruction and with the paraphrase, one batch
+                batch = policy.inputs([obs, dict(obs, instruction=paraphrase)])
+                keypoints = policy.vla.encode_prefix(batch["idx"], batch["images"], batch["prefix_mask"])["keypoints"]
+            first_camera = keypoints.view(2, c.n_images, c.keypoints, 2)[:, 0].numpy()
+            points.append(first_camera[0])
+            paraphrased.append(first_camera[1])
             targets.append((target.x, target.y))
     r2, r2_paraphrased = (keypoint_r2(np.array(p), np.array(targets)) for p in (points, paraphrased))
     best = np.argsort(r2)[::-1][:4]

@@ -303,10 +303,13 @@ def _relation(a, b):
     return "below" if dy < 0 else "above"
 
 
-def describe_scene(env_or_scene):
-    """A caption answerable from the scene camera: objects, regions, bowls, stacks, gripper."""
+def describe_scene(env_or_scene, colour_order=False):
+    """A caption answerable from the scene camera: objects, regions, bowls, stacks, gripper. Objects in the scene's
+    (random) order, or with colour_order in COLOUR_NAMES' order: the next one to name is then the next colour present."""
     s = getattr(env_or_scene, "scene", env_or_scene)
     objs, mov, bowls = s.objs, s.movables(), s.bowls()
+    if colour_order:
+        mov, bowls = (sorted(group, key=lambda i: COLOUR_NAMES.index(objs[i].colour)) for group in (mov, bowls))
     parts = [f"on the table there are {_plural(len(mov), 'object')} and {_plural(len(bowls), 'bowl')}."]
     for i in mov:
         o = objs[i]
@@ -1016,7 +1019,7 @@ def collect(out, episodes_per_task=100, tasks=TASKS, image_size=64, noise=0.2, s
     return writer.num_episodes
 
 
-def vlm_sample(index, image_size=64, split="train", question_sets=1):
+def vlm_sample(index, image_size=64, split="train", question_sets=1, caption_colour_order=False):
     """A stage-2 example: scene image (H, W, 3) uint8, its caption, question/answer pairs, scene_labels.
 
     The scene is caught partway through an expert episode, so some images show held objects,
@@ -1034,7 +1037,7 @@ def vlm_sample(index, image_size=64, split="train", question_sets=1):
     qa = scene_questions(env, rng)
     for _ in range(question_sets - 1):  # more draws ask about other objects; questions already asked are dropped
         qa += [pair for pair in scene_questions(env, rng) if pair not in qa]
-    return scene_camera(env.scene, image_size), describe_scene(env), qa, scene_labels(env)
+    return scene_camera(env.scene, image_size), describe_scene(env, caption_colour_order), qa, scene_labels(env)
 
 
 def bench(steps=5000, episodes_per_task=50):

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -442,6 +443,11 @@ def test_captions_and_questions_are_grounded_and_answers_are_short():
     caption = eval_sim.describe_scene(env)
     for o in env.scene.objs:
         assert o.name in caption
+    in_colour_order = eval_sim.describe_scene(env, colour_order=True)  # the same sentences, objects sorted by colour
+    assert sorted(in_colour_order.split(". ")[1:-2]) == sorted(caption.split(". ")[1:-2])
+    named = [eval_sim.COLOUR_NAMES.index(c) for c, kind in re.findall(r"the (\w+) (block|disc)\b", in_colour_order)]
+    first_mention = list(dict.fromkeys(named))
+    assert first_mention == sorted(first_mention) and len(first_mention) == len(env.scene.movables())
     for q, a in eval_sim.scene_questions(env, random.Random(0)):
         assert q.endswith("?") and 1 <= len(a.split()) <= 2
 

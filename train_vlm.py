@@ -55,6 +55,7 @@ class TrainConfig:
                                         # repeats dropped): more questions that name an object per rendered image
     caption_every: int = 4              # data=world: every caption_every-th scene is a caption (with world_turns > 0:
                                         # every caption_every-th micro-batch), the others questions
+    caption_colour_order: bool = False  # data=world: captions name objects in a fixed colour order, not the scene's random one
     # model: the new parts (the LLM's shape comes from --init)
     image_size: int = 64
     patch_size: int = 8
@@ -188,8 +189,10 @@ def train(cfg):
                                                     turns=cfg.world_turns,
                                                     caption_block=cfg.micro_batch if cfg.world_turns else 1,
                                                     caption_every=cfg.caption_every,
-                                                    question_sets=cfg.world_question_sets), cfg.world_train
-        val_examples = [world_example(i, "val", cfg.image_size) for i in range(cfg.world_val)]
+                                                    question_sets=cfg.world_question_sets,
+                                                    caption_colour_order=cfg.caption_colour_order), cfg.world_train
+        val_examples = [world_example(i, "val", cfg.image_size, caption_colour_order=cfg.caption_colour_order)
+                        for i in range(cfg.world_val)]
     else:
         examples = D.read_image_text(D.expand_paths(cfg.data))
         n_val = max(1, int(len(examples) * cfg.val_fraction))
@@ -607,14 +610,15 @@ def load_vlm(ckpt_dir, map_location="cpu"):
 # -----------------------------------------------------------------------------------------------
 # The built-in world's data and the validation of answers
 
-def world_example(index, split, image_size, turns=0, caption_block=1, caption_every=4, question_sets=1):
+def world_example(index, split, image_size, turns=0, caption_block=1, caption_every=4, question_sets=1,
+                  caption_colour_order=False):
     """A rendered scene as one conversation: its caption when (index // caption_block) is a multiple
     of caption_every, else its questions (eval_sim.scene_questions, shuffled; the first `turns` of
     them when turns > 0). Apart, because a caption in the same conversation would give the answers
     away. With caption_block = the micro-batch and scenes read in order, captions (~100 tokens) come
     in micro-batches of their own and short questions are not padded to a caption's length."""
     from eval_sim import vlm_sample
-    image, caption, qa, labels = vlm_sample(index, image_size, split, question_sets)
+    image, caption, qa, labels = vlm_sample(index, image_size, split, question_sets, caption_colour_order)
     if (index // caption_block) % caption_every == 0:
         chat = [(D.CAPTION_PROMPT, caption)]
     else:

@@ -2498,8 +2498,9 @@ def test_answer_every_token_reads_at_each_answer_token_and_generation_matches_th
     torch.manual_seed(0)
     args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "e") + [
         "--answer_keypoints=2", "--answer_every_token", "--answer_summary=4", "--answer_glimpse=4"]
-    with pytest.raises(data.UserError, match="need --answer_glimpse > 0"):  # a glimpse option without a glimpse
-        train_vlm.main(args[:-1] + ["--answer_glimpse_dense"])
+    no_glimpse = train_vlm.vlm_from_llm(train_vlm.parse_config(train_vlm.TrainConfig, args[:-1] + ["--answer_glimpse=0"]),
+                                        ((0.5,) * 3, (0.5,) * 3))[0].vision_config  # the grey, dense defaults go with it
+    assert (no_glimpse.answer_glimpse, no_glimpse.answer_glimpse_grey, no_glimpse.answer_glimpse_dense) == (0, False, False)
     model, tok = train_vlm.vlm_from_llm(train_vlm.parse_config(train_vlm.TrainConfig, args), ((0.5,) * 3, (0.5,) * 3))
     model.eval()
     with torch.no_grad():  # the read-out's tables large enough to change every answer token's prediction

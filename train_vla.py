@@ -74,9 +74,9 @@ class TrainConfig:
     cond_layers: int = 4                # action_token: last N VLM layers whose hidden states condition the expert
     keypoints: int = 16                 # spatial-softmax keypoints per image from the vision tower's patches; 0 = off
     language_keypoints: bool = True     # keypoints match patches against queries read from the instruction (model.py)
-    keypoint_words: bool = False        # language keypoints also weigh each instruction word by a learned weight of its own
-                                        # (model.py): an unseen paraphrase still reads the colour word. Off: from the default
-                                        # VLM stage 3 did worse with it over five seeds (docs/stage2.md)
+    keypoint_words: bool = True         # language keypoints also weigh each instruction word by a learned weight of its own
+                                        # (model.py): an unseen paraphrase still reads the colour word, whatever the VLM's hidden
+                                        # states make of it (docs/stage2.md)
     state_norm: str = "meanstd"         # normalization of the proprio state: meanstd | minmax | quantile
     action_norm: str = "minmax"         # of the actions (minmax: dataset range -> [-1, 1])
     # optimization

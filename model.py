@@ -672,12 +672,13 @@ class AnswerKeypoints(nn.Module):
     pooled patch features, and one linear layer adds all keypoints' to the answer position's input; with
     pairs, also each keypoint pair's |dx|, |dy|, distance and signs of (dx, dy): the nonlinear pieces of "left
     of", "above" and region answers, which the decoder was slow to learn from x, y alone (docs/stage2.md). Options
-    (train_vlm.py turns them all on: 84-89% held-out against 78-81% without them, docs/stage2.md): glimpse, a small
+    (train_vlm.py turns them all on; what each gave: docs/stage2.md): glimpse, a small
     CNN over the pixels around each keypoint (grey: from brightness only; dense: the CNN once over the image,
     max-pooled per patch); near, a pull of keypoints 1.. towards keypoint 0 as strong as the question's words ask;
     every token, a read-out at each answer token too, aimed by the turn's words up to it, each word also weighted
     by how far back it lies (generation re-aims them at every new token); summary, features max-pooled over the
-    patches (what the image holds: a caption's next colour). The glimpse and summary read the first image only (stage 2's one camera).
+    patches (what the image holds: a caption's next colour). The glimpse and summary read the first image only
+    (stage 2's one camera).
     Matching a word against the patches is one dot product, so "what colour is the bowl at the top?" needs
     no attention circuit in the decoder to find the bowl first (docs/stage2.md). In stage 3 the prompt
     ends with <|assistant|> too: there the instruction aims them."""

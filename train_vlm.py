@@ -56,8 +56,8 @@ class TrainConfig:
     caption_every: int = 4              # data=world: every caption_every-th scene is a caption (with world_turns > 0:
                                         # every caption_every-th micro-batch), the others questions
     caption_colour_order: bool = True   # data=world: captions name objects in a fixed colour order (the next to name is the
-                                        # next colour present), not the scene's random one: captions P/R 74-75 / 72-78%
-                                        # against 70-73 / 47-59% in two probe seeds (docs/stage2.md)
+                                        # next colour present), not the scene's random one, which left objects out and
+                                        # repeated others (docs/stage2.md)
     # model: the new parts (the LLM's shape comes from --init)
     image_size: int = 64
     patch_size: int = 8
@@ -77,7 +77,7 @@ class TrainConfig:
                                         # (model.AnswerKeypoints; off when their word table would pass 50M parameters); 0 = off
     answer_pairs: bool = True           # the answer keypoints also hand over each pair's |dx|, |dy|, distance, signs (model.py):
                                         # 79.9% against 70.9% over three probe seeds (docs/stage2.md)
-    # These six together: 84.4-88.9% held-out over seven runs against 78.3-81.1% over four without them (docs/stage2.md)
+    # The next six together read shape, the gripper and captions that keypoint pairs alone did not (docs/stage2.md)
     answer_glimpse: int = 16            # > 0: the answer keypoints also read a square of this many pixels around where they point
                                         # through a small CNN (model.py): shape, the gripper's fingers are finer than a patch; 0 = off
     answer_glimpse_grey: bool = True    # the glimpse sees brightness only: shape and the fingers need no colour, and stage 3

@@ -500,8 +500,6 @@ class VisionConfig:
                                   # words ask ("the object nearest the gripper"); off for old checkpoints
     fact_outputs: int = 0         # > 0: the projector also holds a linear read-out of this many facts per visual token,
                                   # trained by stage 2's dense loss on what each cell shows (train_vlm.py --cell_facts)
-    glimpse_fact_outputs: int = 0  # > 0 (needs answer_glimpse_dense): the same facts read linearly off the dense glimpse's
-                                   # map per patch (train_vlm.py --glimpse_facts): shape and fingers taught directly
 
     @property
     def stem_widths(self):  # output channels of each stem layer
@@ -650,10 +648,6 @@ class Projector(nn.Module):
                                                     glimpse_grey=c.answer_glimpse_grey,
                                                     glimpse_dense=c.answer_glimpse_dense, near=c.answer_near,
                                                     recency=c.answer_every_token, summary=c.answer_summary)
-        if c.glimpse_fact_outputs and not shuffled_norm:  # a patch's glimpse features -> its cell's facts (training only)
-            if not (c.answer_keypoints and c.answer_glimpse and c.answer_glimpse_dense):
-                raise ValueError("glimpse_fact_outputs needs answer_keypoints, answer_glimpse and answer_glimpse_dense")
-            self.glimpse_facts = nn.Linear(self.answer_keypoints.glimpse[-2].out_channels, c.glimpse_fact_outputs)
 
     def forward(self, x):
         B, _, C = x.shape
@@ -786,15 +780,10 @@ class AnswerKeypoints(nn.Module):
     def dense_glimpses(self, images, w):
         """images (B, 1, 3, H, W), w (B, A, P, K) over its patches -> (B, A, K, glimpse_width): the CNN over the whole
         image, max-pooled within each patch, pooled with each keypoint's weights there (renormalized: its share)."""
-        f = self.glimpse_map(images)  # (B, P, glimpse_width)
-        return torch.einsum("bapk,bpf->bakf", w, f) / w.sum(2).clamp(min=1e-9)[..., None]
-
-    def glimpse_map(self, images):
-        """images (B, 1, 3, H, W) standardized -> (B, P, glimpse_width): the glimpse CNN over the whole first image,
-        max-pooled within each patch (raster order, the tower's patches')."""
         images = images[:, 0].mean(1, keepdim=True) if self.glimpse_grey else images[:, 0]
         f = self.glimpse(images.to(self.glimpse[0].weight.dtype))
-        return F.adaptive_max_pool2d(f, self.grid).flatten(2).transpose(1, 2).float()
+        f = F.adaptive_max_pool2d(f, self.grid).flatten(2).transpose(1, 2).float()  # (B, P, glimpse_width)
+        return torch.einsum("bapk,bpf->bakf", w, f) / w.sum(2).clamp(min=1e-9)[..., None]
 
     def place_in_turn(self, words, turn):
         """(B, T): each word's index among its turn's words, capped at max_words - 1."""

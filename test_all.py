@@ -2365,25 +2365,6 @@ def test_cell_facts_loss_trains_a_readout_that_is_saved_and_loaded(tiny_llm_chec
     assert train_vlm.cell_facts_loss(sure, facts) < 0.01 < train_vlm.cell_facts_loss(-sure, facts)
 
 
-def test_glimpse_facts_train_the_dense_glimpse_cnn_through_a_saved_readout(tiny_llm_checkpoint, tmp_path):
-    runs = {}
-    for weight in (0.0, 1.0):
-        out = str(tmp_path / f"glimpse_facts_{weight}")
-        train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, out) + ["--max_steps=2", f"--glimpse_facts={weight}"])
-        runs[weight] = train_vlm.load_vlm(out)
-    model, cfg, _ = runs[1.0]
-    assert cfg["vision"]["glimpse_fact_outputs"] == train_vlm.CELL_FEATURES and runs[0.0][1]["vision"]["glimpse_fact_outputs"] == 0
-    assert model.projector.glimpse_facts.weight.shape == (train_vlm.CELL_FEATURES, 64)
-    # the same seed and data: only the extra loss can move the glimpse's first convolution differently
-    assert not torch.allclose(model.projector.answer_keypoints.glimpse[0].weight,
-                              runs[0.0][0].projector.answer_keypoints.glimpse[0].weight)
-    images = torch.rand(2, 1, 3, 16, 16)
-    assert model.projector.answer_keypoints.glimpse_map(images).shape == (2, model.vision_config.grid ** 2, 64)
-    no_glimpse = train_vlm.parse_config(train_vlm.TrainConfig, tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "x") +
-                                        ["--glimpse_facts=1.0", "--answer_glimpse=0"])
-    assert train_vlm.vlm_from_llm(no_glimpse, ((0.5,) * 3, (0.5,) * 3))[0].vision_config.glimpse_fact_outputs == 0
-
-
 def test_cells_oracle_maps_each_cells_facts_plus_its_position(tiny_llm_checkpoint, tmp_path):
     args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "cells") + ["--probe", "--oracle=cells"]
     model, tok = train_vlm.vlm_from_llm(train_vlm.parse_config(train_vlm.TrainConfig, args), ((0.5,) * 3, (0.5,) * 3))

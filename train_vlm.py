@@ -92,8 +92,6 @@ class TrainConfig:
                                         # ask (model.py): "the object nearest the gripper"
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
-    glimpse_facts: float = 0.0          # data=world, needs the dense glimpse: weight of the same dense loss on a linear read-out
-                                        # of the glimpse's map per patch (the kinds and the fingers, taught at the pixels)
     ground_keypoints: float = 1.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the
                                         # patch of the k-th thing its question names (an object by colour, or the gripper);
                                         # off, with one printed line, where the model has no answer keypoints
@@ -150,7 +148,7 @@ RANGES = {**SHARED_RANGES, "world_train": (1, None), "world_val": (1, None), "im
           "show_captions": (0, None), "world_turns": (0, None), "caption_every": (1, None), "world_question_sets": (1, None),
           "cell_words": (0, None), "cell_facts": (0, None), "answer_keypoints": (0, None),
           "answer_glimpse": (0, None), "answer_summary": (0, None),
-          "ground_keypoints": (0, None), "patch_facts": (0, None), "glimpse_facts": (0, None)}
+          "ground_keypoints": (0, None), "patch_facts": (0, None)}
 RULES = SHARED_RULES + [
     (lambda c, w: c.image_size % c.patch_size == 0 and (c.image_size // c.patch_size) % c.pixel_shuffle == 0,
      "--image_size={image_size} must be a multiple of patch_size {patch_size}, and the patch grid a multiple of "
@@ -313,12 +311,6 @@ def train(cfg):
                 if facts is not None:  # (B * n_images, cells, CELL_FEATURES), the visual tokens' order
                     predicted = raw_model.projector.facts(extras["visual"].view(*facts.shape[:2], -1))
                     loss = loss + cfg.cell_facts * cell_facts_loss(predicted.float(), facts)
-                if raw_model.vision_config.glimpse_fact_outputs:  # the first image's: the one the glimpse reads
-                    answer_keypoints = raw_model.projector.answer_keypoints
-                    glimpse_map = answer_keypoints.glimpse_map(raw_model.vision.standardize(images[:, :1]))
-                    loss = loss + cfg.glimpse_facts * cell_facts_loss(
-                        raw_model.projector.glimpse_facts(glimpse_map).float(),
-                        cell_facts(batch[3][:, 0].float(), raw_model.vision_config.grid).to(dist.device))
                 if patch_reader is not None:
                     patch_targets = cell_facts(batch[3].flatten(0, 1).float(), raw_model.vision_config.grid).to(dist.device)
                     loss = loss + cfg.patch_facts * cell_facts_loss(patch_reader(extras["patches"]).float(), patch_targets)
@@ -419,9 +411,7 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             answer_every_token=cfg.answer_every_token and keypoints > 0,
                             answer_summary=cfg.answer_summary if keypoints else 0,
                             answer_near=cfg.answer_near and keypoints > 1,
-                            fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0,
-                            glimpse_fact_outputs=CELL_FEATURES if (cfg.glimpse_facts and cfg.data == "world" and not cfg.oracle
-                                                                   and glimpse and cfg.answer_glimpse_dense) else 0)
+                            fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,
                       prompt_end_id=tokenizer.special("<|assistant|>"), prompt_start_id=tokenizer.special("<|user|>"),

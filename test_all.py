@@ -2365,6 +2365,17 @@ def test_cell_facts_loss_trains_a_readout_that_is_saved_and_loaded(tiny_llm_chec
     assert train_vlm.cell_facts_loss(sure, facts) < 0.01 < train_vlm.cell_facts_loss(-sure, facts)
 
 
+def test_score_answers_more_held_out_scenes_and_lists_the_mistakes(vla_world, capsys):
+    result = train_vlm.main([f"--score={vla_world.vlm}", "--world_val=3", "--show_captions=1", "--dtype=float32"])
+    examples = [train_vlm.world_example(i, "val", 16) for i in range(3)]
+    n_questions = sum(q != data.CAPTION_PROMPT for ex in examples for q, _ in ex["turns"])
+    assert result["all"][1] == n_questions == sum(n for kind, (_, n) in result.items() if kind != "all")
+    out = capsys.readouterr().out
+    assert "3 held-out scenes" in out and " -> " in out and "captions of 3 held-out scenes" in out  # random: wrong
+    with pytest.raises(data.UserError, match="--score measures on the built-in world"):
+        train_vlm.main([f"--score={vla_world.vlm}", "--data=pairs.jsonl"])
+
+
 def test_cells_oracle_maps_each_cells_facts_plus_its_position(tiny_llm_checkpoint, tmp_path):
     args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "cells") + ["--probe", "--oracle=cells"]
     model, tok = train_vlm.vlm_from_llm(train_vlm.parse_config(train_vlm.TrainConfig, args), ((0.5,) * 3, (0.5,) * 3))

@@ -363,8 +363,9 @@ def scene_labels(env_or_scene):
     return labels + [float(s.closed), *gripper, s.gx, s.gy]
 
 
-def scene_questions(env_or_scene, rng):
-    """Question/answer pairs about the scene camera image; answers are one or two words."""
+def scene_questions(env_or_scene, rng, balance_in_bowl=False):
+    """Question/answer pairs about the scene camera image; answers are one or two words. balance_in_bowl: where an
+    object lies in a bowl, the in-bowl question asks about it half the time (training: "yes" is otherwise ~8%)."""
     s = getattr(env_or_scene, "scene", env_or_scene)
     objs, mov, bowls = s.objs, s.movables(), s.bowls()
     qa = []
@@ -387,7 +388,9 @@ def scene_questions(env_or_scene, rng):
     if bowls:
         k = rng.choice(bowls)
         qa.append((f"what colour is the bowl {region_phrase(objs[k].x, objs[k].y)}?", objs[k].colour))
-        qa.append((f"is the {o.name} in the {objs[k].name}?", "yes" if s.in_bowl(i, k) else "no"))
+        inside = [(m, b) for m in mov for b in bowls if s.in_bowl(m, b)] if balance_in_bowl else []
+        m, k = rng.choice(inside) if inside and rng.random() < 0.5 else (i, k)
+        qa.append((f"is the {objs[m].name} in the {objs[k].name}?", "yes" if s.in_bowl(m, k) else "no"))
     rng.shuffle(qa)
     return qa
 
@@ -1019,7 +1022,7 @@ def collect(out, episodes_per_task=100, tasks=TASKS, image_size=64, noise=0.2, s
     return writer.num_episodes
 
 
-def vlm_sample(index, image_size=64, split="train", question_sets=1, caption_colour_order=False):
+def vlm_sample(index, image_size=64, split="train", question_sets=1, caption_colour_order=False, balance_in_bowl=False):
     """A stage-2 example: scene image (H, W, 3) uint8, its caption, question/answer pairs, scene_labels.
 
     The scene is caught partway through an expert episode, so some images show held objects,
@@ -1034,9 +1037,9 @@ def vlm_sample(index, image_size=64, split="train", question_sets=1, caption_col
         _, _, terminated, truncated, _ = env.step(executed)
         if terminated or truncated:
             break
-    qa = scene_questions(env, rng)
+    qa = scene_questions(env, rng, balance_in_bowl)
     for _ in range(question_sets - 1):  # more draws ask about other objects; questions already asked are dropped
-        qa += [pair for pair in scene_questions(env, rng) if pair not in qa]
+        qa += [pair for pair in scene_questions(env, rng, balance_in_bowl) if pair not in qa]
     return scene_camera(env.scene, image_size), describe_scene(env, caption_colour_order), qa, scene_labels(env)
 
 

@@ -435,6 +435,18 @@ def test_heldout_split_uses_only_the_unseen_colour_and_paraphrase():
             assert held.instruction.startswith(last) and not seen.instruction.startswith(last)
 
 
+def test_balance_in_bowl_asks_more_often_about_an_object_in_a_bowl_in_training_scenes_only():
+    def in_bowl_answers(split, balance):
+        return [a for i in range(200) for q, a in eval_sim.vlm_sample(i, 16, split, balance_in_bowl=balance)[2]
+                if eval_sim.question_type(q) == "in bowl"]
+    plain, balanced = in_bowl_answers("train", False), in_bowl_answers("train", True)
+    assert balanced.count("yes") >= 1.5 * plain.count("yes") > 0 and len(balanced) == len(plain)
+    assert train_vlm.parse_config(train_vlm.TrainConfig, ["--balance_in_bowl"]).balance_in_bowl
+    scene = 1  # a question scene (index % caption_every != 0): train_vlm hands the option on to the world
+    assert train_vlm.world_example(scene, "train", 16, balance_in_bowl=True)["turns"] == \
+        eval_sim.vlm_sample(scene, 16, "train", balance_in_bowl=True)[2]
+
+
 def test_captions_and_questions_are_grounded_and_answers_are_short():
     image, caption, qa, _ = eval_sim.vlm_sample(3, image_size=32)
     assert image.shape == (32, 32, 3) and qa

@@ -1022,12 +1022,14 @@ def collect(out, episodes_per_task=100, tasks=TASKS, image_size=64, noise=0.2, s
     return writer.num_episodes
 
 
-def vlm_sample(index, image_size=64, split="train", question_sets=1, caption_colour_order=False, balance_in_bowl=False):
+def vlm_sample(index, image_size=64, split="train", question_sets=1, caption_colour_order=False, balance_in_bowl=False,
+               hold_more=False):
     """A stage-2 example: scene image (H, W, 3) uint8, its caption, question/answer pairs, scene_labels.
 
     The scene is caught partway through an expert episode, so some images show held objects,
     stacks and filled bowls. train and val use disjoint seeds. Only the last state is rendered
-    (rendering every step of the roll-out made an example 5x slower)."""
+    (rendering every step of the roll-out made an example 5x slower). hold_more: half the scenes where nothing is
+    held roll on (up to 40 steps) until the gripper holds something, where the task picks things up."""
     rng = random.Random(f"vlm-{split}-{index}")
     task = TASKS[index % len(TASKS)]
     env = TabletopEnv(task, image_size, "seen", render=False)
@@ -1037,6 +1039,12 @@ def vlm_sample(index, image_size=64, split="train", question_sets=1, caption_col
         _, _, terminated, truncated, _ = env.step(executed)
         if terminated or truncated:
             break
+    if hold_more and env.scene.held < 0 and rng.random() < 0.5:
+        for _ in range(40):
+            _, executed = expert_action(env.scene, rng, 0.2)
+            _, _, terminated, truncated, _ = env.step(executed)
+            if terminated or truncated or env.scene.held >= 0:
+                break
     qa = scene_questions(env, rng, balance_in_bowl)
     for _ in range(question_sets - 1):  # more draws ask about other objects; questions already asked are dropped
         qa += [pair for pair in scene_questions(env, rng, balance_in_bowl) if pair not in qa]

@@ -447,6 +447,15 @@ def test_balance_in_bowl_asks_more_often_about_an_object_in_a_bowl_in_training_s
         eval_sim.vlm_sample(scene, 16, "train", balance_in_bowl=True)[2]
 
 
+def test_hold_more_rolls_training_scenes_on_until_something_is_held():
+    def held(hold_more):
+        return sum(a != "nothing" for i in range(200) for q, a in eval_sim.vlm_sample(i, 16, "train", hold_more=hold_more)[2]
+                   if eval_sim.question_type(q) == "holding")
+    assert held(True) >= 1.3 * held(False) > 0
+    assert train_vlm.world_example(1, "train", 16, hold_more=True)["turns"] == \
+        eval_sim.vlm_sample(1, 16, "train", hold_more=True)[2]
+
+
 def test_captions_and_questions_are_grounded_and_answers_are_short():
     image, caption, qa, _ = eval_sim.vlm_sample(3, image_size=32)
     assert image.shape == (32, 32, 3) and qa

@@ -61,6 +61,8 @@ class TrainConfig:
                                         # repeated others (docs/stage2.md)
     balance_in_bowl: bool = False       # data=world, training scenes: where an object lies in a bowl, "is the X in the Y bowl?"
                                         # asks about it half the time ("yes" is otherwise rare; held-out scenes unchanged)
+    hold_more: bool = False             # data=world, training scenes: half of those where nothing is held roll on until the
+                                        # gripper holds something (where the task picks up; held-out scenes unchanged)
     # model: the new parts (the LLM's shape comes from --init)
     image_size: int = 64
     patch_size: int = 8
@@ -200,7 +202,8 @@ def train(cfg):
                                                     caption_every=cfg.caption_every,
                                                     question_sets=cfg.world_question_sets,
                                                     caption_colour_order=cfg.caption_colour_order,
-                                                    balance_in_bowl=cfg.balance_in_bowl), cfg.world_train
+                                                    balance_in_bowl=cfg.balance_in_bowl,
+                                                    hold_more=cfg.hold_more), cfg.world_train
         val_examples = [world_example(i, "val", cfg.image_size, caption_colour_order=cfg.caption_colour_order)
                         for i in range(cfg.world_val)]
     else:
@@ -623,14 +626,15 @@ def load_vlm(ckpt_dir, map_location="cpu"):
 # The built-in world's data and the validation of answers
 
 def world_example(index, split, image_size, turns=0, caption_block=1, caption_every=4, question_sets=1,
-                  caption_colour_order=False, balance_in_bowl=False):
+                  caption_colour_order=False, balance_in_bowl=False, hold_more=False):
     """A rendered scene as one conversation: its caption when (index // caption_block) is a multiple
     of caption_every, else its questions (eval_sim.scene_questions, shuffled; the first `turns` of
     them when turns > 0). Apart, because a caption in the same conversation would give the answers
     away. With caption_block = the micro-batch and scenes read in order, captions (~100 tokens) come
     in micro-batches of their own and short questions are not padded to a caption's length."""
     from eval_sim import vlm_sample
-    image, caption, qa, labels = vlm_sample(index, image_size, split, question_sets, caption_colour_order, balance_in_bowl)
+    image, caption, qa, labels = vlm_sample(index, image_size, split, question_sets, caption_colour_order, balance_in_bowl,
+                                            hold_more)
     if (index // caption_block) % caption_every == 0:
         chat = [(D.CAPTION_PROMPT, caption)]
     else:

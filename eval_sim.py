@@ -1034,17 +1034,17 @@ def vlm_sample(index, image_size=64, split="train", question_sets=1, caption_col
     task = TASKS[index % len(TASKS)]
     env = TabletopEnv(task, image_size, "seen", render=False)
     env.reset(f"vlm-{split}-{index}")
-    for _ in range(rng.randrange(30)):
-        _, executed = expert_action(env.scene, rng, 0.2)
-        _, _, terminated, truncated, _ = env.step(executed)
-        if terminated or truncated:
-            break
-    if hold_more and env.scene.held < 0 and rng.random() < 0.5:
-        for _ in range(40):
+
+    def roll_on(steps, until_held=False):
+        for _ in range(steps):
             _, executed = expert_action(env.scene, rng, 0.2)
             _, _, terminated, truncated, _ = env.step(executed)
-            if terminated or truncated or env.scene.held >= 0:
-                break
+            if terminated or truncated or (until_held and env.scene.held >= 0):
+                return
+
+    roll_on(rng.randrange(30))
+    if hold_more and env.scene.held < 0 and rng.random() < 0.5:
+        roll_on(40, until_held=True)
     qa = scene_questions(env, rng, balance_in_bowl)
     for _ in range(question_sets - 1):  # more draws ask about other objects; questions already asked are dropped
         qa += [pair for pair in scene_questions(env, rng, balance_in_bowl) if pair not in qa]

@@ -365,7 +365,7 @@ def scene_labels(env_or_scene):
 
 def scene_questions(env_or_scene, rng, balance_in_bowl=False):
     """Question/answer pairs about the scene camera image; answers are one or two words. balance_in_bowl: where an
-    object lies in a bowl, the in-bowl question asks about it half the time (training: "yes" is otherwise ~8%)."""
+    object lies in a bowl, the in-bowl question asks about it half the time (training: "yes" is otherwise ~6%)."""
     s = getattr(env_or_scene, "scene", env_or_scene)
     objs, mov, bowls = s.objs, s.movables(), s.bowls()
     qa = []

@@ -6,7 +6,7 @@ Stage 2: the stage-1 language model grows eyes and becomes a vision-language mod
     python train_vlm.py --data=pairs.jsonl,shards/*.tar   # your image-text data (see data.py)
     torchrun --standalone --nproc_per_node=8 train_vlm.py --init=out/llm --out_dir=out/vlm
     python train_vlm.py --resume                          # continue out_dir's run (--overwrite: start over there)
-    python train_vlm.py --score=out/vlm --world_val=256   # a trained VLM on more held-out scenes, with its mistakes
+    python train_vlm.py --score=out/vlm --world_val=512   # a trained VLM on more held-out scenes, with its mistakes
 
 Loads a stage-1 checkpoint (weights and tokenizer), adds a ViT and a pixel-shuffle projector
 (model.py: VLM) and trains on chat sequences whose <|image|> placeholders carry the image, with
@@ -769,15 +769,14 @@ def score(cfg):
     """--score: a trained VLM's held-out accuracy per question type on cfg.world_val scenes (its training run's
     caption order and image size), beside the most-common-answer prior, its commonest wrong answers per type, and
     its captions' precision and recall. Returns {type: (correct, total)}."""
+    device = setup_distributed(cfg.device).device  # one process: the same device checks as training
     model, saved, tokenizer = load_vlm(cfg.score)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
     model.to(device).eval()
     size = saved["vision"]["image_size"]
     examples = [world_example(i, "val", size, caption_colour_order=saved.get("train", {}).get("caption_colour_order", False))
                 for i in range(cfg.world_val)]
     questions = val_questions(examples, size)
-    answer = functools.partial(answer_questions, model, tokenizer, autocast=autocast_context(device, cfg.dtype),
+    answer = functools.partial(answer_questions, model, tokenizer, autocast=autocast_context(device, resolve_dtype(device, cfg.dtype)),
                                blank=cfg.blank_images)
     guesses = answer([(images, q) for images, q, _, _ in questions])
     correct, truths, wrong = Counter(), {}, {}

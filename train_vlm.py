@@ -684,13 +684,16 @@ def answer_questions(model, tokenizer, items, max_new_tokens=12, autocast=None, 
     return answers
 
 
-def question_accuracy(answer, questions, dist):
-    """{type: (correct, total)} over the held-out questions, each process answering a disjoint share."""
+def question_accuracy(answer, questions, dist, mistakes=None):
+    """{type: (correct, total)} over the held-out questions, each process answering a disjoint share.
+    mistakes: a dict to fill with {type: Counter("truth -> answer")} of this process's wrong answers."""
     mine = questions[dist.rank::dist.world_size]
     predicted = answer([(images, q) for images, q, _, _ in mine])
     counts = torch.zeros(len(TYPE_NAMES), 2)
     for (_, _, truth, kind), guess in zip(mine, predicted):
         counts[TYPE_NAMES.index(kind)] += torch.tensor([float(guess == truth), 1.0])
+        if mistakes is not None and guess != truth:
+            mistakes.setdefault(kind, Counter())[f"{truth} -> {guess}"] += 1
     if dist.world_size > 1:
         torch_dist.all_reduce(counts)
     result = {t: (int(c), int(n)) for t, (c, n) in zip(TYPE_NAMES, counts.tolist()) if n}
@@ -698,19 +701,25 @@ def question_accuracy(answer, questions, dist):
     return result
 
 
-def print_report(accuracy, questions, cfg, seconds, record, skipped):
-    """Accuracy per question type beside the most-common-answer baseline (what a model that
-    ignores the image can reach from the question text alone)."""
+def answer_priors(questions):
+    """{type: the most common answer's share, "all": the share a model answering each type's most common answer
+    gets}: what a model that ignores the image reaches from the question text alone."""
     answers_by_type = {}
     for _, _, truth, kind in questions:
         answers_by_type.setdefault(kind, []).append(truth)
+    prior = {k: max(Counter(a).values()) / len(a) for k, a in answers_by_type.items()}
+    prior["all"] = sum(max(Counter(a).values()) for a in answers_by_type.values()) / len(questions)
+    return prior
+
+
+def print_report(accuracy, questions, cfg, seconds, record, skipped):
+    """Accuracy per question type beside the most-common-answer baseline."""
+    prior = answer_priors(questions)
     print(f"\nheld-out questions{' (CONTROL: images blanked)' if cfg.blank_images else ''}: "
           f"{'type':<15}{'n':>5}{'accuracy':>10}{'most common answer':>21}")
     for kind in list(accuracy):
         correct, n = accuracy[kind]
-        base = (max(Counter(answers_by_type[kind]).values()) / n if kind != "all" else
-                sum(max(Counter(a).values()) for a in answers_by_type.values()) / n)
-        print(f"{'':<20}{kind:<15}{n:>5}{correct / n:>10.1%}{base:>21.1%}")
+        print(f"{'':<20}{kind:<15}{n:>5}{correct / n:>10.1%}{prior[kind]:>21.1%}")
     print(f"stage 2 done in {seconds:.0f}s: val loss {record['val_loss']:.4f}, held-out question accuracy "
           f"{record['val_accuracy']:.1%}" + (f", {skipped} unreadable images skipped" if skipped else "") +
           f"; checkpoint in {cfg.out_dir}")
@@ -778,27 +787,16 @@ def score(cfg):
     questions = val_questions(examples, size)
     answer = functools.partial(answer_questions, model, tokenizer, autocast=autocast_context(device, resolve_dtype(device, cfg.dtype)),
                                blank=cfg.blank_images)
-    guesses = answer([(images, q) for images, q, _, _ in questions])
-    correct, truths, wrong = Counter(), {}, {}
-    for (_, _, truth, kind), guess in zip(questions, guesses):
-        correct[kind] += guess == truth
-        truths.setdefault(kind, []).append(truth)
-        if guess != truth:
-            wrong.setdefault(kind, Counter())[f"{truth} -> {guess}"] += 1
+    mistakes = {}
+    accuracy = question_accuracy(answer, questions, SimpleNamespace(rank=0, world_size=1), mistakes)
+    prior = answer_priors(questions)
     print(f"{cfg.score}{' (images blanked)' if cfg.blank_images else ''}: {len(examples)} held-out scenes\n"
           f"{'type':<15}{'n':>5}{'accuracy':>10}{'prior':>8}  commonest mistakes (truth -> answer)")
-    result = {}
-    for kind in TYPE_NAMES:
-        if kind in truths:
-            n = len(truths[kind])
-            result[kind] = (correct[kind], n)
-            print(f"{kind:<15}{n:>5}{correct[kind] / n:>10.1%}{max(Counter(truths[kind]).values()) / n:>8.1%}  " +
-                  ", ".join(f"{m} ({k})" for m, k in wrong.get(kind, Counter()).most_common(4)))
-    result["all"] = (sum(c for c, _ in result.values()), len(questions))
-    prior = sum(max(Counter(t).values()) for t in truths.values()) / len(questions)
-    print(f"{'all':<15}{len(questions):>5}{result['all'][0] / len(questions):>10.1%}{prior:>8.1%}")
+    for kind, (correct, n) in accuracy.items():
+        print(f"{kind:<15}{n:>5}{correct / n:>10.1%}{prior[kind]:>8.1%}  " +
+              ", ".join(f"{m} ({k})" for m, k in mistakes.get(kind, Counter()).most_common(4)))
     show_captions(answer, examples, size, cfg.show_captions)
-    return result
+    return accuracy
 
 
 def probe(cfg):
@@ -829,11 +827,7 @@ def probe(cfg):
 
 
 def print_probe_table(rows, questions, cfg):
-    answers_by_type = {}
-    for _, _, truth, kind in questions:
-        answers_by_type.setdefault(kind, []).append(truth)
-    prior = {k: max(Counter(a).values()) / len(a) for k, a in answers_by_type.items()}
-    prior["all"] = sum(max(Counter(a).values()) for a in answers_by_type.values()) / len(questions)
+    prior = answer_priors(questions)
     seeds = ", ".join(str(r["seed"]) for r in rows)
     print(f"\nprobe: {cfg.max_steps} steps of {cfg.batch_size}, seeds {seeds}; accuracy with images per seed, "
           f"their mean, the mean with images blanked at test time, the most-common-answer prior")

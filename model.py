@@ -498,6 +498,8 @@ class VisionConfig:
                                   # patches of a linear map of them (which colours, kinds the image holds)
     answer_near: bool = False     # AnswerKeypoints 1.. also prefer patches near keypoint 0, as much as the question's
                                   # words ask ("the object nearest the gripper"); off for old checkpoints
+    answer_offsets: bool = False  # each patch also says where within itself its thing lies (a linear map of its
+                                  # features), so keypoint places are finer than the patch grid ("in the bowl")
     fact_outputs: int = 0         # > 0: the projector also holds a linear read-out of this many facts per visual token,
                                   # trained by stage 2's dense loss on what each cell shows (train_vlm.py --cell_facts)
 
@@ -647,7 +649,8 @@ class Projector(nn.Module):
                                                     pairs=c.answer_pairs, glimpse=c.answer_glimpse,
                                                     glimpse_grey=c.answer_glimpse_grey,
                                                     glimpse_dense=c.answer_glimpse_dense, near=c.answer_near,
-                                                    recency=c.answer_every_token, summary=c.answer_summary)
+                                                    recency=c.answer_every_token, summary=c.answer_summary,
+                                                    offsets=c.answer_offsets)
 
     def forward(self, x):
         B, _, C = x.shape
@@ -684,7 +687,8 @@ class AnswerKeypoints(nn.Module):
     ends with <|assistant|> too: there the instruction aims them."""
 
     def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32, pairs=False, glimpse=0,
-                 glimpse_width=64, glimpse_grey=False, glimpse_dense=False, near=False, recency=False, summary=0):
+                 glimpse_width=64, glimpse_grey=False, glimpse_dense=False, near=False, recency=False, summary=0,
+                 offsets=False):
         super().__init__()
         self.keypoints, self.patch_dim, self.max_words, self.grid = keypoints, patch_dim, max_words, grid
         self.pairs = torch.triu_indices(keypoints, keypoints, 1).tolist() if pairs else None  # [[k...], [l...]], k < l
@@ -698,6 +702,7 @@ class AnswerKeypoints(nn.Module):
         # read at every answer token: each word also counts by how far back it lies (the latest colour named)
         self.recency = nn.Parameter(torch.zeros(max_words, keypoints)) if recency else None
         self.summary = nn.Linear(patch_dim, summary) if summary else None  # max-pooled: what the image holds
+        self.offset = nn.Linear(patch_dim, 2) if offsets else None  # where in its patch a patch's thing lies (x, y)
         n_pairs = keypoints * (keypoints - 1) // 2 if pairs else 0
         self.glimpse_size, self.glimpse_grey, self.glimpse_dense = glimpse, glimpse_grey, glimpse_dense
         if glimpse:  # three 3x3 convolutions, then the max over the square: where in it a detail lies does not matter
@@ -716,7 +721,8 @@ class AnswerKeypoints(nn.Module):
         question words and answer starts; turn (B, T): each token's turn number; images (B, n_images, 3, H, W)
         standardized (for the glimpse) -> (B, T, n_embd), zero but at answers.
         return_attention: also {"patches": (B, A, P, K) each keypoint's softmax over the patches at the row's A
-        answers (in order; `valid` (B, A) marks real ones), "words": (B, A, T) bool, the question words each read}."""
+        answers (in order; `valid` (B, A) marks real ones), "words": (B, A, T) bool, the question words each read,
+        "xy": (B, A, K, 2) each keypoint's place in [-1, 1] (x right, y down)}."""
         B, T = idx.shape
         n_answers = answer.sum(1)
         A = int(n_answers.max())
@@ -731,15 +737,17 @@ class AnswerKeypoints(nn.Module):
         query = self.query(idx).view(B, T, self.patch_dim, self.keypoints).float()
         q = torch.einsum("batk,btck->back", a, query)
         scores = torch.einsum("bpc,back->bapk", patches.float(), q) * self.sharpness.exp()
-        grid_xy = self.xy.repeat(patches.size(1) // len(self.xy), 1)  # (P, 2): each image's own grid
+        grid_xy = self.xy.repeat(patches.size(1) // len(self.xy), 1)[None]  # (1, P, 2): each image's own grid
+        if self.offset is not None:  # up to half a patch's spacing either way: finer places than the grid
+            grid_xy = grid_xy + torch.tanh(self.offset(patches).float()) / max(self.grid - 1, 1)
         if self.near is not None:  # nearest = best match minus a distance cost; the question's words set the cost
             # x10: the table's rows learn 10x faster; -4: the pull starts near 0 (softplus(-4) = 0.018)
             pull = F.softplus(10 * torch.einsum("batk,btk->bak", a, self.near(idx).float()) - 4)  # (B, A, K)
             pull = pull * (torch.arange(self.keypoints, device=idx.device) > 0)  # keypoint 0 is the anchor
-            anchor = torch.einsum("bap,pd->bad", scores[..., 0].softmax(dim=2), grid_xy)  # (B, A, 2)
-            scores = scores - (grid_xy - anchor[:, :, None]).square().sum(-1)[..., None] * pull[:, :, None]
+            anchor = torch.einsum("bap,bpd->bad", scores[..., 0].softmax(dim=2), grid_xy.expand(B, -1, -1))  # (B, A, 2)
+            scores = scores - (grid_xy[:, None] - anchor[:, :, None]).square().sum(-1)[..., None] * pull[:, :, None]
         w = scores.softmax(dim=2)  # (B, A, P, K)
-        xy = torch.einsum("bapk,pd->bakd", w, grid_xy)
+        xy = torch.einsum("bapk,bpd->bakd", w, grid_xy.expand(B, -1, -1))
         features = torch.einsum("bapk,bpc->bakc", w, patches.float())
         read = [features, xy]
         if self.glimpse_size:  # the glimpse and the summary read the first image: the one camera stage 2 trained on
@@ -754,7 +762,7 @@ class AnswerKeypoints(nn.Module):
         out = self.out(torch.cat(read, -1).to(patches.dtype)) * valid[..., None]  # (B, A, n_embd)
         out = out.new_zeros(B, T, out.size(-1)).scatter_add(  # out is bf16 under autocast
             1, at[..., None].expand_as(out), out)
-        return (out, {"patches": w, "words": asks, "valid": valid, "at": at}) if return_attention else out
+        return (out, {"patches": w, "words": asks, "valid": valid, "at": at, "xy": xy}) if return_attention else out
 
     def glimpses(self, images, w):
         """images (B, N, 3, H, W), w (B, A, P, K) -> (B, A, K, glimpse_width): the CNN's features of a square of
@@ -840,12 +848,12 @@ class VLM(nn.Module):
           position_embedding                                    normal(0, 0.02)
           conv_stem, answer glimpse conv weights                kaiming normal (ReLU gain): the signal keeps its scale
           film table                                            zeros (the stem starts unconditioned)
-          answer keypoints' sharpness                           zeros (log scale 0: scores = patch . query)
+          answer keypoints' sharpness, offset                   zeros (scores = patch . query; places at patch centres)
           biases zeros, RMSNorm weights ones
         """
         std = 0.02
         for name, p in [*self.vision.named_parameters(), *self.projector.named_parameters(prefix="projector")]:
-            if name.startswith("film.") or name.endswith("sharpness"):
+            if name.startswith("film.") or name.endswith(("sharpness", "answer_keypoints.offset.weight")):
                 nn.init.zeros_(p)
             elif (name.startswith("conv_stem.") or ".glimpse." in name) and p.dim() > 1:
                 nn.init.kaiming_normal_(p, nonlinearity="relu")
@@ -883,7 +891,8 @@ class VLM(nn.Module):
         """What the LLM reads: {"embeds": (B, T, C) (see embed), "patches": the tower's features or None,
         "positions": Qwen3-VL's (3, B, T) position ids or None (plain RoPE), "deepstack": a list of (B, T, C)
         (Qwen3-VL's DeepStack features at the image positions, zero elsewhere; [] for other towers), "keypoints": the
-        answer keypoints' attention (AnswerKeypoints, return_attention) or None}."""
+        answer keypoints' attention (AnswerKeypoints, return_attention) at each <|assistant|>, or None; with every-token
+        reads its "every" holds their "patches", "valid", "at" and "xy" at every answer token}."""
         x = self.llm.embed_tokens(idx)
         is_image = idx == self.image_token_id  # (B, T)
         n_images = 0 if images is None else images.size(1)
@@ -912,14 +921,16 @@ class VLM(nn.Module):
             out, keypoints = self.projector.answer_keypoints(idx, patches_by_row, words, turn, read_at, standardized,
                                                              return_attention=True)
             x = x + out.to(x.dtype)
-            if self.vision.config.answer_every_token:  # hand on the <|assistant|> positions' only (grounding, pointing)
+            if self.vision.config.answer_every_token:  # hand on the <|assistant|> positions' (grounding, pointing),
+                every = {k: keypoints[k] for k in ("patches", "valid", "at", "xy")}  # and all (stage 2 grounds the named)
                 keep = idx.gather(1, keypoints["at"]) == self.prompt_end_id  # (B, A), in order
                 first = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :int(keep.sum(1).max())]
                 keypoints = {"patches": keypoints["patches"].gather(1, first[..., None, None].expand(
                                  -1, -1, *keypoints["patches"].shape[2:])),
                              "words": keypoints["words"].gather(1, first[..., None].expand(-1, -1, idx.size(1))),
                              "valid": keep.gather(1, first) & keypoints["valid"].gather(1, first),
-                             "at": keypoints["at"].gather(1, first)}
+                             "at": keypoints["at"].gather(1, first), "every": every,
+                             "xy": keypoints["xy"].gather(1, first[..., None, None].expand(-1, -1, *keypoints["xy"].shape[2:]))}
         deepstack = [x.new_zeros(x.shape).masked_scatter(is_image.unsqueeze(-1), projector(h).to(x.dtype))
                      for projector, h in zip(self.projector.deepstack, layers)] if layers else []
         return {"embeds": x, "patches": patches, "positions": positions, "deepstack": deepstack, "keypoints": keypoints}

@@ -2562,6 +2562,61 @@ def test_answer_every_token_reads_at_each_answer_token_and_generation_matches_th
         assert model.answer_tokens(out, (out == tok.special("<|user|>")).cumsum(1))[0, ids.size(1):].all()
 
 
+def test_answer_offsets_place_each_keypoint_within_half_a_patch_of_its_patches_centres():
+    torch.manual_seed(0)
+    idx = torch.tensor([[0, 1, 2, 2, 10, 11, 12, 3, 20, 0, 1, 13, 14, 3, 21, 0]])
+    words, turn, answer = (idx >= 10) & (idx < 20), (idx == 1).cumsum(1), idx == 3
+    patches = torch.randn(1, 16, 8)
+    keypoints = M.AnswerKeypoints(vocab_size=50, patch_dim=8, grid=4, n_embd=16, keypoints=2, offsets=True)
+    with torch.no_grad():
+        keypoints.offset.weight.zero_(), keypoints.offset.bias.zero_()  # as VLM.init_vision_weights: at the centres
+        _, at_centres = keypoints(idx, patches, words, turn, answer, return_attention=True)
+        assert torch.allclose(at_centres["xy"], torch.einsum("bapk,pd->bakd", at_centres["patches"], keypoints.xy))
+        keypoints.offset.bias.fill_(100.0)  # every patch: its thing at its lower right corner
+        _, moved = keypoints(idx, patches, words, turn, answer, return_attention=True)
+    assert torch.equal(moved["patches"], at_centres["patches"])  # where they look is unchanged, only the place
+    assert torch.allclose(moved["xy"], at_centres["xy"] + 1 / 3)  # half of the 2 / (grid - 1) between centres
+    # the grounding target: a thing at the centre of patch (row 1, column 2) of a 4 x 4 grid lies at that patch's place
+    from eval_sim import COLOUR_NAMES
+    labels = torch.zeros(1, len(train_vlm.SCENE_LABEL_NAMES))
+    red = COLOUR_NAMES.index("red") * 19
+    labels[0, red + 12], labels[0, red + 13] = 2.5 / 4, 1 - 1.5 / 4
+    assert train_vlm.thing_patches(labels, 4)[0, COLOUR_NAMES.index("red")] == 6
+    assert torch.allclose(train_vlm.thing_places(labels, 4)[0, COLOUR_NAMES.index("red")], keypoints.xy[6])
+
+
+def test_grounding_every_token_and_places_add_the_named_things_targets(tiny_llm_checkpoint, tmp_path):
+    from eval_sim import COLOUR_NAMES
+    args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "g") + ["--answer_keypoints=2", "--answer_every_token",
+                                                                 "--answer_offsets"]
+    model, tok = train_vlm.vlm_from_llm(train_vlm.parse_config(train_vlm.TrainConfig, args), ((0.5,) * 3, (0.5,) * 3))
+    assert torch.count_nonzero(model.projector.answer_keypoints.offset.weight) == 0
+    ex = train_vlm.world_example(0, "val", 16)
+    caption = "the red disc is in the blue bowl."  # short: the tiny LLM has 64 positions
+    turns = [("where is the gripper?", "red"), ("describe the image.", caption)]
+    idx = torch.tensor([data.encode_chat(tok, turns, model.n_visual_tokens)[0]])
+    labels = torch.tensor(ex["labels"])
+    word_index = train_vlm.ground_word_index(tok, model.config.vocab_size, verbose=False)
+    with torch.no_grad():
+        for p in model.projector.answer_keypoints.parameters():
+            p.normal_()
+        _, _, extras = model(idx, train_vlm.model_view(ex, 16)[None], return_extras=True)
+    every, kp = extras["keypoints"]["every"], extras["keypoints"]
+    thing, has = train_vlm.named_targets(every, idx, word_index)
+    named = idx.gather(1, every["at"])[has]  # the answer tokens that name a thing, each read aimed at that thing
+    assert tok.decode(named.tolist()).split() == [w for w in ("red " + caption).replace(".", "").split()
+                                                  if w in train_vlm.ground_words() and len(tok.encode(" " + w)) == 1]
+    assert len(named) >= 2  # "red" at least twice: the answer and the caption
+    patch_of, place_of = train_vlm.thing_patches(labels, 4)[0], train_vlm.thing_places(labels, 4)[0]
+    base = [-kp["patches"][0, 0, patch_of[6], k].log() for k in range(2)]  # the first question names the gripper
+    extra = [-every["patches"][0, a, patch_of[t], 0].log() for a, t in zip(has[0].nonzero()[:, 0], thing[0][has[0]])]
+    assert train_vlm.grounding_loss(kp, idx, labels, word_index, 4, every_token=True).item() == pytest.approx(
+        torch.stack(base + extra).mean().item(), rel=1e-5)
+    places = [((kp["xy"][0, 0, k] - place_of[6]) * 3 / 2).square().sum() for k in range(2)]
+    assert train_vlm.grounding_loss(kp, idx, labels, word_index, 4, places=True).item() == pytest.approx(
+        torch.stack([base[0], places[0], base[1], places[1]]).mean().item(), rel=1e-5)
+
+
 def test_grounding_loss_points_each_keypoint_at_the_objects_its_question_names(tiny_llm_checkpoint, tmp_path, capsys):
     from eval_sim import COLOUR_NAMES
     args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "g") + ["--answer_keypoints=2"]

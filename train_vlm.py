@@ -95,11 +95,16 @@ class TrainConfig:
                                         # patches: which colours and kinds the image holds (for captions); 0 = off
     answer_near: bool = True            # keypoints 1.. also prefer patches near keypoint 0, as strongly as the question's words
                                         # ask (model.py): "the object nearest the gripper"
+    answer_offsets: bool = False        # each patch also says where within itself its thing lies, so keypoint places (and pairs'
+                                        # distances) are finer than the 8 x 8 grid; with ground_keypoints, trained to the named
+                                        # things' true places
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
     ground_keypoints: float = 1.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the
                                         # patch of the k-th thing its question names (an object by colour, or the gripper);
                                         # off, with one printed line, where the model has no answer keypoints
+    ground_every_token: bool = False    # with ground_keypoints and answer_every_token: also at each answer token that names a
+                                        # thing (a caption's "red"), keypoint 0 lands on that thing's patch
     patch_facts: float = 0.0            # data=world, --probe: weight of cell_facts' loss also on the tower's patches (a linear
                                         # read-out of each patch, not saved: an experiment)
     distinct_words: bool = True         # data=world from our stage 1: re-draw the colour and shape words' embeddings (after
@@ -271,7 +276,8 @@ def train(cfg):
         word_index = ground_word_index(tokenizer, raw_model.config.vocab_size, dist.is_master) if has_keypoints else None
         if word_index is not None:
             ground = functools.partial(grounding_loss, word_index=word_index.to(dist.device),
-                                       grid=raw_model.vision_config.grid)
+                                       grid=raw_model.vision_config.grid, every_token=cfg.ground_every_token,
+                                       places=raw_model.vision_config.answer_offsets)
         elif dist.is_master:
             print("ground_keypoints off: " + ("the tokenizer splits every colour word and 'gripper' in pieces" if has_keypoints
                                               else "this model has no answer keypoints (--oracle, --answer_keypoints=0, "
@@ -423,6 +429,7 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             answer_every_token=cfg.answer_every_token and keypoints > 0,
                             answer_summary=cfg.answer_summary if keypoints else 0,
                             answer_near=cfg.answer_near and keypoints > 1,
+                            answer_offsets=cfg.answer_offsets and keypoints > 0,
                             fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,
@@ -529,24 +536,36 @@ def pointing_accuracy(model, tokenizer, examples, image_size):
         idx = torch.tensor([D.encode_chat(tokenizer, ex["turns"], model.n_visual_tokens, model.config.max_seq_len)[0]],
                            device=device)
         _, _, extras = model(idx, model_view(ex, image_size)[None].to(device), return_extras=True)
-        targets = ground_targets(extras["keypoints"], idx, torch.tensor(ex["labels"], device=device),
-                                 word_index.to(device), model.vision_config.grid)
-        for k, (target, has) in enumerate(targets):
+        patch_of = thing_patches(torch.tensor(ex["labels"], device=device), model.vision_config.grid)
+        for k, (thing, has) in enumerate(ground_targets(extras["keypoints"], idx, word_index.to(device))):
+            target = patch_of.gather(1, thing)
             guess = extras["keypoints"]["patches"][..., k].argmax(2)
             hits[k] += ((guess == target) & has).sum().item()
             counts[k] += has.sum().item()
     return [hits[k] / max(1, counts[k]) for k in sorted(counts)]
 
 
-def ground_targets(keypoints, idx, labels, word_index, grid, named=2):
-    """The world's free pointing target for the answer keypoints (--ground_keypoints): at each answer, keypoint k
-    (k < named) should land on the patch of the k-th thing its question names (ground_words: an object by its
-    colour, or the gripper; the last one named when the question names fewer). keypoints: AnswerKeypoints'
-    attention; idx (B, T); labels (B, 126) the scene_labels of each row's image; word_index (vocab,): each token's
-    index in ground_words() or -1. -> per keypoint k < named: (target patch (B, A), has a target (B, A) bool)."""
+def thing_places(labels, grid):
+    """scene_labels rows (B, 126) -> (B, 7, 2): where each of ground_words' things (a colour's object, the gripper)
+    lies, in the answer keypoints' coordinates ([-1, 1] from the first patch centre to the last; x right, y down)."""
     colours, gripper = split_labels(labels.float())
-    xy = torch.cat([colours[..., -7:-5], gripper[:, None, -2:]], 1)  # (B, 7, 2): each colour's object, then the gripper
-    patch_of = table_cell(xy[..., 0], xy[..., 1], grid)  # (B, 7): the patch under each
+    xy = torch.cat([colours[..., -7:-5], gripper[:, None, -2:]], 1)  # (B, 7, 2) table coordinates, y up
+    return (torch.stack([xy[..., 0], 1 - xy[..., 1]], -1) * grid - 0.5) / max(grid - 1, 1) * 2 - 1
+
+
+def thing_patches(labels, grid):
+    """scene_labels rows (B, 126) -> (B, 7): the patch under each of ground_words' things."""
+    colours, gripper = split_labels(labels.float())
+    xy = torch.cat([colours[..., -7:-5], gripper[:, None, -2:]], 1)
+    return table_cell(xy[..., 0], xy[..., 1], grid)
+
+
+def ground_targets(keypoints, idx, word_index, named=2):
+    """The world's free pointing target for the answer keypoints (--ground_keypoints): at each answer, keypoint k
+    (k < named) should land on the k-th thing its question names (ground_words: an object by its colour, or the
+    gripper; the last one named when the question names fewer). keypoints: AnswerKeypoints' attention; idx (B, T);
+    word_index (vocab,): each token's index in ground_words() or -1. -> per keypoint k < named: (the thing's index
+    in ground_words() (B, A), has a target (B, A) bool)."""
     word = word_index[idx]  # (B, T)
     is_named = keypoints["words"] & (word >= 0)[:, None]  # (B, A, T)
     count = is_named.sum(-1)  # (B, A)
@@ -554,17 +573,33 @@ def ground_targets(keypoints, idx, labels, word_index, grid, named=2):
     out = []
     for k in range(min(named, keypoints["patches"].size(-1))):
         pick = is_named & (rank == count.clamp(max=k + 1)[..., None] - 1)  # one word per answer
-        out.append((patch_of.gather(1, (pick * word[:, None]).sum(-1)), (count > 0) & keypoints["valid"]))
+        out.append(((pick * word[:, None]).sum(-1), (count > 0) & keypoints["valid"]))
     return out
 
 
-def grounding_loss(keypoints, idx, labels, word_index, grid, named=2):
-    """Mean cross-entropy over patches of each keypoint against its ground_targets, over the (answer, keypoint)
-    pairs that have one."""
+def named_targets(every, idx, word_index):
+    """--ground_every_token: at each answer token that is itself a ground word (a caption's "red", an answer's
+    "gripper"), keypoint 0 should land on that thing. every: the every-token attention (VLM.llm_inputs) -> (the
+    thing's index (B, A), has a target (B, A) bool)."""
+    word = word_index[idx.gather(1, every["at"])]  # (B, A)
+    return word.clamp(min=0), (word >= 0) & every["valid"]
+
+
+def grounding_loss(keypoints, idx, labels, word_index, grid, named=2, every_token=False, places=False):
+    """Mean over the (answer, keypoint) pairs with a ground_targets thing of the cross-entropy over patches against
+    the thing's patch; every_token: also keypoint 0's at named_targets; places: also the squared distance (in
+    patches) of each such keypoint's place (AnswerKeypoints' offsets) from the thing's true centre."""
+    patch_of, place_of = thing_patches(labels, grid), thing_places(labels, grid)
+    targets = [(keypoints, k, *target) for k, target in enumerate(ground_targets(keypoints, idx, word_index, named))]
+    if every_token and "every" in keypoints:
+        targets.append((keypoints["every"], 0, *named_targets(keypoints["every"], idx, word_index)))
     losses = []
-    for k, (target, has) in enumerate(ground_targets(keypoints, idx, labels, word_index, grid, named)):
-        p = keypoints["patches"][..., k].gather(2, target[..., None]).squeeze(-1)  # (B, A): mass on the target patch
+    for attention, k, thing, has in targets:
+        p = attention["patches"][..., k].gather(2, patch_of.gather(1, thing)[..., None]).squeeze(-1)  # (B, A)
         losses.append(-(p.clamp(min=1e-8).log())[has])
+        if places:
+            error = (attention["xy"][:, :, k] - place_of[torch.arange(len(thing), device=thing.device)[:, None], thing]) * (grid - 1) / 2
+            losses.append(error.square().sum(-1)[has])
     losses = torch.cat(losses)
     return losses.mean() if losses.numel() else keypoints["patches"].new_zeros(())
 

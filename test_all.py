@@ -2592,8 +2592,8 @@ def test_grounding_every_token_and_places_add_the_named_things_targets(tiny_llm_
     model, tok = train_vlm.vlm_from_llm(train_vlm.parse_config(train_vlm.TrainConfig, args), ((0.5,) * 3, (0.5,) * 3))
     assert torch.count_nonzero(model.projector.answer_keypoints.offset.weight) == 0
     ex = train_vlm.world_example(0, "val", 16)
-    caption = "the red disc is in the blue bowl."  # short: the tiny LLM has 64 positions
-    turns = [("where is the gripper?", "red"), ("describe the image.", caption)]
+    caption = "the blue disc is left of the gripper."  # short: the tiny LLM has 64 positions
+    turns = [("where is the gripper?", "blue"), ("describe the image.", caption)]
     idx = torch.tensor([data.encode_chat(tok, turns, model.n_visual_tokens)[0]])
     labels = torch.tensor(ex["labels"])
     word_index = train_vlm.ground_word_index(tok, model.config.vocab_size, verbose=False)
@@ -2604,9 +2604,9 @@ def test_grounding_every_token_and_places_add_the_named_things_targets(tiny_llm_
     every, kp = extras["keypoints"]["every"], extras["keypoints"]
     thing, has = train_vlm.named_targets(every, idx, word_index)
     named = idx.gather(1, every["at"])[has]  # the answer tokens that name a thing, each read aimed at that thing
-    assert tok.decode(named.tolist()).split() == [w for w in ("red " + caption).replace(".", "").split()
+    assert tok.decode(named.tolist()).split() == [w for w in ("blue " + caption).replace(".", "").split()
                                                   if w in train_vlm.ground_words() and len(tok.encode(" " + w)) == 1]
-    assert len(named) >= 2  # "red" at least twice: the answer and the caption
+    assert len(named) == 3  # the answer's "blue", the caption's "blue" and "gripper" (the tiny tokenizer splits "red")
     patch_of, place_of = train_vlm.thing_patches(labels, 4)[0], train_vlm.thing_places(labels, 4)[0]
     base = [-kp["patches"][0, 0, patch_of[6], k].log() for k in range(2)]  # the first question names the gripper
     extra = [-every["patches"][0, a, patch_of[t], 0].log() for a, t in zip(has[0].nonzero()[:, 0], thing[0][has[0]])]

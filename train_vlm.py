@@ -96,16 +96,17 @@ class TrainConfig:
                                         # patches: which colours and kinds the image holds (for captions); 0 = off
     answer_near: bool = True            # keypoints 1.. also prefer patches near keypoint 0, as strongly as the question's words
                                         # ask (model.py): "the object nearest the gripper"
-    answer_offsets: bool = False        # each patch also says where within itself its thing lies, so keypoint places (and pairs'
+    answer_offsets: bool = True         # each patch also says where within itself its thing lies, so keypoint places (and pairs'
                                         # distances) are finer than the 8 x 8 grid; with ground_keypoints, trained to the named
-                                        # things' true places
+                                        # things' true places (left/above 91 -> 98% on 512 scenes: docs/stage2.md)
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
     ground_keypoints: float = 1.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the
                                         # patch of the k-th thing its question names (an object by colour, or the gripper);
                                         # off, with one printed line, where the model has no answer keypoints
-    ground_every_token: bool = False    # with ground_keypoints and answer_every_token: also at each answer token that names a
-                                        # thing (a caption's "red"), keypoint 0 lands on that thing's patch
+    ground_every_token: bool = True     # with ground_keypoints and answer_every_token: also at each answer token that names a
+                                        # thing (a caption's "red"), keypoint 0 lands on that thing's patch (captions P/R
+                                        # 68/70 -> 83/78% with answer_offsets: docs/stage2.md)
     patch_facts: float = 0.0            # data=world, --probe: weight of cell_facts' loss also on the tower's patches (a linear
                                         # read-out of each patch, not saved: an experiment)
     distinct_words: bool = True         # data=world from our stage 1: re-draw the colour and shape words' embeddings (after

@@ -548,19 +548,24 @@ def pointing_accuracy(model, tokenizer, examples, image_size):
     return [hits[k] / max(1, counts[k]) for k in sorted(counts)]
 
 
-def thing_places(labels, grid):
-    """scene_labels rows (B, 126) -> (B, 7, 2): where each of ground_words' things (a colour's object, the gripper)
-    lies, in the answer keypoints' coordinates ([-1, 1] from the first patch centre to the last; x right, y down)."""
+def thing_table_xy(labels):
+    """scene_labels rows (B, 126) -> (B, 7, 2): the table coordinates (x right, y up) of each of ground_words' things
+    (a colour's object, the gripper)."""
     colours, gripper = split_labels(labels.float())
-    xy = torch.cat([colours[..., -7:-5], gripper[:, None, -2:]], 1)  # (B, 7, 2) table coordinates, y up
-    return (torch.stack([xy[..., 0], 1 - xy[..., 1]], -1) * grid - 0.5) / max(grid - 1, 1) * 2 - 1
+    return torch.cat([colours[..., -7:-5], gripper[:, None, -2:]], 1)
 
 
 def thing_patches(labels, grid):
     """scene_labels rows (B, 126) -> (B, 7): the patch under each of ground_words' things."""
-    colours, gripper = split_labels(labels.float())
-    xy = torch.cat([colours[..., -7:-5], gripper[:, None, -2:]], 1)
+    xy = thing_table_xy(labels)
     return table_cell(xy[..., 0], xy[..., 1], grid)
+
+
+def thing_places(labels, grid):
+    """scene_labels rows (B, 126) -> (B, 7, 2): where each of ground_words' things lies in the answer keypoints'
+    coordinates ([-1, 1] from the first patch centre to the last; x right, y down)."""
+    xy = thing_table_xy(labels)
+    return (torch.stack([xy[..., 0], 1 - xy[..., 1]], -1) * grid - 0.5) / max(grid - 1, 1) * 2 - 1
 
 
 def ground_targets(keypoints, idx, word_index, named=2):

@@ -492,9 +492,6 @@ class VisionConfig:
     answer_glimpse_grey: bool = False  # the glimpse sees brightness only (its pixels' mean over the colour channels)
     answer_glimpse_dense: bool = False  # the glimpse's CNN runs once over the whole image, its features max-pooled per
                                         # patch and pooled with each keypoint's weights (no crops: cheap at every token)
-    answer_glimpse_placed: bool = False  # the dense glimpse's features are read at each keypoint's place (bilinear, on
-                                         # the CNN's half-resolution map), not max-pooled per patch: a block in a bowl
-                                         # without the rim beside it (with answer_offsets, places finer than a patch)
     answer_every_token: bool = False  # AnswerKeypoints also read at every answer token, aimed by the turn's words so far
                                       # (a caption's "red" aims them at the red object to name its shape)
     answer_summary: int = 0       # > 0: AnswerKeypoints also hand over this many features, each the max over the
@@ -651,8 +648,7 @@ class Projector(nn.Module):
             self.answer_keypoints = AnswerKeypoints(c.answer_vocab, c.n_embd, c.grid, llm_width, c.answer_keypoints,
                                                     pairs=c.answer_pairs, glimpse=c.answer_glimpse,
                                                     glimpse_grey=c.answer_glimpse_grey,
-                                                    glimpse_dense=c.answer_glimpse_dense,
-                                                    glimpse_placed=c.answer_glimpse_placed, near=c.answer_near,
+                                                    glimpse_dense=c.answer_glimpse_dense, near=c.answer_near,
                                                     recency=c.answer_every_token, summary=c.answer_summary,
                                                     offsets=c.answer_offsets)
 
@@ -691,8 +687,8 @@ class AnswerKeypoints(nn.Module):
     ends with <|assistant|> too: there the instruction aims them."""
 
     def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32, pairs=False, glimpse=0,
-                 glimpse_width=64, glimpse_grey=False, glimpse_dense=False, glimpse_placed=False, near=False,
-                 recency=False, summary=0, offsets=False):
+                 glimpse_width=64, glimpse_grey=False, glimpse_dense=False, near=False, recency=False, summary=0,
+                 offsets=False):
         super().__init__()
         self.keypoints, self.patch_dim, self.max_words, self.grid = keypoints, patch_dim, max_words, grid
         self.pairs = torch.triu_indices(keypoints, keypoints, 1).tolist() if pairs else None  # [[k...], [l...]], k < l
@@ -709,7 +705,6 @@ class AnswerKeypoints(nn.Module):
         self.offset = nn.Linear(patch_dim, 2) if offsets else None  # where in its patch a patch's thing lies (x, y)
         n_pairs = keypoints * (keypoints - 1) // 2 if pairs else 0
         self.glimpse_size, self.glimpse_grey, self.glimpse_dense = glimpse, glimpse_grey, glimpse_dense
-        self.glimpse_placed = glimpse_placed
         if glimpse:  # three 3x3 convolutions, then the max over the square: where in it a detail lies does not matter
             w = glimpse_width
             self.glimpse = nn.Sequential(nn.Conv2d(1 if glimpse_grey else 3, w // 2, 3, padding=1), nn.ReLU(),
@@ -756,12 +751,8 @@ class AnswerKeypoints(nn.Module):
         features = torch.einsum("bapk,bpc->bakc", w, patches.float())
         read = [features, xy]
         if self.glimpse_size:  # the glimpse and the summary read the first image: the one camera stage 2 trained on
-            first = self.grid ** 2
-            if self.glimpse_placed:
-                read.append(self.placed_glimpses(images[:, :1].float(), w[:, :, :first], grid_xy[:, :first]))
-            else:
-                glimpses = self.dense_glimpses if self.glimpse_dense else self.glimpses
-                read.append(glimpses(images[:, :1].float(), w[:, :, :first]))
+            glimpses = self.dense_glimpses if self.glimpse_dense else self.glimpses
+            read.append(glimpses(images[:, :1].float(), w[:, :, :self.grid ** 2]))
         read = [torch.cat(read, -1).flatten(2)]  # (B, A, K * (patch_dim + 2 [+ glimpse_width])): per keypoint
         if self.pairs:  # d (B, A, n_pairs, 2): where keypoint l lies from keypoint k
             d = xy[:, :, self.pairs[1]] - xy[:, :, self.pairs[0]]
@@ -801,17 +792,6 @@ class AnswerKeypoints(nn.Module):
         f = self.glimpse(images.to(self.glimpse[0].weight.dtype))
         f = F.adaptive_max_pool2d(f, self.grid).flatten(2).transpose(1, 2).float()  # (B, P, glimpse_width)
         return torch.einsum("bapk,bpf->bakf", w, f) / w.sum(2).clamp(min=1e-9)[..., None]
-
-    def placed_glimpses(self, images, w, places):
-        """images (B, 1, 3, H, W), w (B, A, P, K) over its patches, places (B or 1, P, 2) each patch's place ->
-        (B, A, K, glimpse_width): the CNN over the whole image, its map read (bilinear) at each keypoint's place
-        there (its weights' mean of the places, renormalized over this image)."""
-        images = images[:, 0].mean(1, keepdim=True) if self.glimpse_grey else images[:, 0]
-        f = self.glimpse(images.to(self.glimpse[0].weight.dtype))
-        B, A, _, K = w.shape
-        xy = torch.einsum("bapk,bpd->bakd", w, places.expand(B, -1, -1)) / w.sum(2).clamp(min=1e-9)[..., None]
-        at = (xy * (self.grid - 1) / self.grid).view(B, A * K, 1, 2)  # grid_sample's -1, 1 are the image's edges
-        return F.grid_sample(f.float(), at, align_corners=False)[..., 0].transpose(1, 2).reshape(B, A, K, -1)
 
     def place_in_turn(self, words, turn):
         """(B, T): each word's index among its turn's words, capped at max_words - 1."""

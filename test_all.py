@@ -2585,20 +2585,6 @@ def test_answer_offsets_place_each_keypoint_within_half_a_patch_of_its_patches_c
     assert torch.allclose(train_vlm.thing_places(labels, 4)[0, COLOUR_NAMES.index("red")], keypoints.xy[6])
 
 
-def test_placed_glimpse_reads_the_cnns_map_at_each_keypoints_place():
-    torch.manual_seed(0)
-    keypoints = M.AnswerKeypoints(vocab_size=50, patch_dim=8, grid=4, n_embd=16, keypoints=2, glimpse=4,
-                                  glimpse_grey=True, glimpse_dense=True, glimpse_placed=True)
-    images = torch.rand(1, 1, 3, 16, 16)
-    w = torch.zeros(1, 1, 16, 2)
-    w[0, 0, 6, 0] = 1.0  # keypoint 0 on patch (row 1, column 2)
-    w[0, 0, [0, 1], 1] = 0.5  # keypoint 1 halfway between patches 0 and 1
-    read = keypoints.placed_glimpses(images, w, keypoints.xy[None])
-    f = keypoints.glimpse(images[:, 0].mean(1, keepdim=True))  # (1, 64, 8, 8): a patch's centre is a 2 x 2 block's
-    assert torch.allclose(read[0, 0, 0], f[0, :, 2:4, 4:6].mean((1, 2)), atol=1e-5)
-    assert torch.allclose(read[0, 0, 1], f[0, :, 0:2, 1:3].mean((1, 2)), atol=1e-5)  # between the two centres
-
-
 def test_grounding_every_token_and_places_add_the_named_things_targets(tiny_llm_checkpoint, tmp_path):
     from eval_sim import COLOUR_NAMES
     args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "g") + ["--answer_keypoints=2", "--answer_every_token",

@@ -89,7 +89,6 @@ class TrainConfig:
                                         # learned worse from a glimpse that saw the target colours (docs/stage2.md)
     answer_glimpse_dense: bool = True   # the glimpse's CNN runs once over the image, max-pooled per patch (model.py): no crops,
                                         # so cheap enough with --answer_every_token
-    answer_glimpse_placed: bool = False # the dense glimpse is read at each keypoint's place, not max-pooled per patch (model.py)
     answer_every_token: bool = True     # the answer keypoints are also read at every answer token, aimed by the turn's words so
                                         # far (model.py): a caption's "red" aims them at the red object, to name its shape
     answer_summary: int = 32            # > 0: the answer keypoints' read-out also holds this many max-pooled features of the
@@ -428,7 +427,6 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             answer_glimpse=glimpse,
                             answer_glimpse_grey=cfg.answer_glimpse_grey and glimpse > 0,
                             answer_glimpse_dense=cfg.answer_glimpse_dense and glimpse > 0,
-                            answer_glimpse_placed=cfg.answer_glimpse_placed and glimpse > 0,
                             answer_every_token=cfg.answer_every_token and keypoints > 0,
                             answer_summary=cfg.answer_summary if keypoints else 0,
                             answer_near=cfg.answer_near and keypoints > 1,

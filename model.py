@@ -925,12 +925,9 @@ class VLM(nn.Module):
                 every = {k: keypoints[k] for k in ("patches", "valid", "at", "xy")}  # and all (stage 2 grounds the named)
                 keep = idx.gather(1, keypoints["at"]) == self.prompt_end_id  # (B, A), in order
                 first = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :int(keep.sum(1).max())]
-                keypoints = {"patches": keypoints["patches"].gather(1, first[..., None, None].expand(
-                                 -1, -1, *keypoints["patches"].shape[2:])),
-                             "words": keypoints["words"].gather(1, first[..., None].expand(-1, -1, idx.size(1))),
-                             "valid": keep.gather(1, first) & keypoints["valid"].gather(1, first),
-                             "at": keypoints["at"].gather(1, first), "every": every,
-                             "xy": keypoints["xy"].gather(1, first[..., None, None].expand(-1, -1, *keypoints["xy"].shape[2:]))}
+                rows = torch.arange(idx.size(0), device=idx.device)[:, None]
+                keypoints = {k: keypoints[k][rows, first] for k in ("patches", "words", "at", "xy")}
+                keypoints.update(valid=keep[rows, first] & every["valid"][rows, first], every=every)
         deepstack = [x.new_zeros(x.shape).masked_scatter(is_image.unsqueeze(-1), projector(h).to(x.dtype))
                      for projector, h in zip(self.projector.deepstack, layers)] if layers else []
         return {"embeds": x, "patches": patches, "positions": positions, "deepstack": deepstack, "keypoints": keypoints}

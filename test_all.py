@@ -2408,14 +2408,23 @@ def test_cells_oracle_maps_each_cells_facts_plus_its_position(tiny_llm_checkpoin
     assert torch.allclose(visual, want)
 
 
+# Token ids of the AnswerKeypoints unit tests: 0 <|endoftext|>, 1 <|user|>, 2 <|image|>, 3 <|assistant|>; words 10-19,
+# answers 20-29. Two turns, each a question and its one-token answer:
+TWO_TURNS = [[0, 1, 2, 2, 10, 11, 12, 3, 20, 0, 1, 13, 14, 3, 21, 0]]
+
+
+def keypoint_masks(idx):
+    """(words, turn, answer) of a row of the unit tests' ids, as VLM.question_words and the answer starts give them."""
+    return (idx >= 10) & (idx < 20), (idx == 1).cumsum(1), idx == 3
+
+
 def test_answer_keypoints_read_only_their_own_turns_question_and_land_on_its_answer_position():
     torch.manual_seed(0)
     keypoints = M.AnswerKeypoints(vocab_size=50, patch_dim=8, grid=4, n_embd=16, keypoints=2)
     with torch.no_grad():
         keypoints.weight.weight.normal_()
-    # 0 <|endoftext|>, 1 <|user|>, 2 <|image|>, 3 <|assistant|>, 4 padding; words 10-19, answers 20-29
-    idx = torch.tensor([[0, 1, 2, 2, 10, 11, 12, 3, 20, 0, 1, 13, 14, 3, 21, 0]])
-    words, turn, answer = (idx >= 10) & (idx < 20), (idx == 1).cumsum(1), idx == 3
+    idx = torch.tensor(TWO_TURNS)
+    words, turn, answer = keypoint_masks(idx)
     assert keypoints.place_in_turn(words, turn)[0, [4, 5, 6, 11, 12]].tolist() == [0, 1, 2, 0, 1]
     patches = torch.randn(1, 16, 8)
     out = keypoints(idx, patches, words, turn, answer)
@@ -2431,8 +2440,8 @@ def test_answer_keypoints_read_only_their_own_turns_question_and_land_on_its_ans
 
 def test_answer_keypoints_hand_over_the_relations_of_each_pair():
     torch.manual_seed(0)
-    idx = torch.tensor([[0, 1, 2, 2, 10, 11, 12, 3, 20, 0, 1, 13, 14, 3, 21, 0]])
-    words, turn, answer = (idx >= 10) & (idx < 20), (idx == 1).cumsum(1), idx == 3
+    idx = torch.tensor(TWO_TURNS)
+    words, turn, answer = keypoint_masks(idx)
     patches = torch.randn(1, 16, 8)
     keypoints = M.AnswerKeypoints(vocab_size=50, patch_dim=8, grid=4, n_embd=16, keypoints=3, pairs=True)
     assert keypoints.out.in_features == 3 * (8 + 2) + 5 * 3  # per keypoint, then per pair (0, 1), (0, 2), (1, 2)
@@ -2491,7 +2500,7 @@ def test_answer_summary_and_glimpse_read_the_first_image_only():
     read = []
     keypoints.out.register_forward_hook(lambda module, inputs, output: read.append(inputs[0][0, 0]))
     idx = torch.tensor([[1, 10, 11, 3]])
-    words, turn, answer = (idx >= 10) & (idx < 20), (idx == 1).cumsum(1), idx == 3
+    words, turn, answer = keypoint_masks(idx)
     patches, images = torch.randn(1, 32, 8), torch.randn(1, 2, 3, 16, 16)  # two images of 4 x 4 patches
     other_patches, other_images = patches.clone(), images.clone()
     other_patches[0, 16:] = torch.randn(16, 8)  # the second image's patches and pixels replaced
@@ -2519,7 +2528,7 @@ def test_answer_near_pulls_keypoint_1_towards_keypoint_0_only_when_the_question_
     patches[0, 15, :2] = torch.tensor([1.0, 0.4])  # patch 15 (bottom right): score 7, its best match, far away
     for question, want in (([10, 11], 15), ([10, 12], 1)):
         idx = torch.tensor([[1, *question, 3]])
-        words, turn, answer = (idx >= 10) & (idx < 20), (idx == 1).cumsum(1), idx == 3
+        words, turn, answer = keypoint_masks(idx)
         _, attention = keypoints(idx, patches, words, turn, answer, return_attention=True)
         w = attention["patches"][0, 0]  # (16 patches, 2 keypoints)
         assert w[:, 0].argmax() == 0 and w[:, 1].argmax() == want  # with word 12: the match nearest keypoint 0
@@ -2564,8 +2573,8 @@ def test_answer_every_token_reads_at_each_answer_token_and_generation_matches_th
 
 def test_answer_offsets_place_each_keypoint_within_half_a_patch_of_its_patches_centres():
     torch.manual_seed(0)
-    idx = torch.tensor([[0, 1, 2, 2, 10, 11, 12, 3, 20, 0, 1, 13, 14, 3, 21, 0]])
-    words, turn, answer = (idx >= 10) & (idx < 20), (idx == 1).cumsum(1), idx == 3
+    idx = torch.tensor(TWO_TURNS)
+    words, turn, answer = keypoint_masks(idx)
     patches = torch.randn(1, 16, 8)
     keypoints = M.AnswerKeypoints(vocab_size=50, patch_dim=8, grid=4, n_embd=16, keypoints=2, offsets=True)
     with torch.no_grad():

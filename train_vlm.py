@@ -604,7 +604,8 @@ def grounding_loss(keypoints, idx, labels, word_index, grid, named=2, every_toke
         p = attention["patches"][..., k].gather(2, patch_of.gather(1, thing)[..., None]).squeeze(-1)  # (B, A)
         losses.append(-(p.clamp(min=1e-8).log())[has])
         if places:
-            error = (attention["xy"][:, :, k] - place_of[torch.arange(len(thing), device=thing.device)[:, None], thing]) * (grid - 1) / 2
+            true = place_of.gather(1, thing[..., None].expand(-1, -1, 2))  # (B, A, 2)
+            error = (attention["xy"][:, :, k] - true) * (grid - 1) / 2
             losses.append(error.square().sum(-1)[has])
     losses = torch.cat(losses)
     return losses.mean() if losses.numel() else keypoints["patches"].new_zeros(())

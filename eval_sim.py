@@ -303,17 +303,23 @@ def _relation(a, b):
     return "below" if dy < 0 else "above"
 
 
-def describe_scene(env_or_scene, colour_order=False):
+def describe_scene(env_or_scene, colour_order=False, one_list=False):
     """A caption answerable from the scene camera: objects, regions, bowls, stacks, gripper. Objects in the scene's
-    (random) order, or with colour_order in COLOUR_NAMES' order: the next one to name is then the next colour present."""
+    (random) order, or with colour_order in COLOUR_NAMES' order: the next one to name is then the next colour present.
+    one_list (with colour_order): objects and bowls in one list by colour, not objects then bowls, so the next colour
+    does not hang on which of them are bowls."""
     s = getattr(env_or_scene, "scene", env_or_scene)
     objs, mov, bowls = s.objs, s.movables(), s.bowls()
     if colour_order:
         mov, bowls = (sorted(group, key=lambda i: COLOUR_NAMES.index(objs[i].colour)) for group in (mov, bowls))
     parts = [f"on the table there are {_plural(len(mov), 'object')} and {_plural(len(bowls), 'bowl')}."]
-    for i in mov:
+    things = sorted(mov + bowls, key=lambda i: COLOUR_NAMES.index(objs[i].colour)) if colour_order and one_list \
+        else mov + bowls
+    for i in things:
         o = objs[i]
-        if i == s.held:
+        if o.kind == "bowl":
+            parts.append(f"the {o.name} is {region_phrase(o.x, o.y)}.")
+        elif i == s.held:
             parts.append(f"the gripper holds the {o.name}.")
         elif o.on >= 0:
             parts.append(f"the {o.name} is on the {objs[o.on].name}.")
@@ -322,8 +328,6 @@ def describe_scene(env_or_scene, colour_order=False):
             parts.append(f"the {o.name} is in the {objs[b].name}.")
         else:
             parts.append(f"the {o.name} is {region_phrase(o.x, o.y)}.")
-    for b in bowls:
-        parts.append(f"the {objs[b].name} is {region_phrase(objs[b].x, objs[b].y)}.")
     if len(mov) >= 2:
         a, b = objs[mov[0]], objs[mov[1]]
         parts.append(f"the {a.name} is {_relation(a, b)} the {b.name}.")
@@ -1023,7 +1027,7 @@ def collect(out, episodes_per_task=100, tasks=TASKS, image_size=64, noise=0.2, s
 
 
 def vlm_sample(index, image_size=64, split="train", question_sets=1, caption_colour_order=False, balance_in_bowl=False,
-               hold_more=False):
+               hold_more=False, caption_one_list=False):
     """A stage-2 example: scene image (H, W, 3) uint8, its caption, question/answer pairs, scene_labels.
 
     The scene is caught partway through an expert episode, so some images show held objects,
@@ -1048,7 +1052,7 @@ def vlm_sample(index, image_size=64, split="train", question_sets=1, caption_col
     qa = scene_questions(env, rng, balance_in_bowl)
     for _ in range(question_sets - 1):  # more draws ask about other objects; questions already asked are dropped
         qa += [pair for pair in scene_questions(env, rng, balance_in_bowl) if pair not in qa]
-    return scene_camera(env.scene, image_size), describe_scene(env, caption_colour_order), qa, scene_labels(env)
+    return scene_camera(env.scene, image_size), describe_scene(env, caption_colour_order, caption_one_list), qa, scene_labels(env)
 
 
 def bench(steps=5000, episodes_per_task=50):

@@ -469,6 +469,12 @@ def test_captions_and_questions_are_grounded_and_answers_are_short():
     named = [eval_sim.COLOUR_NAMES.index(c) for c, kind in re.findall(r"the (\w+) (block|disc)\b", in_colour_order)]
     first_mention = list(dict.fromkeys(named))
     assert first_mention == sorted(first_mention) and len(first_mention) == len(env.scene.movables())
+    bowls = eval_sim.TabletopEnv("multi_place", image_size=32)
+    bowls.reset(seed=2)  # a bowl and four objects: one list by colour puts the red bowl first, the same sentences
+    one_list = eval_sim.describe_scene(bowls, colour_order=True, one_list=True)
+    things = list(dict.fromkeys(eval_sim.COLOUR_NAMES.index(c) for c in re.findall(r"the (\w+) (?:block|disc|bowl)", one_list)))
+    assert things == sorted(things) and len(things) == len(bowls.scene.objs) and "the red bowl is" in one_list
+    assert sorted(one_list.split(". ")) == sorted(eval_sim.describe_scene(bowls, colour_order=True).split(". "))
     for q, a in eval_sim.scene_questions(env, random.Random(0)):
         assert q.endswith("?") and 1 <= len(a.split()) <= 2
 
@@ -2592,6 +2598,23 @@ def test_answer_offsets_place_each_keypoint_within_half_a_patch_of_its_patches_c
     labels[0, red + 12], labels[0, red + 13] = 2.5 / 4, 1 - 1.5 / 4
     assert train_vlm.thing_patches(labels, 4)[0, COLOUR_NAMES.index("red")] == 6
     assert torch.allclose(train_vlm.thing_places(labels, 4)[0, COLOUR_NAMES.index("red")], keypoints.xy[6])
+
+
+def test_answer_pixels_read_the_images_colours_around_each_keypoints_place():
+    keypoints = M.AnswerKeypoints(vocab_size=50, patch_dim=8, grid=8, n_embd=16, keypoints=2, pixels=3)
+    images = torch.zeros(1, 3, 64, 64)
+    images[:, 0, 24:30, 40:46] = 1.0  # a red square, pixels 40-45 across and 24-29 down
+    w = torch.zeros(1, 1, 64, 2)
+    w[:, :, 3 * 8 + 5, 0] = 1.0  # keypoint 0 on patch (row 3, column 5): its centre is pixel (44, 28)
+    w[:, :, 0, 1] = 1.0  # keypoint 1 on the first patch: nothing red there
+    red = keypoints.pixel_colours(images, w, keypoints.xy[None])[0, 0].view(2, 3, 3, 3)[:, 0]  # (2, rows, columns)
+    # points 3 pixels apart around each place: rows at y 25, 28, 31 and columns at x 41, 44, 47
+    assert torch.equal(red[0], torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert torch.equal(red[1], torch.zeros(3, 3))
+    idx = torch.tensor(TWO_TURNS)
+    words, turn, answer = keypoint_masks(idx)
+    out = keypoints(idx, torch.randn(1, 64, 8), words, turn, answer, images[:, None])
+    assert out.shape == (1, idx.size(1), 16) and keypoints.out.in_features == 2 * (8 + 2 + 27)
 
 
 def test_grounding_every_token_and_places_add_the_named_things_targets(tiny_llm_checkpoint, tmp_path):

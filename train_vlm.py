@@ -59,6 +59,8 @@ class TrainConfig:
     caption_colour_order: bool = True   # data=world: captions name objects in a fixed colour order (the next to name is the
                                         # next colour present), not the scene's random one, which left objects out and
                                         # repeated others (docs/stage2.md)
+    caption_one_list: bool = False      # data=world, with caption_colour_order: objects and bowls in one list by colour (not
+                                        # objects, then bowls: captions named bowls' colours as blocks and discs)
     balance_in_bowl: bool = False       # data=world, training scenes: where an object lies in a bowl, "is the X in the Y bowl?"
                                         # asks about it half the time ("yes" is otherwise rare; held-out scenes unchanged)
     hold_more: bool = False             # data=world, training scenes: half of those where nothing is held roll on until the
@@ -98,6 +100,8 @@ class TrainConfig:
     answer_offsets: bool = True         # each patch also says where within itself its thing lies, so keypoint places (and pairs'
                                         # distances) are finer than the 8 x 8 grid; with ground_keypoints, trained to the named
                                         # things' true places (left/above 91 -> 98% on 512 scenes: docs/stage2.md)
+    answer_pixels: int = 0              # > 0: the answer keypoints also read the image's colours at an n x n grid of points around
+                                        # each keypoint's place (model.py): a held object's colour between the fingers; 0 = off
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
     ground_keypoints: float = 1.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the
@@ -106,6 +110,8 @@ class TrainConfig:
     ground_every_token: bool = True     # with ground_keypoints and answer_every_token: also at each answer token that names a
                                         # thing (a caption's "red"), keypoint 0 lands on that thing's patch (captions P/R
                                         # 68/70 -> 83/78% with answer_offsets: docs/stage2.md)
+    ground_bowls_by_place: bool = False  # with ground_keypoints and answer_offsets: a bowl's keypoint is trained by its place
+                                        # alone, not to its centre patch (which an object inside it covers)
     patch_facts: float = 0.0            # data=world, --probe: weight of cell_facts' loss also on the tower's patches (a linear
                                         # read-out of each patch, not saved: an experiment)
     distinct_words: bool = True         # data=world from our stage 1: re-draw the colour and shape words' embeddings (after
@@ -160,7 +166,7 @@ RANGES = {**SHARED_RANGES, "world_train": (1, None), "world_val": (1, None), "im
           "projector_lr": (0, None), "projector_warmup_steps": (0, None), "eval_batches": (1, None),
           "show_captions": (0, None), "world_turns": (0, None), "caption_every": (1, None), "world_question_sets": (1, None),
           "cell_words": (0, None), "cell_facts": (0, None), "answer_keypoints": (0, None),
-          "answer_glimpse": (0, None), "answer_summary": (0, None),
+          "answer_glimpse": (0, None), "answer_summary": (0, None), "answer_pixels": (0, None),
           "ground_keypoints": (0, None), "patch_facts": (0, None)}
 RULES = SHARED_RULES + [
     (lambda c, w: c.image_size % c.patch_size == 0 and (c.image_size // c.patch_size) % c.pixel_shuffle == 0,
@@ -209,9 +215,10 @@ def train(cfg):
                                                     question_sets=cfg.world_question_sets,
                                                     caption_colour_order=cfg.caption_colour_order,
                                                     balance_in_bowl=cfg.balance_in_bowl,
-                                                    hold_more=cfg.hold_more), cfg.world_train
-        val_examples = [world_example(i, "val", cfg.image_size, caption_colour_order=cfg.caption_colour_order)
-                        for i in range(cfg.world_val)]
+                                                    hold_more=cfg.hold_more,
+                                                    caption_one_list=cfg.caption_one_list), cfg.world_train
+        val_examples = [world_example(i, "val", cfg.image_size, caption_colour_order=cfg.caption_colour_order,
+                                      caption_one_list=cfg.caption_one_list) for i in range(cfg.world_val)]
     else:
         examples = D.read_image_text(D.expand_paths(cfg.data))
         n_val = max(1, int(len(examples) * cfg.val_fraction))
@@ -278,7 +285,8 @@ def train(cfg):
         if word_index is not None:
             ground = functools.partial(grounding_loss, word_index=word_index.to(dist.device),
                                        grid=raw_model.vision_config.grid, every_token=cfg.ground_every_token,
-                                       places=raw_model.vision_config.answer_offsets)
+                                       places=raw_model.vision_config.answer_offsets,
+                                       bowls_by_place=cfg.ground_bowls_by_place and raw_model.vision_config.answer_offsets)
         elif dist.is_master:
             print("ground_keypoints off: " + ("the tokenizer splits every colour word and 'gripper' in pieces" if has_keypoints
                                               else "this model has no answer keypoints (--oracle, --answer_keypoints=0, "
@@ -431,6 +439,7 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             answer_summary=cfg.answer_summary if keypoints else 0,
                             answer_near=cfg.answer_near and keypoints > 1,
                             answer_offsets=cfg.answer_offsets and keypoints > 0,
+                            answer_pixels=cfg.answer_pixels if keypoints else 0,
                             fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,
@@ -591,18 +600,24 @@ def named_targets(every, idx, word_index):
     return word.clamp(min=0), (word >= 0) & every["valid"]
 
 
-def grounding_loss(keypoints, idx, labels, word_index, grid, named=2, every_token=False, places=False):
+def grounding_loss(keypoints, idx, labels, word_index, grid, named=2, every_token=False, places=False,
+                   bowls_by_place=False):
     """Mean over the (answer, keypoint) pairs with a ground_targets thing of the cross-entropy over patches against
     the thing's patch; every_token: also keypoint 0's at named_targets; places: also the squared distance (in
-    patches) of each such keypoint's place (AnswerKeypoints' offsets) from the thing's true centre."""
+    patches) of each such keypoint's place (AnswerKeypoints' offsets) from the thing's true centre; bowls_by_place:
+    a bowl's keypoint only by its place (an object inside covers the centre patch, the rim lies around it)."""
     patch_of, place_of = thing_patches(labels, grid), thing_places(labels, grid)
+    if bowls_by_place:  # (B, 7) over ground_words(): the six colours' kinds, then the gripper
+        from eval_sim import KINDS
+        bowl = split_labels(labels)[0][..., KINDS.index("bowl")] > 0.5
+        is_bowl = torch.cat([bowl, bowl.new_zeros(len(bowl), 1)], 1)
     targets = [(keypoints, k, *target) for k, target in enumerate(ground_targets(keypoints, idx, word_index, named))]
     if every_token and "every" in keypoints:
         targets.append((keypoints["every"], 0, *named_targets(keypoints["every"], idx, word_index)))
     losses = []
     for attention, k, thing, has in targets:
         p = attention["patches"][..., k].gather(2, patch_of.gather(1, thing)[..., None]).squeeze(-1)  # (B, A)
-        losses.append(-(p.clamp(min=1e-8).log())[has])
+        losses.append(-(p.clamp(min=1e-8).log())[has & ~is_bowl.gather(1, thing) if bowls_by_place else has])
         if places:
             true = place_of.gather(1, thing[..., None].expand(-1, -1, 2))  # (B, A, 2)
             error = (attention["xy"][:, :, k] - true) * (grid - 1) / 2
@@ -668,7 +683,7 @@ def load_vlm(ckpt_dir, map_location="cpu"):
 # The built-in world's data and the validation of answers
 
 def world_example(index, split, image_size, turns=0, caption_block=1, caption_every=4, question_sets=1,
-                  caption_colour_order=False, balance_in_bowl=False, hold_more=False):
+                  caption_colour_order=False, balance_in_bowl=False, hold_more=False, caption_one_list=False):
     """A rendered scene as one conversation: its caption when (index // caption_block) is a multiple
     of caption_every, else its questions (eval_sim.scene_questions, shuffled; the first `turns` of
     them when turns > 0). Apart, because a caption in the same conversation would give the answers
@@ -676,7 +691,7 @@ def world_example(index, split, image_size, turns=0, caption_block=1, caption_ev
     in micro-batches of their own and short questions are not padded to a caption's length."""
     from eval_sim import vlm_sample
     image, caption, qa, labels = vlm_sample(index, image_size, split, question_sets, caption_colour_order, balance_in_bowl,
-                                            hold_more)
+                                            hold_more, caption_one_list)
     if (index // caption_block) % caption_every == 0:
         chat = [(D.CAPTION_PROMPT, caption)]
     else:
@@ -824,8 +839,9 @@ def score(cfg):
     model, saved, tokenizer = load_vlm(cfg.score)
     model.to(device).eval()
     size = saved["vision"]["image_size"]
-    examples = [world_example(i, "val", size, caption_colour_order=saved.get("train", {}).get("caption_colour_order", False))
-                for i in range(cfg.world_val)]
+    trained = saved.get("train", {})  # its captions' order
+    examples = [world_example(i, "val", size, caption_colour_order=trained.get("caption_colour_order", False),
+                              caption_one_list=trained.get("caption_one_list", False)) for i in range(cfg.world_val)]
     questions = val_questions(examples, size)
     answer = functools.partial(answer_questions, model, tokenizer, autocast=autocast_context(device, resolve_dtype(device, cfg.dtype)),
                                blank=cfg.blank_images)

@@ -500,8 +500,6 @@ class VisionConfig:
                                   # words ask ("the object nearest the gripper"); off for old checkpoints
     answer_offsets: bool = False  # each patch also says where within itself its thing lies (a linear map of its
                                   # features), so keypoint places are finer than the patch grid ("in the bowl")
-    answer_pixels: int = 0        # > 0: AnswerKeypoints also read the image's colours at an n x n grid of points 3/8 of a
-                                  # patch apart around each keypoint's place (a held object's colour between the fingers)
     fact_outputs: int = 0         # > 0: the projector also holds a linear read-out of this many facts per visual token,
                                   # trained by stage 2's dense loss on what each cell shows (train_vlm.py --cell_facts)
 
@@ -652,7 +650,7 @@ class Projector(nn.Module):
                                                     glimpse_grey=c.answer_glimpse_grey,
                                                     glimpse_dense=c.answer_glimpse_dense, near=c.answer_near,
                                                     recency=c.answer_every_token, summary=c.answer_summary,
-                                                    offsets=c.answer_offsets, pixels=c.answer_pixels)
+                                                    offsets=c.answer_offsets)
 
     def forward(self, x):
         B, _, C = x.shape
@@ -690,7 +688,7 @@ class AnswerKeypoints(nn.Module):
 
     def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32, pairs=False, glimpse=0,
                  glimpse_width=64, glimpse_grey=False, glimpse_dense=False, near=False, recency=False, summary=0,
-                 offsets=False, pixels=0):
+                 offsets=False):
         super().__init__()
         self.keypoints, self.patch_dim, self.max_words, self.grid = keypoints, patch_dim, max_words, grid
         self.pairs = torch.triu_indices(keypoints, keypoints, 1).tolist() if pairs else None  # [[k...], [l...]], k < l
@@ -705,7 +703,6 @@ class AnswerKeypoints(nn.Module):
         self.recency = nn.Parameter(torch.zeros(max_words, keypoints)) if recency else None
         self.summary = nn.Linear(patch_dim, summary) if summary else None  # max-pooled: what the image holds
         self.offset = nn.Linear(patch_dim, 2) if offsets else None  # where in its patch a patch's thing lies (x, y)
-        self.pixels = pixels
         n_pairs = keypoints * (keypoints - 1) // 2 if pairs else 0
         self.glimpse_size, self.glimpse_grey, self.glimpse_dense = glimpse, glimpse_grey, glimpse_dense
         if glimpse:  # three 3x3 convolutions, then the max over the square: where in it a detail lies does not matter
@@ -713,8 +710,8 @@ class AnswerKeypoints(nn.Module):
             self.glimpse = nn.Sequential(nn.Conv2d(1 if glimpse_grey else 3, w // 2, 3, padding=1), nn.ReLU(),
                                          nn.Conv2d(w // 2, w // 2, 3, stride=2, padding=1), nn.ReLU(),
                                          nn.Conv2d(w // 2, w, 3, padding=1), nn.ReLU())
-        per_keypoint = patch_dim + 2 + (glimpse_width if glimpse else 0) + 3 * pixels ** 2
-        self.out = nn.Linear(keypoints * per_keypoint + 5 * n_pairs + summary, n_embd)
+        self.out = nn.Linear(keypoints * (patch_dim + 2 + (glimpse_width if glimpse else 0)) + 5 * n_pairs + summary,
+                             n_embd)
         k = torch.arange(grid * grid)  # raster order: patch k at column k % grid, row k // grid, in [-1, 1]
         self.register_buffer("xy", torch.stack([k % grid, k // grid], -1).float() / max(grid - 1, 1) * 2 - 1,
                              persistent=False)
@@ -756,8 +753,6 @@ class AnswerKeypoints(nn.Module):
         if self.glimpse_size:  # the glimpse and the summary read the first image: the one camera stage 2 trained on
             glimpses = self.dense_glimpses if self.glimpse_dense else self.glimpses
             read.append(glimpses(images[:, :1].float(), w[:, :, :self.grid ** 2]))
-        if self.pixels:
-            read.append(self.pixel_colours(images[:, 0].float(), w[:, :, :self.grid ** 2], grid_xy[:, :self.grid ** 2]))
         read = [torch.cat(read, -1).flatten(2)]  # (B, A, K * (patch_dim + 2 [+ glimpse_width])): per keypoint
         if self.pairs:  # d (B, A, n_pairs, 2): where keypoint l lies from keypoint k
             d = xy[:, :, self.pairs[1]] - xy[:, :, self.pairs[0]]
@@ -797,20 +792,6 @@ class AnswerKeypoints(nn.Module):
         f = self.glimpse(images.to(self.glimpse[0].weight.dtype))
         f = F.adaptive_max_pool2d(f, self.grid).flatten(2).transpose(1, 2).float()  # (B, P, glimpse_width)
         return torch.einsum("bapk,bpf->bakf", w, f) / w.sum(2).clamp(min=1e-9)[..., None]
-
-    def pixel_colours(self, images, w, grid_xy):
-        """images (B, 3, H, W) standardized, w (B, A, P, K) over its patches, grid_xy (1 or B, P, 2) their places ->
-        (B, A, K, 3 * pixels^2): the image's colours (bilinear) at a pixels x pixels grid of points 3/8 of a patch apart
-        centred on each keypoint's place in this image (its weights there renormalized)."""
-        B, A, _, K = w.shape
-        g, n = self.grid, self.pixels
-        xy = torch.einsum("bapk,bpd->bakd", w, grid_xy.expand(B, -1, -1)) / w.sum(2).clamp(min=1e-9)[..., None]
-        centre = ((xy + 1) * (g - 1) / 2 + 0.5) / g * 2 - 1  # patch-centre coordinates -> grid_sample's (pixel edges)
-        step = (torch.arange(n, device=w.device) - (n - 1) / 2) * 0.375 * 2 / g
-        offset = torch.stack(torch.meshgrid(step, step, indexing="xy"), -1).view(1, 1, n * n, 2)
-        points = (centre.view(B, A * K, 1, 2) + offset).to(images.dtype)  # (B, A * K, n * n, 2)
-        colours = F.grid_sample(images, points, align_corners=False)  # (B, 3, A * K, n * n)
-        return colours.permute(0, 2, 1, 3).reshape(B, A, K, 3 * n * n)
 
     def place_in_turn(self, words, turn):
         """(B, T): each word's index among its turn's words, capped at max_words - 1."""
@@ -936,8 +917,7 @@ class VLM(nn.Module):
             words, turn = self.question_words(idx)
             read_at = self.answer_tokens(idx, turn) if self.vision.config.answer_every_token else answer
             patches_by_row = patches.reshape(idx.size(0), -1, patches.size(-1))
-            sees_pixels = self.vision.config.answer_glimpse or self.vision.config.answer_pixels
-            standardized = self.vision.standardize(images) if sees_pixels else None
+            standardized = self.vision.standardize(images) if self.vision.config.answer_glimpse else None
             out, keypoints = self.projector.answer_keypoints(idx, patches_by_row, words, turn, read_at, standardized,
                                                              return_attention=True)
             x = x + out.to(x.dtype)
@@ -989,8 +969,7 @@ class VLM(nn.Module):
         step_embeds = None
         if self.vision.config.answer_every_token and inputs["keypoints"] is not None:  # each new token is read at too
             patches_by_row = inputs["patches"].reshape(idx.size(0), -1, inputs["patches"].size(-1))
-            sees_pixels = self.vision.config.answer_glimpse or self.vision.config.answer_pixels
-            standardized = self.vision.standardize(images) if sees_pixels else None
+            standardized = self.vision.standardize(images) if self.vision.config.answer_glimpse else None
 
             def step_embeds(ids):  # the keypoints over the whole sequence so far, read at its last token
                 words, turn = self.question_words(ids)

@@ -2600,23 +2600,6 @@ def test_answer_offsets_place_each_keypoint_within_half_a_patch_of_its_patches_c
     assert torch.allclose(train_vlm.thing_places(labels, 4)[0, COLOUR_NAMES.index("red")], keypoints.xy[6])
 
 
-def test_answer_pixels_read_the_images_colours_around_each_keypoints_place():
-    keypoints = M.AnswerKeypoints(vocab_size=50, patch_dim=8, grid=8, n_embd=16, keypoints=2, pixels=3)
-    images = torch.zeros(1, 3, 64, 64)
-    images[:, 0, 24:30, 40:46] = 1.0  # a red square, pixels 40-45 across and 24-29 down
-    w = torch.zeros(1, 1, 64, 2)
-    w[:, :, 3 * 8 + 5, 0] = 1.0  # keypoint 0 on patch (row 3, column 5): its centre is pixel (44, 28)
-    w[:, :, 0, 1] = 1.0  # keypoint 1 on the first patch: nothing red there
-    red = keypoints.pixel_colours(images, w, keypoints.xy[None])[0, 0].view(2, 3, 3, 3)[:, 0]  # (2, rows, columns)
-    # points 3 pixels apart around each place: rows at y 25, 28, 31 and columns at x 41, 44, 47
-    assert torch.equal(red[0], torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
-    assert torch.equal(red[1], torch.zeros(3, 3))
-    idx = torch.tensor(TWO_TURNS)
-    words, turn, answer = keypoint_masks(idx)
-    out = keypoints(idx, torch.randn(1, 64, 8), words, turn, answer, images[:, None])
-    assert out.shape == (1, idx.size(1), 16) and keypoints.out.in_features == 2 * (8 + 2 + 27)
-
-
 def test_grounding_every_token_and_places_add_the_named_things_targets(tiny_llm_checkpoint, tmp_path):
     from eval_sim import COLOUR_NAMES
     args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "g") + ["--answer_keypoints=2", "--answer_every_token",

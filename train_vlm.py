@@ -100,8 +100,6 @@ class TrainConfig:
     answer_offsets: bool = True         # each patch also says where within itself its thing lies, so keypoint places (and pairs'
                                         # distances) are finer than the 8 x 8 grid; with ground_keypoints, trained to the named
                                         # things' true places (left/above 91 -> 98% on 512 scenes: docs/stage2.md)
-    answer_pixels: int = 0              # > 0: the answer keypoints also read the image's colours at an n x n grid of points around
-                                        # each keypoint's place (model.py): a held object's colour between the fingers; 0 = off
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
     ground_keypoints: float = 1.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the
@@ -166,7 +164,7 @@ RANGES = {**SHARED_RANGES, "world_train": (1, None), "world_val": (1, None), "im
           "projector_lr": (0, None), "projector_warmup_steps": (0, None), "eval_batches": (1, None),
           "show_captions": (0, None), "world_turns": (0, None), "caption_every": (1, None), "world_question_sets": (1, None),
           "cell_words": (0, None), "cell_facts": (0, None), "answer_keypoints": (0, None),
-          "answer_glimpse": (0, None), "answer_summary": (0, None), "answer_pixels": (0, None),
+          "answer_glimpse": (0, None), "answer_summary": (0, None),
           "ground_keypoints": (0, None), "patch_facts": (0, None)}
 RULES = SHARED_RULES + [
     (lambda c, w: c.image_size % c.patch_size == 0 and (c.image_size // c.patch_size) % c.pixel_shuffle == 0,
@@ -439,7 +437,6 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             answer_summary=cfg.answer_summary if keypoints else 0,
                             answer_near=cfg.answer_near and keypoints > 1,
                             answer_offsets=cfg.answer_offsets and keypoints > 0,
-                            answer_pixels=cfg.answer_pixels if keypoints else 0,
                             fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,

@@ -59,8 +59,9 @@ class TrainConfig:
     caption_colour_order: bool = True   # data=world: captions name objects in a fixed colour order (the next to name is the
                                         # next colour present), not the scene's random one, which left objects out and
                                         # repeated others (docs/stage2.md)
-    caption_one_list: bool = False      # data=world, with caption_colour_order: objects and bowls in one list by colour (not
-                                        # objects, then bowls: captions named bowls' colours as blocks and discs)
+    caption_one_list: bool = True       # data=world, with caption_colour_order: objects and bowls in one list by colour, not
+                                        # objects then bowls, which named bowls' colours as blocks and discs (captions P/R on
+                                        # 512 scenes 85/81 -> 91/88%: docs/stage2.md)
     balance_in_bowl: bool = False       # data=world, training scenes: where an object lies in a bowl, "is the X in the Y bowl?"
                                         # asks about it half the time ("yes" is otherwise rare; held-out scenes unchanged)
     hold_more: bool = False             # data=world, training scenes: half of those where nothing is held roll on until the
@@ -108,8 +109,6 @@ class TrainConfig:
     ground_every_token: bool = True     # with ground_keypoints and answer_every_token: also at each answer token that names a
                                         # thing (a caption's "red"), keypoint 0 lands on that thing's patch (captions P/R
                                         # 68/70 -> 83/78% with answer_offsets: docs/stage2.md)
-    ground_bowls_by_place: bool = False  # with ground_keypoints and answer_offsets: a bowl's keypoint is trained by its place
-                                        # alone, not to its centre patch (which an object inside it covers)
     patch_facts: float = 0.0            # data=world, --probe: weight of cell_facts' loss also on the tower's patches (a linear
                                         # read-out of each patch, not saved: an experiment)
     distinct_words: bool = True         # data=world from our stage 1: re-draw the colour and shape words' embeddings (after
@@ -283,8 +282,7 @@ def train(cfg):
         if word_index is not None:
             ground = functools.partial(grounding_loss, word_index=word_index.to(dist.device),
                                        grid=raw_model.vision_config.grid, every_token=cfg.ground_every_token,
-                                       places=raw_model.vision_config.answer_offsets,
-                                       bowls_by_place=cfg.ground_bowls_by_place and raw_model.vision_config.answer_offsets)
+                                       places=raw_model.vision_config.answer_offsets)
         elif dist.is_master:
             print("ground_keypoints off: " + ("the tokenizer splits every colour word and 'gripper' in pieces" if has_keypoints
                                               else "this model has no answer keypoints (--oracle, --answer_keypoints=0, "
@@ -597,24 +595,18 @@ def named_targets(every, idx, word_index):
     return word.clamp(min=0), (word >= 0) & every["valid"]
 
 
-def grounding_loss(keypoints, idx, labels, word_index, grid, named=2, every_token=False, places=False,
-                   bowls_by_place=False):
+def grounding_loss(keypoints, idx, labels, word_index, grid, named=2, every_token=False, places=False):
     """Mean over the (answer, keypoint) pairs with a ground_targets thing of the cross-entropy over patches against
     the thing's patch; every_token: also keypoint 0's at named_targets; places: also the squared distance (in
-    patches) of each such keypoint's place (AnswerKeypoints' offsets) from the thing's true centre; bowls_by_place:
-    a bowl's keypoint only by its place (an object inside covers the centre patch, the rim lies around it)."""
+    patches) of each such keypoint's place (AnswerKeypoints' offsets) from the thing's true centre."""
     patch_of, place_of = thing_patches(labels, grid), thing_places(labels, grid)
-    if bowls_by_place:  # (B, 7) over ground_words(): the six colours' kinds, then the gripper
-        from eval_sim import KINDS
-        bowl = split_labels(labels)[0][..., KINDS.index("bowl")] > 0.5
-        is_bowl = torch.cat([bowl, bowl.new_zeros(len(bowl), 1)], 1)
     targets = [(keypoints, k, *target) for k, target in enumerate(ground_targets(keypoints, idx, word_index, named))]
     if every_token and "every" in keypoints:
         targets.append((keypoints["every"], 0, *named_targets(keypoints["every"], idx, word_index)))
     losses = []
     for attention, k, thing, has in targets:
         p = attention["patches"][..., k].gather(2, patch_of.gather(1, thing)[..., None]).squeeze(-1)  # (B, A)
-        losses.append(-(p.clamp(min=1e-8).log())[has & ~is_bowl.gather(1, thing) if bowls_by_place else has])
+        losses.append(-(p.clamp(min=1e-8).log())[has])
         if places:
             true = place_of.gather(1, thing[..., None].expand(-1, -1, 2))  # (B, A, 2)
             error = (attention["xy"][:, :, k] - true) * (grid - 1) / 2

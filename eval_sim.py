@@ -1033,7 +1033,8 @@ def vlm_sample(index, image_size=64, split="train", question_sets=1, caption_col
     The scene is caught partway through an expert episode, so some images show held objects,
     stacks and filled bowls. train and val use disjoint seeds. Only the last state is rendered
     (rendering every step of the roll-out made an example 5x slower). hold_more: half the scenes where nothing is
-    held roll on (up to 40 steps) until the gripper holds something, where the task picks things up."""
+    held roll on (up to 40 steps) until the gripper holds something, where the task picks things up.
+    caption_colour_order, caption_one_list: describe_scene's colour_order, one_list."""
     rng = random.Random(f"vlm-{split}-{index}")
     task = TASKS[index % len(TASKS)]
     env = TabletopEnv(task, image_size, "seen", render=False)
@@ -1052,7 +1053,8 @@ def vlm_sample(index, image_size=64, split="train", question_sets=1, caption_col
     qa = scene_questions(env, rng, balance_in_bowl)
     for _ in range(question_sets - 1):  # more draws ask about other objects; questions already asked are dropped
         qa += [pair for pair in scene_questions(env, rng, balance_in_bowl) if pair not in qa]
-    return scene_camera(env.scene, image_size), describe_scene(env, caption_colour_order, caption_one_list), qa, scene_labels(env)
+    caption = describe_scene(env, caption_colour_order, caption_one_list)
+    return scene_camera(env.scene, image_size), caption, qa, scene_labels(env)
 
 
 def bench(steps=5000, episodes_per_task=50):

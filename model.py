@@ -496,8 +496,6 @@ class VisionConfig:
                                       # (a caption's "red" aims them at the red object to name its shape)
     answer_summary: int = 0       # > 0: AnswerKeypoints also hand over this many features, each the max over the
                                   # patches of a linear map of them (which colours, kinds the image holds)
-    answer_unsaid: bool = False   # with answer_summary: the summary minus a learned sum over the turn's words so far (what
-                                  # the image holds that the answer has not said yet: a caption's next colour)
     answer_near: bool = False     # AnswerKeypoints 1.. also prefer patches near keypoint 0, as much as the question's
                                   # words ask ("the object nearest the gripper"); off for old checkpoints
     answer_offsets: bool = False  # each patch also says where within itself its thing lies (a linear map of its
@@ -652,7 +650,6 @@ class Projector(nn.Module):
                                                     glimpse_grey=c.answer_glimpse_grey,
                                                     glimpse_dense=c.answer_glimpse_dense, near=c.answer_near,
                                                     recency=c.answer_every_token, summary=c.answer_summary,
-                                                    unsaid=c.answer_unsaid,
                                                     offsets=c.answer_offsets)
 
     def forward(self, x):
@@ -691,7 +688,7 @@ class AnswerKeypoints(nn.Module):
 
     def __init__(self, vocab_size, patch_dim, grid, n_embd, keypoints, max_words=32, pairs=False, glimpse=0,
                  glimpse_width=64, glimpse_grey=False, glimpse_dense=False, near=False, recency=False, summary=0,
-                 offsets=False, unsaid=False):
+                 offsets=False):
         super().__init__()
         self.keypoints, self.patch_dim, self.max_words, self.grid = keypoints, patch_dim, max_words, grid
         self.pairs = torch.triu_indices(keypoints, keypoints, 1).tolist() if pairs else None  # [[k...], [l...]], k < l
@@ -705,7 +702,6 @@ class AnswerKeypoints(nn.Module):
         # read at every answer token: each word also counts by how far back it lies (the latest colour named)
         self.recency = nn.Parameter(torch.zeros(max_words, keypoints)) if recency else None
         self.summary = nn.Linear(patch_dim, summary) if summary else None  # max-pooled: what the image holds
-        self.said = nn.Embedding(vocab_size, summary) if summary and unsaid else None  # ... less what the turn has said
         self.offset = nn.Linear(patch_dim, 2) if offsets else None  # where in its patch a patch's thing lies (x, y)
         n_pairs = keypoints * (keypoints - 1) // 2 if pairs else 0
         self.glimpse_size, self.glimpse_grey, self.glimpse_dense = glimpse, glimpse_grey, glimpse_dense
@@ -762,10 +758,7 @@ class AnswerKeypoints(nn.Module):
             d = xy[:, :, self.pairs[1]] - xy[:, :, self.pairs[0]]
             read.append(torch.cat([d.abs(), d.norm(dim=-1, keepdim=True), d.sign()], -1).flatten(2))  # norm: grad 0 at 0
         if self.summary is not None:
-            holds = self.summary(patches[:, :self.grid ** 2]).float().amax(1)[:, None].expand(B, A, -1)
-            if self.said is not None:  # each word the turn has read so far takes its learned share off
-                holds = holds - torch.einsum("bat,bts->bas", asks.float(), self.said(idx).float())
-            read.append(holds)
+            read.append(self.summary(patches[:, :self.grid ** 2]).float().amax(1)[:, None].expand(B, A, -1))
         out = self.out(torch.cat(read, -1).to(patches.dtype)) * valid[..., None]  # (B, A, n_embd)
         out = out.new_zeros(B, T, out.size(-1)).scatter_add(  # out is bf16 under autocast
             1, at[..., None].expand_as(out), out)
@@ -855,14 +848,12 @@ class VLM(nn.Module):
           position_embedding                                    normal(0, 0.02)
           conv_stem, answer glimpse conv weights                kaiming normal (ReLU gain): the signal keeps its scale
           film table                                            zeros (the stem starts unconditioned)
-          answer keypoints' sharpness, offset, said             zeros (scores = patch . query; places at patch centres;
-                                                                the summary as without said)
+          answer keypoints' sharpness, offset                   zeros (scores = patch . query; places at patch centres)
           biases zeros, RMSNorm weights ones
         """
         std = 0.02
         for name, p in [*self.vision.named_parameters(), *self.projector.named_parameters(prefix="projector")]:
-            if name.startswith("film.") or name.endswith(
-                    ("sharpness", "answer_keypoints.offset.weight", "answer_keypoints.said.weight")):
+            if name.startswith("film.") or name.endswith(("sharpness", "answer_keypoints.offset.weight")):
                 nn.init.zeros_(p)
             elif (name.startswith("conv_stem.") or ".glimpse." in name) and p.dim() > 1:
                 nn.init.kaiming_normal_(p, nonlinearity="relu")

@@ -2600,33 +2600,12 @@ def test_answer_offsets_place_each_keypoint_within_half_a_patch_of_its_patches_c
     assert torch.allclose(train_vlm.thing_places(labels, 4)[0, COLOUR_NAMES.index("red")], keypoints.xy[6])
 
 
-def test_answer_unsaid_takes_the_turns_words_so_far_off_the_summary():
-    torch.manual_seed(0)
-    idx = torch.tensor(TWO_TURNS)
-    turn = (idx == 1).cumsum(1)
-    words = ~((idx == 1) | (idx == 2) | (idx == 3))  # as VLM.question_words: the answers' tokens count too
-    read_at = (idx == 3) | (idx == 20) | (idx == 21)  # each <|assistant|> and its answer's token
-    patches = torch.randn(1, 16, 8)
-    keypoints = M.AnswerKeypoints(vocab_size=50, patch_dim=8, grid=4, n_embd=3, keypoints=1, summary=3, unsaid=True)
-    with torch.no_grad():
-        keypoints.out.weight.zero_(), keypoints.out.bias.zero_()
-        keypoints.out.weight[:, -3:] = torch.eye(3)  # the read-out hands on the summary alone
-        keypoints.said.weight.normal_()
-        out = keypoints(idx, patches, words, turn, read_at)[0]
-        holds = keypoints.summary(patches).amax(1)  # (3,): what the image holds
-    for a in read_at[0].nonzero()[:, 0].tolist():  # less every word of this turn up to and with the read's token
-        said = [t for t in range(a + 1) if words[0, t] and turn[0, t] == turn[0, a]]
-        assert torch.allclose(out[a], holds - keypoints.said.weight[idx[0, said]].sum(0), atol=1e-5)
-    assert torch.equal(out[~read_at[0]], torch.zeros(int((~read_at).sum()), 3))
-
-
 def test_grounding_every_token_and_places_add_the_named_things_targets(tiny_llm_checkpoint, tmp_path):
     from eval_sim import COLOUR_NAMES
     args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "g") + ["--answer_keypoints=2", "--answer_every_token",
-                                                                 "--answer_offsets", "--answer_unsaid"]
+                                                                 "--answer_offsets"]
     model, tok = train_vlm.vlm_from_llm(train_vlm.parse_config(train_vlm.TrainConfig, args), ((0.5,) * 3, (0.5,) * 3))
-    kp_module = model.projector.answer_keypoints  # offsets and words said start at zero: as without them
-    assert torch.count_nonzero(kp_module.offset.weight) == 0 and torch.count_nonzero(kp_module.said.weight) == 0
+    assert torch.count_nonzero(model.projector.answer_keypoints.offset.weight) == 0
     ex = train_vlm.world_example(0, "val", 16)
     caption = "the blue disc is left of the gripper."  # short: the tiny LLM has 64 positions
     turns = [("where is the gripper?", "blue"), ("describe the image.", caption)]

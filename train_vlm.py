@@ -96,8 +96,6 @@ class TrainConfig:
                                         # far (model.py): a caption's "red" aims them at the red object, to name its shape
     answer_summary: int = 32            # > 0: the answer keypoints' read-out also holds this many max-pooled features of the
                                         # patches: which colours and kinds the image holds (for captions); 0 = off
-    answer_unsaid: bool = False         # with answer_summary: the summary less a learned sum over the turn's words so far
-                                        # (model.py): which colours the caption has not named yet
     answer_near: bool = True            # keypoints 1.. also prefer patches near keypoint 0, as strongly as the question's words
                                         # ask (model.py): "the object nearest the gripper"
     answer_offsets: bool = True         # each patch also says where within itself its thing lies, so keypoint places (and pairs'
@@ -436,7 +434,6 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             answer_every_token=cfg.answer_every_token and keypoints > 0,
                             answer_summary=cfg.answer_summary if keypoints else 0,
                             answer_near=cfg.answer_near and keypoints > 1,
-                            answer_unsaid=cfg.answer_unsaid and cfg.answer_summary > 0 and keypoints > 0,
                             answer_offsets=cfg.answer_offsets and keypoints > 0,
                             fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0)
     try:

@@ -472,7 +472,8 @@ def test_captions_and_questions_are_grounded_and_answers_are_short():
     bowls = eval_sim.TabletopEnv("multi_place", image_size=32)
     bowls.reset(seed=2)  # a bowl and four objects: one list by colour puts the red bowl first, the same sentences
     one_list = eval_sim.describe_scene(bowls, colour_order=True, one_list=True)
-    things = list(dict.fromkeys(eval_sim.COLOUR_NAMES.index(c) for c in re.findall(r"the (\w+) (?:block|disc|bowl)", one_list)))
+    named = re.findall(r"the (\w+) (?:block|disc|bowl)", one_list)
+    things = list(dict.fromkeys(eval_sim.COLOUR_NAMES.index(c) for c in named))  # in order of first mention
     assert things == sorted(things) and len(things) == len(bowls.scene.objs) and "the red bowl is" in one_list
     assert sorted(one_list.split(". ")) == sorted(eval_sim.describe_scene(bowls, colour_order=True).split(". "))
     for q, a in eval_sim.scene_questions(env, random.Random(0)):

@@ -310,11 +310,13 @@ def describe_scene(env_or_scene, colour_order=False, one_list=False):
     does not hang on which of them are bowls."""
     s = getattr(env_or_scene, "scene", env_or_scene)
     objs, mov, bowls = s.objs, s.movables(), s.bowls()
+    def by_colour(i):
+        return COLOUR_NAMES.index(objs[i].colour)
+
     if colour_order:
-        mov, bowls = (sorted(group, key=lambda i: COLOUR_NAMES.index(objs[i].colour)) for group in (mov, bowls))
+        mov, bowls = sorted(mov, key=by_colour), sorted(bowls, key=by_colour)
+    things = sorted(mov + bowls, key=by_colour) if colour_order and one_list else mov + bowls
     parts = [f"on the table there are {_plural(len(mov), 'object')} and {_plural(len(bowls), 'bowl')}."]
-    things = sorted(mov + bowls, key=lambda i: COLOUR_NAMES.index(objs[i].colour)) if colour_order and one_list \
-        else mov + bowls
     for i in things:
         o = objs[i]
         if o.kind == "bowl":

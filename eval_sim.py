@@ -306,8 +306,8 @@ def _relation(a, b):
 def describe_scene(env_or_scene, colour_order=False, one_list=False):
     """A caption answerable from the scene camera: objects, regions, bowls, stacks, gripper. Objects in the scene's
     (random) order, or with colour_order in COLOUR_NAMES' order: the next one to name is then the next colour present.
-    one_list (with colour_order): objects and bowls in one list by colour, not objects then bowls, so the next colour
-    does not hang on which of them are bowls."""
+    one_list (with colour_order): objects and bowls in one list by colour, not objects then bowls, and the closing
+    relation between its first two things, so no colour to name hangs on which of them are bowls."""
     s = getattr(env_or_scene, "scene", env_or_scene)
     objs, mov, bowls = s.objs, s.movables(), s.bowls()
     def by_colour(i):
@@ -330,8 +330,9 @@ def describe_scene(env_or_scene, colour_order=False, one_list=False):
             parts.append(f"the {o.name} is in the {objs[b].name}.")
         else:
             parts.append(f"the {o.name} is {region_phrase(o.x, o.y)}.")
-    if len(mov) >= 2:
-        a, b = objs[mov[0]], objs[mov[1]]
+    first = things if colour_order and one_list else mov  # one list: the relation of its first two things
+    if len(first) >= 2:
+        a, b = objs[first[0]], objs[first[1]]
         parts.append(f"the {a.name} is {_relation(a, b)} the {b.name}.")
     state = "closed" if s.closed else "open"
     parts.append(f"the gripper is {state} and {region_phrase(s.gx, s.gy)}.")

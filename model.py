@@ -1000,8 +1000,8 @@ class VLM(nn.Module):
                     if p.dim() >= 2 and n != "position_embedding" and not n.startswith(("conv_stem.", "film.")))
         n_proj = sum(p.numel() for p in self.projector.parameters() if p.dim() == 2)
         vit = P * (6 * n_vit + 12 * c.n_layer * c.n_head * c.head_dim * P)
-        if c.stem == "conv":  # each convolution runs at its own output resolution, not once per patch
-            vit += sum(6 * conv.weight.numel() * (c.image_size >> (k + 1)) ** 2 for k, conv in enumerate(self.vision.conv_stem))
+        for k, conv in enumerate(getattr(self.vision, "conv_stem", [])):  # none in --oracle's stand-in tower
+            vit += 6 * conv.weight.numel() * (c.image_size >> (k + 1)) ** 2  # at its own output resolution
         return seq_len * self.llm.estimate_flops(seq_len) + n_images * (vit + self.n_visual_tokens * 6 * n_proj)
 
     @classmethod

@@ -78,7 +78,7 @@ class TrainConfig:
     pixel_shuffle: int = 2              # visual tokens per image = (image_size / patch_size / pixel_shuffle)^2
     projector_hidden: int = 512
     vision_stem: str = "conv"           # 'conv' (three 3x3 convolutions of stride 2, model.py: each patch sees past its edges;
-                                        # stage 3 from it 93.8 against 90.1% over three seeds) | 'patch' (one stride-patch
+                                        # stage 3 from it 92.2 against 89.7% over five seeds) | 'patch' (one stride-patch
                                         # convolution, as SigLIP; docs/stage2.md)
     coord_channels: bool = False        # the tower also sees each pixel's x and y (CoordConv)
     film: bool = False                  # the prompt's words scale and shift the stem's channels (FiLM, model.py)

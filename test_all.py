@@ -1071,7 +1071,8 @@ def test_vlm_bad_input_is_one_clear_line_and_exit_code_2(tiny_llm_checkpoint, tm
     for argv, msg in [([f"--init={tmp_path}/nope", f"--out_dir={tmp_path}/o"], "run `python train_llm.py` first"),
                       (["--vision_layer=2"], "unknown option --vision_layer"),
                       (args + [f"--data={tmp_path}/bad.jsonl"], "bad.jsonl:1: not valid JSON"),
-                      (args + ["--patch_size=5"], "must be a multiple of patch_size")]:
+                      (args + ["--patch_size=5"], "must be a multiple of patch_size"),
+                      (args + ["--image_size=24", "--patch_size=6"], "--patch_size=6 must be a power of 2")]:
         code, err = run(argv)
         assert code == 2 and msg in err and err.count("\n") == 1, err
 

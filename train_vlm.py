@@ -175,6 +175,9 @@ RULES = SHARED_RULES + [
     (lambda c, w: c.batch_size % (c.micro_batch * w) == 0,
      "--batch_size={batch_size} must be a multiple of micro_batch * world_size = {micro_batch} * {world_size}"),
     (lambda c, w: c.vision_stem in ("patch", "conv"), "--vision_stem={vision_stem}: expected 'patch' or 'conv'"),
+    (lambda c, w: c.vision_stem != "conv" or c.patch_size & (c.patch_size - 1) == 0,
+     "--vision_stem=conv halves the resolution per convolution: --patch_size={patch_size} must be a power of 2 "
+     "(or use --vision_stem=patch)"),
     (lambda c, w: c.oracle in ("", "scene", "cells"), "--oracle={oracle}: expected '', 'scene' or 'cells'"),
     (lambda c, w: not c.patch_facts or (c.data == "world" and c.probe and not c.oracle),
      "--patch_facts is an experiment of the probe on the built-in world: it needs --data=world, --probe, no --oracle"),

@@ -313,9 +313,10 @@ def describe_scene(env_or_scene, colour_order=False, one_list=False):
     def by_colour(i):
         return COLOUR_NAMES.index(objs[i].colour)
 
+    one_list = colour_order and one_list
     if colour_order:
         mov, bowls = sorted(mov, key=by_colour), sorted(bowls, key=by_colour)
-    things = sorted(mov + bowls, key=by_colour) if colour_order and one_list else mov + bowls
+    things = sorted(mov + bowls, key=by_colour) if one_list else mov + bowls
     parts = [f"on the table there are {_plural(len(mov), 'object')} and {_plural(len(bowls), 'bowl')}."]
     for i in things:
         o = objs[i]
@@ -330,7 +331,7 @@ def describe_scene(env_or_scene, colour_order=False, one_list=False):
             parts.append(f"the {o.name} is in the {objs[b].name}.")
         else:
             parts.append(f"the {o.name} is {region_phrase(o.x, o.y)}.")
-    first = things if colour_order and one_list else mov  # one list: the relation of its first two things
+    first = things if one_list else mov  # one list: the relation of its first two things
     if len(first) >= 2:
         a, b = objs[first[0]], objs[first[1]]
         parts.append(f"the {a.name} is {_relation(a, b)} the {b.name}.")

@@ -61,8 +61,8 @@ class TrainConfig:
                                         # repeated others (docs/stage2.md)
     caption_one_list: bool = True       # data=world, with caption_colour_order: objects and bowls in one list by colour (the
                                         # closing relation between its first two), not objects then bowls, which named
-                                        # bowls' colours as blocks and discs (captions P/R on
-                                        # 512 scenes 85/81, 83/78 -> 88-91/87-88% in three runs: docs/stage2.md)
+                                        # bowls' colours as blocks and discs (captions P/R on 512 scenes 85/81, 83/78 ->
+                                        # 88-91/87-88% in three runs, precision +0.8 from the relation: docs/stage2.md)
     balance_in_bowl: bool = False       # data=world, training scenes: where an object lies in a bowl, "is the X in the Y bowl?"
                                         # asks about it half the time ("yes" is otherwise rare; held-out scenes unchanged)
     hold_more: bool = False             # data=world, training scenes: half of those where nothing is held roll on until the

@@ -81,6 +81,21 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotated * sin).type_as(x)
 
 
+def explicit_attention(q, k, v, mask=None, is_causal=False):
+    """softmax(q k^T / sqrt(d) [masked]) v, as F.scaled_dot_product_attention computes it (is_causal: the top-left
+    triangle; mask: True = may attend; k, v may have fewer heads, shared in groups). On CPU in bf16 it is faster
+    than SDPA's flash kernel at our lengths (docs/stage2.md). Scores stay in the inputs' dtype: the scaling is
+    applied to q (T x d, not T x T), and PyTorch's softmax accumulates in fp32 inside."""
+    if k.size(1) != q.size(1):
+        k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+    scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)
+    if is_causal:
+        scores = scores.masked_fill(~torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(), -math.inf)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    return scores.softmax(-1) @ v
+
+
 def mrope_table(positions, head_dim, theta, section):
     """Qwen3-VL's interleaved multimodal RoPE: positions (3, B, T) = (temporal, height, width) ids
     -> cos, sin (B, 1, T, head_dim). Frequency j of the head_dim / 2 turns with the height id when
@@ -172,8 +187,11 @@ class Attention(nn.Module):
             k, v = kv_cache.update(layer, k, v)
         if prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # PyTorch's CPU flash kernel is slow in bf16
+            y = explicit_attention(q, k, v, mask, is_causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 

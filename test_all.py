@@ -60,6 +60,21 @@ def test_sdpa_attention_paths_match_naive_attention(path):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["causal", "causal_short_query", "bidirectional", "batch_mask"])
+def test_explicit_attention_matches_sdpa(case):
+    """The CPU bf16 path (model.explicit_attention) computes what SDPA does: GQA, the top-left causal triangle, masks."""
+    torch.manual_seed(0)
+    L = 3 if case == "causal_short_query" else 7
+    q, k, v = torch.randn(2, 4, L, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask = (torch.rand(2, 1, L, 7) > 0.3) | torch.eye(L, 7, dtype=torch.bool) if case == "batch_mask" else None
+    causal = case.startswith("causal")
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    torch.testing.assert_close(M.explicit_attention(q, k, v, mask, causal), want, atol=1e-5, rtol=1e-5)
+    got_bf16 = M.explicit_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, causal)
+    assert got_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(got_bf16.float(), want, atol=3e-2, rtol=3e-2)
+
+
 def tiny_model(**overrides):
     torch.manual_seed(0)
     cfg = dict(vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=8, mlp_hidden=64, max_seq_len=32)

@@ -9,6 +9,7 @@ On CUDA it also checks that SDPA runs the FlashAttention kernel (it fails loudly
 
     python bench.py --bpe_files='/usr/lib/python3*/**/*.py'   # BPE tokenizer training speed instead
     python bench.py --windows=lerobot:DIR --cameras=top,wrist  # stage-3 windows/s, cold and warm cache
+    python bench.py --attention                               # model.Attention's kernel against SDPA's, one layer
 """
 import glob
 import resource
@@ -36,6 +37,7 @@ class BenchConfig:
     micro_batch: int = 16
     warmup: int = 3             # untimed steps (compilation happens here)
     steps: int = 10             # timed steps
+    attention: bool = False     # time one attention call (forward + backward) both ways instead of a training step
     device: str = "auto"
     dtype: str = "auto"         # 'auto' = bf16 on CUDA and CPUs with avx512_bf16/AMX, else fp32 (as train_llm.py)
     compile: bool = True
@@ -95,6 +97,31 @@ PRESETS = {"gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, head_di
                         vocab_size=50304, seq_len=1024)}
 
 
+def bench_attention(cfg, device, dtype):
+    """Forward + backward of one causal GQA attention at the model's shape: SDPA against model.explicit_attention
+    (what Attention uses on CPU in bf16), alternated so that a noisy machine slows both alike; medians."""
+    import statistics
+    import torch.nn.functional as F
+    from model import explicit_attention
+    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    B, T, H, K, D = cfg.micro_batch, cfg.seq_len, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    q, k, v = (torch.randn(B, h, T, D, device=device, dtype=dt, requires_grad=True) for h in (H, K, K))
+    kernels = {"SDPA": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != K),
+               "explicit": lambda: explicit_attention(q, k, v, is_causal=True)}
+    times = {name: [] for name in kernels}
+    for r in range(cfg.warmup + cfg.steps):
+        for name, kernel in kernels.items():
+            t0 = time.perf_counter()
+            kernel().sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r >= cfg.warmup:
+                times[name].append(time.perf_counter() - t0)
+    print(f"attention (B {B}, {H} q / {K} kv heads, T {T}, head_dim {D}, {dtype}, {torch.get_num_threads()} threads), "
+          f"forward + backward, median of {cfg.steps}: " +
+          ", ".join(f"{name} {statistics.median(t) * 1000:.1f} ms" for name, t in times.items()))
+
+
 def main():
     cfg = parse_config(BenchConfig)
     if cfg.bpe_files:
@@ -109,6 +136,8 @@ def main():
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     dtype = resolve_dtype(device, cfg.dtype)
+    if cfg.attention:
+        return bench_attention(cfg, device, dtype)
     model = Transformer(GPTConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
                                   n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, head_dim=cfg.head_dim,
                                   mlp_hidden=cfg.mlp_hidden, max_seq_len=cfg.seq_len)).to(device)

@@ -84,8 +84,8 @@ def apply_rope(x, cos, sin):
 def explicit_attention(q, k, v, mask=None, is_causal=False):
     """softmax(q k^T / sqrt(d) [masked]) v, as F.scaled_dot_product_attention computes it (is_causal: the top-left
     triangle; mask: True = may attend; k, v may have fewer heads, shared in groups). On CPU in bf16 it is faster
-    than SDPA's flash kernel at our lengths (docs/stage2.md). Scores stay in the inputs' dtype: the scaling is
-    applied to q (T x d, not T x T), and PyTorch's softmax accumulates in fp32 inside."""
+    than SDPA's flash kernel up to ~512 keys (docs/experiments.md). Scores stay in the inputs' dtype: the scaling
+    is applied to q (T x d, not T x T), and PyTorch's softmax accumulates in fp32 inside."""
     if k.size(1) != q.size(1):
         k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
     scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)
@@ -187,7 +187,8 @@ class Attention(nn.Module):
             k, v = kv_cache.update(layer, k, v)
         if prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # PyTorch's CPU flash kernel is slow in bf16
+        # on CPU in bf16, up to ~512 keys, SDPA's kernel is 2-6x slower than the explicit product (bench.py --attention)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(2) <= 512:
             y = explicit_attention(q, k, v, mask, is_causal)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,

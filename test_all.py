@@ -2694,8 +2694,7 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_multiplies_it(monkeypatch):
     for native, want in ((True, "bfloat16"), (False, "float32")):
         monkeypatch.setattr(train_llm, "cpu_has_native_bf16", lambda: native)
         assert train_llm.resolve_dtype(cpu, "auto") == want  # emulated bf16 would be ~150x slower
-        assert train_llm.resolve_dtype(cpu, "auto", bf16_on_cpu=False) == "float32"  # stage 3: no faster in bf16
-        assert train_llm.resolve_dtype(cuda, "auto", bf16_on_cpu=False) == "bfloat16"
+        assert train_llm.resolve_dtype(cuda, "auto") == "bfloat16"
         assert train_llm.resolve_dtype(cpu, "float32") == "float32"
 
 

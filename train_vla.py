@@ -109,7 +109,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # system
     device: str = "auto"
-    dtype: str = "auto"                 # 'auto' = bf16 autocast on CUDA, fp32 on CPU (bf16 was no faster here even with avx512_bf16)
+    dtype: str = "auto"                 # 'bfloat16' autocast | 'float32' | 'auto' = bf16 on CUDA and CPUs with avx512_bf16/AMX, else fp32
     compile: bool = False               # torch.compile the training model (CPU: ~no gain at this size)
     seed: int = 1337
     resume: bool = False                # continue exactly from out_dir's latest checkpoint
@@ -165,7 +165,7 @@ def main(argv=None):
     if cfg.fsdp and dist.world_size == 1:
         raise D.UserError("--fsdp shards the policy over processes: launch with torchrun --nproc_per_node=2 or more")
     torch.manual_seed(cfg.seed + dist.rank)
-    cfg.dtype = resolve_dtype(dist.device, cfg.dtype, bf16_on_cpu=False)
+    cfg.dtype = resolve_dtype(dist.device, cfg.dtype)
     ckpt = find_checkpoint(cfg.out_dir) if cfg.resume else None
     cameras = tuple(cfg.cameras.split(","))
 

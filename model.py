@@ -90,7 +90,8 @@ def explicit_attention(q, k, v, mask=None, is_causal=False):
         k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
     scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)
     if is_causal:
-        scores = scores.masked_fill(~torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(), -math.inf)
+        causal = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, -math.inf)
     if mask is not None:
         scores = scores.masked_fill(~mask, -math.inf)
     return scores.softmax(-1) @ v
@@ -187,7 +188,7 @@ class Attention(nn.Module):
             k, v = kv_cache.update(layer, k, v)
         if prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
-        # on CPU in bf16, up to ~512 keys, SDPA's kernel is 2-6x slower than the explicit product (bench.py --attention)
+        # on CPU in bf16, up to ~512 keys, SDPA's kernel is 1.4-6x slower than the explicit product (bench.py)
         if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(2) <= 512:
             y = explicit_attention(q, k, v, mask, is_causal)
         else:

@@ -75,6 +75,16 @@ def test_explicit_attention_matches_sdpa(case):
     torch.testing.assert_close(got_bf16.float(), want, atol=3e-2, rtol=3e-2)
 
 
+def test_attention_uses_the_explicit_product_only_on_cpu_in_bf16_up_to_512_keys(monkeypatch):
+    calls, explicit = [], M.explicit_attention
+    monkeypatch.setattr(M, "explicit_attention", lambda *args: calls.append(1) or explicit(*args))
+    attn = M.Attention(n_embd=32, n_head=4, n_kv_head=2, head_dim=8, qk_norm=True, eps=1e-6)
+    for T, dtype, used in ((7, torch.float32, False), (7, torch.bfloat16, True), (513, torch.bfloat16, False)):
+        calls.clear()
+        attn.to(dtype)(torch.randn(1, T, 32, dtype=dtype), M.rope_table(T, 8, 10000.0), causal=True)
+        assert bool(calls) == used, (T, dtype)
+
+
 def tiny_model(**overrides):
     torch.manual_seed(0)
     cfg = dict(vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=8, mlp_hidden=64, max_seq_len=32)

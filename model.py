@@ -520,6 +520,8 @@ class VisionConfig:
                                   # words ask ("the object nearest the gripper"); off for old checkpoints
     answer_offsets: bool = False  # each patch also says where within itself its thing lies (a linear map of its
                                   # features), so keypoint places are finer than the patch grid ("in the bowl")
+    answer_fine: bool = False     # AnswerKeypoints aim over a grid twice as fine as the patches (stem='conv'): each cell is the
+                                  # stem's last-but-one map there (a linear map of it) plus its patch's tower features
     fact_outputs: int = 0         # > 0: the projector also holds a linear read-out of this many facts per visual token,
                                   # trained by stage 2's dense loss on what each cell shows (train_vlm.py --cell_facts)
 
@@ -533,6 +535,10 @@ class VisionConfig:
     @property
     def grid(self):  # patches per side
         return self.image_size // self.patch_size
+
+    @property
+    def answer_grid(self):  # cells per side of what AnswerKeypoints aim over
+        return self.grid * (2 if self.answer_fine else 1)
 
     @property
     def n_visual_tokens(self):  # LLM positions per image
@@ -568,6 +574,10 @@ class VisionTower(nn.Module):
                                            for w_in, w_out in zip([in_channels] + widths, widths))
         else:
             raise ValueError(f"unknown stem {c.stem!r}: use 'patch' or 'conv'")
+        if c.answer_fine:  # the stem's map at twice the patch grid, in the tower's width
+            if c.stem != "conv" or c.patch_size < 4:
+                raise ValueError("answer_fine reads the conv stem's last-but-one map: it needs stem='conv' and patch_size >= 4")
+            self.fine = nn.Linear(c.stem_widths[-2], c.n_embd)
         if c.film_vocab:  # per token: a (scale, shift) pair for every stem channel; zeros = no conditioning
             self.film = nn.Embedding(c.film_vocab, 2 * sum(c.stem_widths))
         side = c.position_grid or c.grid
@@ -599,7 +609,8 @@ class VisionTower(nn.Module):
 
     def forward(self, images, prompt=None, return_layers=False):
         """prompt: (ids (B, T), mask (B, T) bool) of the words that condition the stem (FiLM), or None.
-        return_layers: also the hidden states after each of config.deepstack_layers (a list)."""
+        return_layers: also the hidden states after each of config.deepstack_layers (a list) and, with answer_fine,
+        the cells of the grid twice as fine (B, 4 * n_patches, n_embd), row-major (else None)."""
         images = self.standardize(images)
         c = self.config
         if c.coord_channels:
@@ -627,6 +638,7 @@ class VisionTower(nn.Module):
                 x = x * (1 + film[2 * k])[:, :, None, None] + film[2 * k + 1][:, :, None, None]
             if c.stem == "conv" and k < len(stem) - 1:
                 x = F.relu(x)
+                before_last = x
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, C), row-major patches
         x = x + self.positions()
         rope = (self.rope_cos, self.rope_sin) if c.rope_theta > 0 else None
@@ -635,7 +647,15 @@ class VisionTower(nn.Module):
             x = block(x, rope, causal=False)
             if i in c.deepstack_layers:
                 layers.append(x)
-        return (self.post_layernorm(x), layers) if return_layers else self.post_layernorm(x)
+        x = self.post_layernorm(x)
+        if not return_layers:
+            return x
+        fine = None
+        if c.answer_fine:  # each patch's features in its four cells, plus what the stem saw in each cell
+            B, g = x.size(0), c.grid
+            fine = x.view(B, g, 1, g, 1, -1).expand(B, g, 2, g, 2, x.size(-1)).reshape(B, 4 * g * g, -1)
+            fine = fine + self.fine(before_last.flatten(2).transpose(1, 2))
+        return x, layers, fine
 
 
 class Projector(nn.Module):
@@ -665,7 +685,7 @@ class Projector(nn.Module):
         if c.fact_outputs and not shuffled_norm:  # visual token -> its cell's facts (a training signal, unused after)
             self.facts = nn.Linear(llm_width, c.fact_outputs)
         if c.answer_keypoints and not shuffled_norm:  # kept here: the projector's optimizer group and learning rate
-            self.answer_keypoints = AnswerKeypoints(c.answer_vocab, c.n_embd, c.grid, llm_width, c.answer_keypoints,
+            self.answer_keypoints = AnswerKeypoints(c.answer_vocab, c.n_embd, c.answer_grid, llm_width, c.answer_keypoints,
                                                     pairs=c.answer_pairs, glimpse=c.answer_glimpse,
                                                     glimpse_grey=c.answer_glimpse_grey,
                                                     glimpse_dense=c.answer_glimpse_dense, near=c.answer_near,
@@ -755,24 +775,30 @@ class AnswerKeypoints(nn.Module):
             logits = logits + self.recency[(at[:, :, None] - position).clamp(0, self.max_words - 1)]
         a = logits.masked_fill(~asks[..., None], -1e9).softmax(dim=2)  # (B, A, T, K)
         query = self.query(idx).view(B, T, self.patch_dim, self.keypoints).float()
-        q = torch.einsum("batk,btck->back", a, query)
-        scores = torch.einsum("bpc,back->bapk", patches.float(), q) * self.sharpness.exp()
-        grid_xy = self.xy.repeat(patches.size(1) // len(self.xy), 1)[None]  # (1, P, 2): each image's own grid
+        # (B, A, K, P) throughout: each keypoint's scores over the patches contiguous, so the products are plain
+        # batched matmuls and the softmax runs along memory (a (B, A, P, K) layout cost copies at 256 patches)
+        q = torch.einsum("batk,btck->bakc", a, query)
+        patches32 = patches.float()
+        P = patches.size(1)
+        scores = (q.flatten(1, 2) @ patches32.transpose(1, 2)).view(B, A, self.keypoints, P)
+        scores = scores * self.sharpness.exp()[:, None]
+        grid_xy = self.xy.repeat(P // len(self.xy), 1)[None].expand(B, -1, -1)  # (B, P, 2): each image's own grid
         if self.offset is not None:  # up to half a patch's spacing either way: finer places than the grid
             grid_xy = grid_xy + torch.tanh(self.offset(patches).float()) / max(self.grid - 1, 1)
         if self.near is not None:  # nearest = best match minus a distance cost; the question's words set the cost
             # x10: the table's rows learn 10x faster; -4: the pull starts near 0 (softplus(-4) = 0.018)
             pull = F.softplus(10 * torch.einsum("batk,btk->bak", a, self.near(idx).float()) - 4)  # (B, A, K)
             pull = pull * (torch.arange(self.keypoints, device=idx.device) > 0)  # keypoint 0 is the anchor
-            anchor = torch.einsum("bap,bpd->bad", scores[..., 0].softmax(dim=2), grid_xy.expand(B, -1, -1))  # (B, A, 2)
-            scores = scores - (grid_xy[:, None] - anchor[:, :, None]).square().sum(-1)[..., None] * pull[:, :, None]
-        w = scores.softmax(dim=2)  # (B, A, P, K)
-        xy = torch.einsum("bapk,bpd->bakd", w, grid_xy.expand(B, -1, -1))
-        features = torch.einsum("bapk,bpc->bakc", w, patches.float())
+            anchor = scores[:, :, 0].softmax(dim=-1) @ grid_xy  # (B, A, 2)
+            distance2 = (grid_xy[:, None] - anchor[:, :, None]).square().sum(-1)  # (B, A, P)
+            scores = scores - pull[..., None] * distance2[:, :, None]
+        w = scores.softmax(dim=-1)  # (B, A, K, P)
+        xy = (w.flatten(1, 2) @ grid_xy).view(B, A, self.keypoints, 2)
+        features = (w.flatten(1, 2) @ patches32).view(B, A, self.keypoints, -1)
         read = [features, xy]
         if self.glimpse_size:  # the glimpse and the summary read the first image: the one camera stage 2 trained on
             glimpses = self.dense_glimpses if self.glimpse_dense else self.glimpses
-            read.append(glimpses(images[:, :1].float(), w[:, :, :self.grid ** 2]))
+            read.append(glimpses(images[:, :1].float(), w[..., :self.grid ** 2]))
         read = [torch.cat(read, -1).flatten(2)]  # (B, A, K * (patch_dim + 2 [+ glimpse_width])): per keypoint
         if self.pairs:  # d (B, A, n_pairs, 2): where keypoint l lies from keypoint k
             d = xy[:, :, self.pairs[1]] - xy[:, :, self.pairs[0]]
@@ -782,19 +808,19 @@ class AnswerKeypoints(nn.Module):
         out = self.out(torch.cat(read, -1).to(patches.dtype)) * valid[..., None]  # (B, A, n_embd)
         out = out.new_zeros(B, T, out.size(-1)).scatter_add(  # out is bf16 under autocast
             1, at[..., None].expand_as(out), out)
-        return (out, {"patches": w, "words": asks, "valid": valid, "at": at, "xy": xy}) if return_attention else out
+        return (out, {"patches": w.transpose(2, 3), "words": asks, "valid": valid, "at": at, "xy": xy}) if return_attention else out
 
     def glimpses(self, images, w):
-        """images (B, N, 3, H, W), w (B, A, P, K) -> (B, A, K, glimpse_width): the CNN's features of a square of
+        """images (B, N, 3, H, W), w (B, A, K, P) -> (B, A, K, glimpse_width): the CNN's features of a square of
         glimpse_size pixels centred where each keypoint points in each image, weighted by its share of its mass
         over these images."""
         if self.glimpse_grey:
             images = images.mean(2, keepdim=True)
         B, N, C, H, W = images.shape
         A, K, G, g = w.size(1), self.keypoints, self.glimpse_size, self.grid
-        w = w.view(B, A, N, g * g, K)
-        mass = w.sum(3)  # (B, A, N, K)
-        xy = torch.einsum("banpk,pd->bankd", w, self.xy) / mass.clamp(min=1e-9)[..., None]
+        w = w.reshape(B, A, K, N, g * g)
+        mass = w.sum(4).transpose(2, 3)  # (B, A, N, K)
+        xy = torch.einsum("baknp,pd->bankd", w, self.xy) / mass.clamp(min=1e-9)[..., None]
         centre = ((xy + 1) * (g - 1) / 2 + 0.5) / g * 2 - 1  # patch-centre coordinates -> grid_sample's (pixel edges)
         offset = (torch.arange(G, device=w.device) - (G - 1) / 2) * 2
         offset = torch.stack(torch.meshgrid(offset / W, offset / H, indexing="xy"), -1)  # (G, G, 2) as (x, y)
@@ -806,12 +832,12 @@ class AnswerKeypoints(nn.Module):
         return (f * (mass / mass.sum(2, keepdim=True).clamp(min=1e-9))[..., None]).sum(2)
 
     def dense_glimpses(self, images, w):
-        """images (B, 1, 3, H, W), w (B, A, P, K) over its patches -> (B, A, K, glimpse_width): the CNN over the whole
+        """images (B, 1, 3, H, W), w (B, A, K, P) over its patches -> (B, A, K, glimpse_width): the CNN over the whole
         image, max-pooled within each patch, pooled with each keypoint's weights there (renormalized: its share)."""
         images = images[:, 0].mean(1, keepdim=True) if self.glimpse_grey else images[:, 0]
         f = self.glimpse(images.to(self.glimpse[0].weight.dtype))
         f = F.adaptive_max_pool2d(f, self.grid).flatten(2).transpose(1, 2).float()  # (B, P, glimpse_width)
-        return torch.einsum("bapk,bpf->bakf", w, f) / w.sum(2).clamp(min=1e-9)[..., None]
+        return (w.flatten(1, 2) @ f).view(*w.shape[:3], -1) / w.sum(-1).clamp(min=1e-9)[..., None]
 
     def place_in_turn(self, words, turn):
         """(B, T): each word's index among its turn's words, capped at max_words - 1."""
@@ -868,12 +894,13 @@ class VLM(nn.Module):
           position_embedding                                    normal(0, 0.02)
           conv_stem, answer glimpse conv weights                kaiming normal (ReLU gain): the signal keeps its scale
           film table                                            zeros (the stem starts unconditioned)
+          fine (answer_fine's map of the stem)                  zeros (each cell starts as its patch)
           answer keypoints' sharpness, offset                   zeros (scores = patch . query; places at patch centres)
           biases zeros, RMSNorm weights ones
         """
         std = 0.02
         for name, p in [*self.vision.named_parameters(), *self.projector.named_parameters(prefix="projector")]:
-            if name.startswith("film.") or name.endswith(("sharpness", "answer_keypoints.offset.weight")):
+            if name.startswith(("film.", "fine.")) or name.endswith(("sharpness", "answer_keypoints.offset.weight")):
                 nn.init.zeros_(p)
             elif (name.startswith("conv_stem.") or ".glimpse." in name) and p.dim() > 1:
                 nn.init.kaiming_normal_(p, nonlinearity="relu")
@@ -909,7 +936,8 @@ class VLM(nn.Module):
 
     def llm_inputs(self, idx, images):
         """What the LLM reads: {"embeds": (B, T, C) (see embed), "patches": the tower's features or None,
-        "positions": Qwen3-VL's (3, B, T) position ids or None (plain RoPE), "deepstack": a list of (B, T, C)
+        "cells": what the answer keypoints aim over (the patches, or the twice-finer
+        grid with answer_fine), "positions": Qwen3-VL's (3, B, T) position ids or None (plain RoPE), "deepstack": a list of (B, T, C)
         (Qwen3-VL's DeepStack features at the image positions, zero elsewhere; [] for other towers), "keypoints": the
         answer keypoints' attention (AnswerKeypoints, return_attention) at each <|assistant|>, or None; with every-token
         reads its "every" holds their "patches", "valid", "at" and "xy" at every answer token}."""
@@ -924,19 +952,20 @@ class VLM(nn.Module):
                                  f"image(s) x {self.n_visual_tokens} visual tokens = {want}")
         positions = self.mrope_positions(is_image) if self.llm.config.mrope_section else None
         if n_images == 0:
-            return {"embeds": x, "patches": None, "positions": positions, "deepstack": [], "keypoints": None}
+            return {"embeds": x, "patches": None, "cells": None, "positions": positions, "deepstack": [], "keypoints": None}
         prompt = None
         if self.vision.config.film_vocab:  # the first user turn's words (before <|assistant|>), for every image of the row
             words = ((idx == self.prompt_end_id).cumsum(1) == 0) & ~is_image
             prompt = (idx.repeat_interleave(n_images, 0), words.repeat_interleave(n_images, 0))
         # (B * n_images, n_patches, C_vit), and the DeepStack layers' hidden states
-        patches, layers = self.vision(images.flatten(0, 1), prompt, return_layers=True)
+        patches, layers, fine = self.vision(images.flatten(0, 1), prompt, return_layers=True)
         x = x.masked_scatter(is_image.unsqueeze(-1), self.projector(patches).to(x.dtype))
         answer, keypoints = idx == self.prompt_end_id, None
+        cells = patches if fine is None else fine
         if self.vision.config.answer_keypoints and answer.any():  # every image's patches, one softmax over them all
             words, turn = self.question_words(idx)
             read_at = self.answer_tokens(idx, turn) if self.vision.config.answer_every_token else answer
-            patches_by_row = patches.reshape(idx.size(0), -1, patches.size(-1))
+            patches_by_row = cells.reshape(idx.size(0), -1, cells.size(-1))
             standardized = self.vision.standardize(images) if self.vision.config.answer_glimpse else None
             out, keypoints = self.projector.answer_keypoints(idx, patches_by_row, words, turn, read_at, standardized,
                                                              return_attention=True)
@@ -950,7 +979,7 @@ class VLM(nn.Module):
                 keypoints.update(valid=keep[rows, first] & every["valid"][rows, first], every=every)
         deepstack = [x.new_zeros(x.shape).masked_scatter(is_image.unsqueeze(-1), projector(h).to(x.dtype))
                      for projector, h in zip(self.projector.deepstack, layers)] if layers else []
-        return {"embeds": x, "patches": patches, "positions": positions, "deepstack": deepstack, "keypoints": keypoints}
+        return {"embeds": x, "patches": patches, "cells": cells, "positions": positions, "deepstack": deepstack, "keypoints": keypoints}
 
     def question_words(self, idx):
         """(words, turn), both (B, T): the tokens AnswerKeypoints may pool (all but <|user|>, <|assistant|>, <|image|>)
@@ -988,7 +1017,7 @@ class VLM(nn.Module):
         inputs = self.llm_inputs(idx, images)
         step_embeds = None
         if self.vision.config.answer_every_token and inputs["keypoints"] is not None:  # each new token is read at too
-            patches_by_row = inputs["patches"].reshape(idx.size(0), -1, inputs["patches"].size(-1))
+            patches_by_row = inputs["cells"].reshape(idx.size(0), -1, inputs["cells"].size(-1))
             standardized = self.vision.standardize(images) if self.vision.config.answer_glimpse else None
 
             def step_embeds(ids):  # the keypoints over the whole sequence so far, read at its last token

@@ -2500,7 +2500,7 @@ def test_answer_glimpse_crops_the_pixels_where_each_keypoint_points_in_each_imag
     w[0, 0, 0, 1] = 1.0               # keypoint 1: the first image's top-left patch
     crops = []
     keypoints.glimpse[0].register_forward_hook(lambda module, inputs, output: crops.append(inputs[0]))
-    features = keypoints.glimpses(images, w)
+    features = keypoints.glimpses(images, w.transpose(2, 3))  # it takes (B, A, K, P)
     first, second = crops[0].view(2, 1, 2, 3, 16, 16)[:, 0]  # (images, keypoints, 3, G, G)
     rows, cols = torch.nonzero(second[0, 0] > 0.5, as_tuple=True)  # pixels 36..51 down, 12..27 across
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (4, 7, 8, 11) and second[1].abs().sum() == 0
@@ -2521,7 +2521,7 @@ def test_answer_dense_glimpse_is_the_cnn_over_the_image_max_pooled_in_each_patch
     w[0, 0, 0, 1] = w[0, 0, 15, 1] = 0.25   # keypoint 1: half its mass here (the rest on another camera), half each
     f = keypoints.glimpse(images[:, 0])     # (1, 64, 16, 16): stride 2, so patch (c, r) is [4r:4r+4, 4c:4c+4]
     patch = lambda c, r: f[0, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4].amax((-2, -1))
-    got = keypoints.dense_glimpses(images, w)
+    got = keypoints.dense_glimpses(images, w.transpose(2, 3))  # (B, A, K, P)
     assert torch.allclose(got[0, 0, 0], patch(2, 1), atol=1e-6)
     assert torch.allclose(got[0, 0, 1], (patch(0, 0) + patch(3, 3)) / 2, atol=1e-6)
 
@@ -2627,6 +2627,45 @@ def test_answer_offsets_place_each_keypoint_within_half_a_patch_of_its_patches_c
     labels[0, red + 12], labels[0, red + 13] = 2.5 / 4, 1 - 1.5 / 4
     assert train_vlm.thing_patches(labels, 4)[0, COLOUR_NAMES.index("red")] == 6
     assert torch.allclose(train_vlm.thing_places(labels, 4)[0, COLOUR_NAMES.index("red")], keypoints.xy[6])
+
+
+def test_answer_fine_aims_the_keypoints_over_a_grid_twice_as_fine_as_the_patches(tiny_llm_checkpoint, tmp_path):
+    torch.manual_seed(0)
+    c = M.VisionConfig(image_size=16, patch_size=4, n_layer=1, n_embd=16, n_head=2, head_dim=8, mlp_hidden=32,
+                       stem="conv", answer_fine=True)
+    tower, images = M.VisionTower(c), torch.rand(2, 3, 16, 16)
+    patches, _, fine = tower(images, return_layers=True)
+    assert c.answer_grid == 8 and patches.shape == (2, 16, 16) and fine.shape == (2, 64, 16)
+    stem = F.relu(tower.conv_stem[0](tower.standardize(images)))  # the stem's last-but-one map: 8 x 8
+    own_patch = patches.view(2, 4, 4, 16).repeat_interleave(2, 1).repeat_interleave(2, 2)  # each cell's patch
+    assert torch.allclose(fine.view(2, 8, 8, 16), own_patch + tower.fine(stem.permute(0, 2, 3, 1)), atol=1e-5)
+    with pytest.raises(ValueError, match="answer_fine reads the conv stem"):
+        M.VisionTower(M.VisionConfig(image_size=16, patch_size=4, stem="patch", answer_fine=True))
+    # in the VLM the answer keypoints (and their grounding) aim over the 8 x 8 cells; the LLM still reads 4 x 4 patches
+    args = tiny_vlm_args(tiny_llm_checkpoint, tmp_path / "fine") + ["--vision_stem=conv", "--answer_fine"]
+    model, tok = train_vlm.vlm_from_llm(train_vlm.parse_config(train_vlm.TrainConfig, args), ((0.5,) * 3, (0.5,) * 3))
+    ex = train_vlm.world_example(0, "val", 16)
+    idx = torch.tensor([data.encode_chat(tok, ex["turns"], model.n_visual_tokens, model.config.max_seq_len)[0]])
+    _, _, extras = model(idx, train_vlm.model_view(ex, 16)[None], return_extras=True)
+    assert extras["keypoints"]["patches"].shape[2] == 64 and extras["patches"].shape == (1, 16, 16)
+    # grounding: the cross-entropy against the thing's patch (its four cells' mass), the distance in patches
+    turns = [("where is the gripper?", "blue")]
+    idx = torch.tensor([data.encode_chat(tok, turns, model.n_visual_tokens)[0]])
+    labels = torch.tensor(ex["labels"])
+    word_index = train_vlm.ground_word_index(tok, model.config.vocab_size, verbose=False)
+    with torch.no_grad():
+        for p in model.projector.answer_keypoints.parameters():
+            p.normal_(0.0, 0.3)
+        kp = model(idx, train_vlm.model_view(ex, 16)[None], return_extras=True)[2]["keypoints"]
+    patch, place = train_vlm.thing_patches(labels, 4)[0, 6], train_vlm.thing_places(labels, 8)[0, 6]  # 6: the gripper
+    row, col = divmod(patch.item(), 4)
+    mass = [kp["patches"][0, 0, :, k].view(8, 8)[2 * row:2 * row + 2, 2 * col:2 * col + 2].sum() for k in range(2)]
+    distance2 = [((kp["xy"][0, 0, k] - place) * 7 / 2 / 2).square().sum() for k in range(2)]  # (8 - 1) / 2: in cells
+    assert train_vlm.grounding_loss(kp, idx, labels, word_index, 8, places=True, fine=True).item() == pytest.approx(
+        torch.stack([-mass[0].log(), distance2[0], -mass[1].log(), distance2[1]]).mean().item(), rel=1e-5)
+    train_vlm.main(args + ["--max_steps=2", "--show_captions=0"])
+    reloaded, _, _ = train_vlm.load_vlm(str(tmp_path / "fine"))
+    assert reloaded.vision_config.answer_fine and reloaded.vision.fine.weight.shape == (16, 16)
 
 
 def test_grounding_every_token_and_places_add_the_named_things_targets(tiny_llm_checkpoint, tmp_path):

@@ -104,6 +104,9 @@ class TrainConfig:
     answer_offsets: bool = True         # each patch also says where within itself its thing lies, so keypoint places (and pairs'
                                         # distances) are finer than the 8 x 8 grid; with ground_keypoints, trained to the named
                                         # things' true places (left/above 91 -> 98% on 512 scenes: docs/stage2.md)
+    answer_fine: bool = False           # the answer keypoints aim over a grid twice as fine as the patches (16 x 16 at 8-pixel patches):
+                                        # the conv stem's map there plus each patch's tower features (model.py); a held object is a
+                                        # few pixels between the gripper's fingers (docs/stage2.md)
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
     ground_keypoints: float = 1.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the
@@ -287,8 +290,9 @@ def train(cfg):
         word_index = ground_word_index(tokenizer, raw_model.config.vocab_size, dist.is_master) if has_keypoints else None
         if word_index is not None:
             ground = functools.partial(grounding_loss, word_index=word_index.to(dist.device),
-                                       grid=raw_model.vision_config.grid, every_token=cfg.ground_every_token,
-                                       places=raw_model.vision_config.answer_offsets)
+                                       grid=raw_model.vision_config.answer_grid, every_token=cfg.ground_every_token,
+                                       places=raw_model.vision_config.answer_offsets,
+                                       fine=raw_model.vision_config.answer_fine)
         elif dist.is_master:
             print("ground_keypoints off: " + ("the tokenizer splits every colour word and 'gripper' in pieces" if has_keypoints
                                               else "this model has no answer keypoints (--oracle, --answer_keypoints=0, "
@@ -441,6 +445,7 @@ def vlm_from_llm(cfg, pixel_mean_std):
                             answer_summary=cfg.answer_summary if keypoints else 0,
                             answer_near=cfg.answer_near and keypoints > 1,
                             answer_offsets=cfg.answer_offsets and keypoints > 0,
+                            answer_fine=cfg.answer_fine and keypoints > 0,
                             fact_outputs=CELL_FEATURES if cfg.cell_facts and cfg.data == "world" and not cfg.oracle else 0)
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,
@@ -482,7 +487,7 @@ class SceneOracle(torch.nn.Module):
             tokens = self.linear(cell_facts(facts.float(), self.grid)) + self.position
         else:
             tokens = self.linear(facts.float())[:, None].expand(-1, self.n_visual_tokens, -1)
-        return (tokens, []) if return_layers else tokens
+        return (tokens, [], None) if return_layers else tokens
 
 
 CELL_FEATURES = 20  # cell_facts: 6 colours, 3 kinds, 5 object facts, x, y, gripper here, closed, x, y
@@ -547,7 +552,7 @@ def pointing_accuracy(model, tokenizer, examples, image_size):
         idx = torch.tensor([D.encode_chat(tokenizer, ex["turns"], model.n_visual_tokens, model.config.max_seq_len)[0]],
                            device=device)
         _, _, extras = model(idx, model_view(ex, image_size)[None].to(device), return_extras=True)
-        patch_of = thing_patches(torch.tensor(ex["labels"], device=device), model.vision_config.grid)
+        patch_of = thing_patches(torch.tensor(ex["labels"], device=device), model.vision_config.answer_grid)
         for k, (thing, has) in enumerate(ground_targets(extras["keypoints"], idx, word_index.to(device))):
             target = patch_of.gather(1, thing)
             guess = extras["keypoints"]["patches"][..., k].argmax(2)
@@ -601,21 +606,28 @@ def named_targets(every, idx, word_index):
     return word.clamp(min=0), (word >= 0) & every["valid"]
 
 
-def grounding_loss(keypoints, idx, labels, word_index, grid, named=2, every_token=False, places=False):
+def grounding_loss(keypoints, idx, labels, word_index, grid, named=2, every_token=False, places=False, fine=False):
     """Mean over the (answer, keypoint) pairs with a ground_targets thing of the cross-entropy over patches against
     the thing's patch; every_token: also keypoint 0's at named_targets; places: also the squared distance (in
-    patches) of each such keypoint's place (AnswerKeypoints' offsets) from the thing's true centre."""
-    patch_of, place_of = thing_patches(labels, grid), thing_places(labels, grid)
+    patches) of each such keypoint's place (AnswerKeypoints' offsets) from the thing's true centre. fine: the
+    keypoints aim over answer_fine's cells (grid = twice the patch grid); the cross-entropy is still against the
+    thing's patch (its four cells' mass summed) and distances still in patches, so the loss weighs what it weighed
+    without them (against single cells it doubled and slowed the rest: docs/stage2.md)."""
+    patch_grid = grid // 2 if fine else grid
+    patch_of, place_of = thing_patches(labels, patch_grid), thing_places(labels, grid)
     targets = [(keypoints, k, *target) for k, target in enumerate(ground_targets(keypoints, idx, word_index, named))]
     if every_token and "every" in keypoints:
         targets.append((keypoints["every"], 0, *named_targets(keypoints["every"], idx, word_index)))
     losses = []
     for attention, k, thing, has in targets:
-        p = attention["patches"][..., k].gather(2, patch_of.gather(1, thing)[..., None]).squeeze(-1)  # (B, A)
+        w = attention["patches"][..., k]  # (B, A, cells)
+        if fine:
+            w = w.reshape(*w.shape[:2], patch_grid, 2, patch_grid, 2).sum((3, 5)).flatten(2)
+        p = w.gather(2, patch_of.gather(1, thing)[..., None]).squeeze(-1)  # (B, A)
         losses.append(-(p.clamp(min=1e-8).log())[has])
         if places:
             true = place_of.gather(1, thing[..., None].expand(-1, -1, 2))  # (B, A, 2)
-            error = (attention["xy"][:, :, k] - true) * (grid - 1) / 2
+            error = (attention["xy"][:, :, k] - true) * (grid - 1) / 2 / (2 if fine else 1)
             losses.append(error.square().sum(-1)[has])
     losses = torch.cat(losses)
     return losses.mean() if losses.numel() else keypoints["patches"].new_zeros(())

@@ -520,8 +520,9 @@ class VisionConfig:
                                   # words ask ("the object nearest the gripper"); off for old checkpoints
     answer_offsets: bool = False  # each patch also says where within itself its thing lies (a linear map of its
                                   # features), so keypoint places are finer than the patch grid ("in the bowl")
-    answer_fine: bool = False     # AnswerKeypoints aim over a grid twice as fine as the patches (stem='conv'): each cell is the
-                                  # stem's last-but-one map there (a linear map of it) plus its patch's tower features
+    answer_fine: bool = False     # AnswerKeypoints aim over a grid twice as fine as the patches (stem='conv'): each
+                                  # cell is its patch's tower features plus a linear map of the stem's last-but-one
+                                  # map there
     fact_outputs: int = 0         # > 0: the projector also holds a linear read-out of this many facts per visual token,
                                   # trained by stage 2's dense loss on what each cell shows (train_vlm.py --cell_facts)
 
@@ -576,7 +577,8 @@ class VisionTower(nn.Module):
             raise ValueError(f"unknown stem {c.stem!r}: use 'patch' or 'conv'")
         if c.answer_fine:  # the stem's map at twice the patch grid, in the tower's width
             if c.stem != "conv" or c.patch_size < 4:
-                raise ValueError("answer_fine reads the conv stem's last-but-one map: it needs stem='conv' and patch_size >= 4")
+                raise ValueError("answer_fine reads the conv stem's last-but-one map: it needs stem='conv' and "
+                                 "patch_size >= 4")
             self.fine = nn.Linear(c.stem_widths[-2], c.n_embd)
         if c.film_vocab:  # per token: a (scale, shift) pair for every stem channel; zeros = no conditioning
             self.film = nn.Embedding(c.film_vocab, 2 * sum(c.stem_widths))
@@ -685,7 +687,8 @@ class Projector(nn.Module):
         if c.fact_outputs and not shuffled_norm:  # visual token -> its cell's facts (a training signal, unused after)
             self.facts = nn.Linear(llm_width, c.fact_outputs)
         if c.answer_keypoints and not shuffled_norm:  # kept here: the projector's optimizer group and learning rate
-            self.answer_keypoints = AnswerKeypoints(c.answer_vocab, c.n_embd, c.answer_grid, llm_width, c.answer_keypoints,
+            self.answer_keypoints = AnswerKeypoints(c.answer_vocab, c.n_embd, c.answer_grid, llm_width,
+                                                    c.answer_keypoints,
                                                     pairs=c.answer_pairs, glimpse=c.answer_glimpse,
                                                     glimpse_grey=c.answer_glimpse_grey,
                                                     glimpse_dense=c.answer_glimpse_dense, near=c.answer_near,
@@ -808,7 +811,9 @@ class AnswerKeypoints(nn.Module):
         out = self.out(torch.cat(read, -1).to(patches.dtype)) * valid[..., None]  # (B, A, n_embd)
         out = out.new_zeros(B, T, out.size(-1)).scatter_add(  # out is bf16 under autocast
             1, at[..., None].expand_as(out), out)
-        return (out, {"patches": w.transpose(2, 3), "words": asks, "valid": valid, "at": at, "xy": xy}) if return_attention else out
+        if not return_attention:
+            return out
+        return out, {"patches": w.transpose(2, 3), "words": asks, "valid": valid, "at": at, "xy": xy}
 
     def glimpses(self, images, w):
         """images (B, N, 3, H, W), w (B, A, K, P) -> (B, A, K, glimpse_width): the CNN's features of a square of
@@ -936,9 +941,9 @@ class VLM(nn.Module):
 
     def llm_inputs(self, idx, images):
         """What the LLM reads: {"embeds": (B, T, C) (see embed), "patches": the tower's features or None,
-        "cells": what the answer keypoints aim over (the patches, or the twice-finer
-        grid with answer_fine), "positions": Qwen3-VL's (3, B, T) position ids or None (plain RoPE), "deepstack": a list of (B, T, C)
-        (Qwen3-VL's DeepStack features at the image positions, zero elsewhere; [] for other towers), "keypoints": the
+        "cells": what the answer keypoints aim over (the patches, or answer_fine's twice-finer grid), "positions":
+        Qwen3-VL's (3, B, T) position ids or None (plain RoPE), "deepstack": a list of (B, T, C) (Qwen3-VL's
+        DeepStack features at the image positions, zero elsewhere; [] for other towers), "keypoints": the
         answer keypoints' attention (AnswerKeypoints, return_attention) at each <|assistant|>, or None; with every-token
         reads its "every" holds their "patches", "valid", "at" and "xy" at every answer token}."""
         x = self.llm.embed_tokens(idx)
@@ -952,7 +957,8 @@ class VLM(nn.Module):
                                  f"image(s) x {self.n_visual_tokens} visual tokens = {want}")
         positions = self.mrope_positions(is_image) if self.llm.config.mrope_section else None
         if n_images == 0:
-            return {"embeds": x, "patches": None, "cells": None, "positions": positions, "deepstack": [], "keypoints": None}
+            return {"embeds": x, "patches": None, "cells": None, "positions": positions, "deepstack": [],
+                    "keypoints": None}
         prompt = None
         if self.vision.config.film_vocab:  # the first user turn's words (before <|assistant|>), for every image of the row
             words = ((idx == self.prompt_end_id).cumsum(1) == 0) & ~is_image
@@ -979,7 +985,8 @@ class VLM(nn.Module):
                 keypoints.update(valid=keep[rows, first] & every["valid"][rows, first], every=every)
         deepstack = [x.new_zeros(x.shape).masked_scatter(is_image.unsqueeze(-1), projector(h).to(x.dtype))
                      for projector, h in zip(self.projector.deepstack, layers)] if layers else []
-        return {"embeds": x, "patches": patches, "cells": cells, "positions": positions, "deepstack": deepstack, "keypoints": keypoints}
+        return {"embeds": x, "patches": patches, "cells": cells, "positions": positions, "deepstack": deepstack,
+                "keypoints": keypoints}
 
     def question_words(self, idx):
         """(words, turn), both (B, T): the tokens AnswerKeypoints may pool (all but <|user|>, <|assistant|>, <|image|>)

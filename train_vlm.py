@@ -104,9 +104,9 @@ class TrainConfig:
     answer_offsets: bool = True         # each patch also says where within itself its thing lies, so keypoint places (and pairs'
                                         # distances) are finer than the 8 x 8 grid; with ground_keypoints, trained to the named
                                         # things' true places (left/above 91 -> 98% on 512 scenes: docs/stage2.md)
-    answer_fine: bool = False           # the answer keypoints aim over a grid twice as fine as the patches (16 x 16 at 8-pixel patches):
-                                        # the conv stem's map there plus each patch's tower features (model.py); a held object is a
-                                        # few pixels between the gripper's fingers (docs/stage2.md)
+    answer_fine: bool = False           # the answer keypoints aim over a grid twice as fine as the patches (16 x 16 at 8-pixel
+                                        # patches): each patch's features plus the conv stem's map there (model.py). Holding
+                                        # 92-97 against 84-90%, position 73-79 against 89% in six runs: off (docs/stage2.md)
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
     ground_keypoints: float = 1.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the

@@ -2660,6 +2660,7 @@ def test_answer_fine_aims_the_keypoints_over_a_grid_twice_as_fine_as_the_patches
     patch, place = train_vlm.thing_patches(labels, 4)[0, 6], train_vlm.thing_places(labels, 8)[0, 6]  # 6: the gripper
     row, col = divmod(patch.item(), 4)
     mass = [kp["patches"][0, 0, :, k].view(8, 8)[2 * row:2 * row + 2, 2 * col:2 * col + 2].sum() for k in range(2)]
+    assert torch.allclose(train_vlm.per_patch(kp["patches"][..., 0], 4, fine=True)[0, 0, patch], mass[0])  # as pointing
     distance2 = [((kp["xy"][0, 0, k] - place) * 7 / 2 / 2).square().sum() for k in range(2)]  # (8 - 1) / 2: in cells
     assert train_vlm.grounding_loss(kp, idx, labels, word_index, 8, places=True, fine=True).item() == pytest.approx(
         torch.stack([-mass[0].log(), distance2[0], -mass[1].log(), distance2[1]]).mean().item(), rel=1e-5)

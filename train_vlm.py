@@ -552,10 +552,11 @@ def pointing_accuracy(model, tokenizer, examples, image_size):
         idx = torch.tensor([D.encode_chat(tokenizer, ex["turns"], model.n_visual_tokens, model.config.max_seq_len)[0]],
                            device=device)
         _, _, extras = model(idx, model_view(ex, image_size)[None].to(device), return_extras=True)
-        patch_of = thing_patches(torch.tensor(ex["labels"], device=device), model.vision_config.answer_grid)
+        grid, fine = model.vision_config.grid, model.vision_config.answer_fine
+        patch_of = thing_patches(torch.tensor(ex["labels"], device=device), grid)
         for k, (thing, has) in enumerate(ground_targets(extras["keypoints"], idx, word_index.to(device))):
             target = patch_of.gather(1, thing)
-            guess = extras["keypoints"]["patches"][..., k].argmax(2)
+            guess = per_patch(extras["keypoints"]["patches"][..., k], grid, fine).argmax(2)
             hits[k] += ((guess == target) & has).sum().item()
             counts[k] += has.sum().item()
     return [hits[k] / max(1, counts[k]) for k in sorted(counts)]
@@ -606,6 +607,14 @@ def named_targets(every, idx, word_index):
     return word.clamp(min=0), (word >= 0) & every["valid"]
 
 
+def per_patch(attention, patch_grid, fine):
+    """One keypoint's attention (B, A, cells) -> (B, A, patches): with answer_fine (cells twice as fine as the
+    patches) each patch's four cells summed."""
+    if not fine:
+        return attention
+    return attention.reshape(*attention.shape[:2], patch_grid, 2, patch_grid, 2).sum((3, 5)).flatten(2)
+
+
 def grounding_loss(keypoints, idx, labels, word_index, grid, named=2, every_token=False, places=False, fine=False):
     """Mean over the (answer, keypoint) pairs with a ground_targets thing of the cross-entropy over patches against
     the thing's patch; every_token: also keypoint 0's at named_targets; places: also the squared distance (in
@@ -620,9 +629,7 @@ def grounding_loss(keypoints, idx, labels, word_index, grid, named=2, every_toke
         targets.append((keypoints["every"], 0, *named_targets(keypoints["every"], idx, word_index)))
     losses = []
     for attention, k, thing, has in targets:
-        w = attention["patches"][..., k]  # (B, A, cells)
-        if fine:
-            w = w.reshape(*w.shape[:2], patch_grid, 2, patch_grid, 2).sum((3, 5)).flatten(2)
+        w = per_patch(attention["patches"][..., k], patch_grid, fine)  # (B, A, patches)
         p = w.gather(2, patch_of.gather(1, thing)[..., None]).squeeze(-1)  # (B, A)
         losses.append(-(p.clamp(min=1e-8).log())[has])
         if places:

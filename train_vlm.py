@@ -105,8 +105,8 @@ class TrainConfig:
                                         # distances) are finer than the 8 x 8 grid; with ground_keypoints, trained to the named
                                         # things' true places (left/above 91 -> 98% on 512 scenes: docs/stage2.md)
     answer_fine: bool = False           # the answer keypoints aim over a grid twice as fine as the patches (16 x 16 at 8-pixel
-                                        # patches): each patch's features plus the conv stem's map there (model.py). Holding
-                                        # 92-97 against 84-90%, but in bowl 92-95 against 96-97% in six runs: off (docs/stage2.md)
+                                        # patches): each patch's features plus the conv stem's map there (model.py). Off: it reads
+                                        # the held object better but 'in the bowl' worse (docs/stage2.md)
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
     ground_keypoints: float = 1.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the

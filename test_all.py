@@ -1047,8 +1047,8 @@ def tiny_llm_checkpoint(tmp_path_factory):
 
 
 def tiny_vlm_args(init, out):
-    return [f"--init={init}", f"--out_dir={out}", "--image_size=16", "--patch_size=4", "--pixel_shuffle=2",
-            "--vision_layers=1", "--vision_embd=16", "--vision_heads=2", "--vision_head_dim=8", "--vision_mlp_hidden=32",
+    return [f"--init={init}", f"--out_dir={out}", "--image_size=16", "--patch_size=4", "--vision_layers=1",
+            "--vision_embd=16", "--vision_heads=2", "--vision_head_dim=8", "--vision_mlp_hidden=32",
             "--projector_hidden=32", "--seq_len=48", "--batch_size=4", "--micro_batch=2", "--world_val=4",
             "--compile=False", "--dtype=float32", "--eval_every=100", "--eval_batches=1", "--show_captions=1",
             "--warmup_steps=2", "--lr=1e-2"]

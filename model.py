@@ -1139,6 +1139,8 @@ class ExpertConfig:
                                   # token; 0 = off. See keypoint_features
     patch_grid: int = 8           # the vision tower's patches per side, and their width
     patch_dim: int = 128
+    keypoint_pool: int = 1        # > 1: keypoints aim over the patches averaged in pool x pool blocks (a coarser grid
+                                  # over which they locked onto the target more often: docs/stage2.md)
     language_keypoints: bool = False  # keypoints also match each patch against a query read from the
                                       # instruction, so a keypoint can follow "the red block" (keypoint_features)
     vocab_size: int = 0           # language_keypoints: the VLM's embedding rows (one query row per token)
@@ -1292,8 +1294,13 @@ class ActionExpert(nn.Module):
         needs the VLM to tell colours apart, which its stage-1 embeddings barely do. Queries read off
         the LLM alone did not learn (docs/experiments.md, "what made the policy work")."""
         c = self.config
-        B, P = patches.size(0), c.patch_grid ** 2
-        patches = patches.view(B, c.n_images, P, c.patch_dim)
+        B, grid = patches.size(0), c.patch_grid
+        if c.keypoint_pool > 1:  # average pool x pool blocks of each image's patch grid
+            maps = patches.view(B * c.n_images, grid, grid, c.patch_dim).permute(0, 3, 1, 2)
+            grid //= c.keypoint_pool
+            patches = F.avg_pool2d(maps, c.keypoint_pool).flatten(2).transpose(1, 2)
+        P = grid * grid
+        patches = patches.reshape(B, c.n_images, P, c.patch_dim)
         scores = self.keypoint_logits(patches).float()  # (B, n_images, P, keypoints)
         if c.language_keypoints:
             read = self.keypoint_query_pool(hidden).float()
@@ -1305,7 +1312,7 @@ class ActionExpert(nn.Module):
             scores = scores + torch.einsum("bmpc,bck->bmpk", patches.float(), query) / math.sqrt(c.patch_dim)
         weights = scores.softmax(dim=2)
         k = torch.arange(P, device=patches.device)  # raster order: patch k is at column k % g, row k // g
-        xy = torch.stack([k % c.patch_grid, k // c.patch_grid], -1).float() / max(c.patch_grid - 1, 1) * 2 - 1
+        xy = torch.stack([k % grid, k // grid], -1).float() / max(grid - 1, 1) * 2 - 1
         return torch.einsum("bmpk,pc->bmkc", weights, xy).flatten(1).to(patches.dtype)
 
 
@@ -1325,6 +1332,8 @@ class VLA(nn.Module):
         if c.keypoints and (c.patch_grid, c.patch_dim) != (vlm.vision_config.grid, vlm.vision_config.n_embd):
             raise ValueError(f"patch_grid, patch_dim = {(c.patch_grid, c.patch_dim)}, the vision tower's are "
                              f"{(vlm.vision_config.grid, vlm.vision_config.n_embd)}")
+        if c.keypoints and c.patch_grid % c.keypoint_pool:
+            raise ValueError(f"keypoint_pool {c.keypoint_pool} must divide the tower's {c.patch_grid} x {c.patch_grid} patch grid")
         if c.conditioning == "action_token" and (c.vlm_n_embd != llm.n_embd or c.cond_layers > llm.n_layer):
             raise ValueError(f"action_token conditioning needs vlm_n_embd = {llm.n_embd} and cond_layers <= {llm.n_layer}")
 

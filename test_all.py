@@ -746,6 +746,22 @@ def test_keypoint_words_let_a_word_of_its_own_choose_what_a_keypoint_reads(vla_w
         assert not torch.allclose(base[0], moved[0], atol=1e-4) and torch.allclose(base[1], moved[1])
 
 
+def test_keypoint_pool_aims_stage_3_keypoints_over_the_patches_averaged_in_blocks(vla_world):
+    torch.manual_seed(0)
+    fine = M.ActionExpert(M.ExpertConfig(keypoints=3, patch_grid=4, patch_dim=8, n_images=2, keypoint_pool=2))
+    coarse = M.ActionExpert(M.ExpertConfig(keypoints=3, patch_grid=2, patch_dim=8, n_images=2))
+    coarse.load_state_dict(fine.state_dict())  # the pool adds no weights
+    patches = torch.randn(5, 2 * 16, 8)  # two images of 4 x 4 patches, row-major
+    # by hand: each 2 x 2 block of an image's grid averaged, then the 2 x 2 grid's keypoints
+    blocks = patches.view(5, 2, 2, 2, 2, 2, 8).mean((3, 5)).reshape(5, 2 * 4, 8)
+    with torch.no_grad():
+        assert torch.allclose(fine.keypoint_features(patches), coarse.keypoint_features(blocks), atol=1e-6)
+    vlm = tiny_vlm(vla_world.tokenizer)  # a 2 x 2 patch grid: a pool of 3 does not divide it
+    with pytest.raises(ValueError, match="keypoint_pool 3 must divide"):
+        M.VLA(vlm, M.ExpertConfig(keypoints=3, patch_grid=2, patch_dim=vlm.vision_config.n_embd, keypoint_pool=3,
+                                  n_layer=vlm.config.n_layer, n_kv_head=vlm.config.n_kv_head, head_dim=vlm.config.head_dim))
+
+
 def test_loss_ignores_actions_past_the_episode_end(vla_world):
     torch.manual_seed(0)
     vla = tiny_vla(vla_world.tokenizer)
@@ -1343,6 +1359,7 @@ def test_bad_input_table_exits_2_with_one_line_no_traceback_and_changes_nothing(
         ("flag", vla(32, "--noise_repeats=0"), "--noise_repeats=0 is out of range"),
         ("flag", vla(33, "--batch_size=3"), "--batch_size=3 must be a multiple of micro_batch"),
         ("flag", vla(34, "--cameras=scene,scene"), "--cameras=scene,scene"),
+        ("flag", vla(42, "--keypoint_pool=3"), "--keypoint_pool=3 must divide the VLM's 2 x 2 patch grid"),
         ("episodes", vla(35, f"--demos={nan_action}"), "episode_000000.npz: action holds NaN/Inf"),
         ("episodes", vla(36, f"--demos={wide_action}"), "action has shape"),
         ("episodes", vla(37, f"--demos={big_images}"), "meta.json image_size [16, 16]"),

@@ -77,6 +77,8 @@ class TrainConfig:
     keypoint_words: bool = True         # language keypoints also weigh each instruction word by a learned weight of its own
                                         # (model.py): an unseen paraphrase still reads the colour word, whatever the VLM's hidden
                                         # states make of it (docs/stage2.md)
+    keypoint_pool: int = 1              # > 1: keypoints aim over the tower's patches averaged in pool x pool blocks (4-pixel
+                                        # patches: 2 keeps the 8 x 8 grid; an option under test, docs/stage2.md)
     state_norm: str = "meanstd"         # normalization of the proprio state: meanstd | minmax | quantile
     action_norm: str = "minmax"         # of the actions (minmax: dataset range -> [-1, 1])
     # optimization
@@ -129,7 +131,7 @@ class TrainConfig:
 # valid ranges (inclusive) and rules, checked before any work (train_llm.validate)
 RANGES = {**SHARED_RANGES, "episodes_per_task": (1, None), "n_frames": (1, None), "chunk_size": (1, None),
           "execute_steps": (1, None), "flow_steps": (1, None), "expert_n_embd": (2, None), "expert_mlp_hidden": (1, None),
-          "cond_layers": (1, None), "keypoints": (0, None), "batch_size": (1, None), "noise_repeats": (1, None),
+          "cond_layers": (1, None), "keypoints": (0, None), "keypoint_pool": (1, None), "batch_size": (1, None), "noise_repeats": (1, None),
           "lr_vision": (0, None), "lr_projector": (0, None), "lr_llm": (0, None), "val_every": (0, None),
           "eval_episodes": (0, None), "num_envs": (1, None), "gifs_per_task": (0, None), "vlm_layers": (0, None),
           "bench_repeats": (1, None), "port": (1, 65535)}
@@ -706,6 +708,8 @@ def expert_config(cfg, vlm, n_frames, n_cameras, state_dim, action_dim):
         print(f"language_keypoints off: their query table would hold {table / 1e6:.0f}M parameters "
               f"(vocab {llm.vocab_size} x patch width {vision.n_embd} x {cfg.keypoints} keypoints)")
         language_keypoints = False
+    if cfg.keypoints and vision.grid % cfg.keypoint_pool:
+        raise D.UserError(f"--keypoint_pool={cfg.keypoint_pool} must divide the VLM's {vision.grid} x {vision.grid} patch grid")
     n_images = n_cameras * n_frames
     return M.ExpertConfig(
         conditioning=cfg.conditioning, n_layer=llm.n_layer, n_embd=cfg.expert_n_embd, mlp_hidden=cfg.expert_mlp_hidden,
@@ -713,7 +717,7 @@ def expert_config(cfg, vlm, n_frames, n_cameras, state_dim, action_dim):
         n_frames=n_frames, n_images=n_images, keypoints=cfg.keypoints,
         suffix_start=128 if n_images * vlm.n_visual_tokens <= 96 else -(-(n_images * vlm.n_visual_tokens + 96) // 64) * 64,
         language_keypoints=language_keypoints, keypoint_words=language_keypoints and cfg.keypoint_words,
-        vocab_size=llm.vocab_size, patch_grid=vlm.vision_config.grid,
+        vocab_size=llm.vocab_size, patch_grid=vlm.vision_config.grid, keypoint_pool=cfg.keypoint_pool,
         patch_dim=vlm.vision_config.n_embd, predict=cfg.predict, chunk_size=cfg.chunk_size, vlm_n_embd=llm.n_embd,
         cond_layers=min(cfg.cond_layers, llm.n_layer), rope_theta=llm.rope_theta, qk_norm=llm.qk_norm)
 

@@ -1139,8 +1139,8 @@ class ExpertConfig:
                                   # token; 0 = off. See keypoint_features
     patch_grid: int = 8           # the vision tower's patches per side, and their width
     patch_dim: int = 128
-    keypoint_pool: int = 1        # > 1: keypoints aim over the patches averaged in pool x pool blocks (a coarser grid
-                                  # over which they locked onto the target more often: docs/stage2.md)
+    keypoint_pool: int = 1        # > 1: keypoints aim over the patches averaged in pool x pool blocks, so a finer
+                                  # tower can hand them the coarser grid they locked on over (docs/stage2.md)
     language_keypoints: bool = False  # keypoints also match each patch against a query read from the
                                       # instruction, so a keypoint can follow "the red block" (keypoint_features)
     vocab_size: int = 0           # language_keypoints: the VLM's embedding rows (one query row per token)
@@ -1333,7 +1333,8 @@ class VLA(nn.Module):
             raise ValueError(f"patch_grid, patch_dim = {(c.patch_grid, c.patch_dim)}, the vision tower's are "
                              f"{(vlm.vision_config.grid, vlm.vision_config.n_embd)}")
         if c.keypoints and c.patch_grid % c.keypoint_pool:
-            raise ValueError(f"keypoint_pool {c.keypoint_pool} must divide the tower's {c.patch_grid} x {c.patch_grid} patch grid")
+            raise ValueError(f"keypoint_pool {c.keypoint_pool} must divide the tower's {c.patch_grid} x "
+                             f"{c.patch_grid} patch grid")
         if c.conditioning == "action_token" and (c.vlm_n_embd != llm.n_embd or c.cond_layers > llm.n_layer):
             raise ValueError(f"action_token conditioning needs vlm_n_embd = {llm.n_embd} and cond_layers <= {llm.n_layer}")
 

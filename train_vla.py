@@ -78,7 +78,7 @@ class TrainConfig:
                                         # (model.py): an unseen paraphrase still reads the colour word, whatever the VLM's hidden
                                         # states make of it (docs/stage2.md)
     keypoint_pool: int = 1              # > 1: keypoints aim over the tower's patches averaged in pool x pool blocks (4-pixel
-                                        # patches: 2 keeps the 8 x 8 grid; an option under test, docs/stage2.md)
+                                        # patches: 2 gives the 8 x 8 grid; with them no better yet, docs/stage2.md)
     state_norm: str = "meanstd"         # normalization of the proprio state: meanstd | minmax | quantile
     action_norm: str = "minmax"         # of the actions (minmax: dataset range -> [-1, 1])
     # optimization

@@ -131,7 +131,8 @@ class TrainConfig:
 # valid ranges (inclusive) and rules, checked before any work (train_llm.validate)
 RANGES = {**SHARED_RANGES, "episodes_per_task": (1, None), "n_frames": (1, None), "chunk_size": (1, None),
           "execute_steps": (1, None), "flow_steps": (1, None), "expert_n_embd": (2, None), "expert_mlp_hidden": (1, None),
-          "cond_layers": (1, None), "keypoints": (0, None), "keypoint_pool": (1, None), "batch_size": (1, None), "noise_repeats": (1, None),
+          "cond_layers": (1, None), "keypoints": (0, None), "keypoint_pool": (1, None), "batch_size": (1, None),
+          "noise_repeats": (1, None),
           "lr_vision": (0, None), "lr_projector": (0, None), "lr_llm": (0, None), "val_every": (0, None),
           "eval_episodes": (0, None), "num_envs": (1, None), "gifs_per_task": (0, None), "vlm_layers": (0, None),
           "bench_repeats": (1, None), "port": (1, 65535)}

@@ -1141,6 +1141,9 @@ class ExpertConfig:
     patch_dim: int = 128
     keypoint_pool: int = 1        # > 1: keypoints aim over the patches averaged in pool x pool blocks, so a finer
                                   # tower can hand them the coarser grid they locked on over (docs/stage2.md)
+    answer_points: int = 0        # > 0: the state token also reads where the VLM's answer keypoints (stage 2 aims them at
+                                  # the k-th thing a question names) point in each image, at the prompt's <|assistant|>:
+                                  # their count. A pointer trained before stage 3 starts, not one it must race to learn
     language_keypoints: bool = False  # keypoints also match each patch against a query read from the
                                       # instruction, so a keypoint can follow "the red block" (keypoint_features)
     vocab_size: int = 0           # language_keypoints: the VLM's embedding rows (one query row per token)
@@ -1217,6 +1220,8 @@ class ActionExpert(nn.Module):
                 self.keypoint_query_table = nn.Embedding(c.vocab_size, c.patch_dim * c.keypoints)
                 if c.keypoint_words:
                     self.keypoint_word_weight = nn.Embedding(c.vocab_size, c.keypoints)
+        if c.answer_points:  # per image and answer keypoint: (x, y) and its share of the softmax there
+            self.answer_points_in = nn.Linear(3 * c.answer_points * c.n_images, c.n_embd)
         cos, sin = rope_table(c.suffix_start + c.n_frames + c.chunk_size + 1, c.head_dim, c.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -1260,6 +1265,8 @@ class ActionExpert(nn.Module):
         s = self.state_in(state)
         if c.keypoints:
             s = s + self.keypoint_in(prefix["keypoints"])[:, None]
+        if c.answer_points:
+            s = s + self.answer_points_in(prefix["answer_points"])[:, None]
         x = torch.cat([s, a], dim=1)  # (B, n_frames + H, n_embd)
         if c.conditioning == "action_token":
             cond = self.cond_proj(self.cond_norm(prefix["cond"]))[:, None]  # (B, 1, n_embd)
@@ -1335,6 +1342,9 @@ class VLA(nn.Module):
         if c.keypoints and c.patch_grid % c.keypoint_pool:
             raise ValueError(f"keypoint_pool {c.keypoint_pool} must divide the tower's {c.patch_grid} x "
                              f"{c.patch_grid} patch grid")
+        answer = getattr(vlm.vision_config, "answer_keypoints", 0)
+        if c.answer_points and c.answer_points != answer:
+            raise ValueError(f"answer_points {c.answer_points} must equal the VLM's answer keypoints ({answer})")
         if c.conditioning == "action_token" and (c.vlm_n_embd != llm.n_embd or c.cond_layers > llm.n_layer):
             raise ValueError(f"action_token conditioning needs vlm_n_embd = {llm.n_embd} and cond_layers <= {llm.n_layer}")
 
@@ -1377,7 +1387,21 @@ class VLA(nn.Module):
             patches = patches.reshape(idx.size(0), -1, patches.size(-1))
             text = (idx, llm.norm(x), prefix_mask & (idx != self.vlm.image_token_id)) if c.language_keypoints else ()
             prefix["keypoints"] = self.action_expert.keypoint_features(patches, *text)
+        if c.answer_points:
+            prefix["answer_points"] = self.answer_points(inputs["keypoints"]["patches"][:, 0])
         return prefix
+
+    def answer_points(self, weights):
+        """weights (B, n_images * cells, K): the VLM's answer keypoints' softmax over all the row's images at the
+        prompt's <|assistant|> (its first answer position) -> (B, n_images * K * 3): per image and keypoint the
+        expected (x, y) under its weights restricted to that image, and their sum there (which camera it found the
+        thing in). The answer keypoints' one softmax spans both cameras; stage 3 needs a place in each."""
+        xy = self.vlm.projector.answer_keypoints.xy  # (cells, 2): each cell's place in [-1, 1]
+        B, _, K = weights.shape
+        weights = weights.view(B, -1, len(xy), K)
+        mass = weights.sum(2)  # (B, n_images, K)
+        places = torch.einsum("bmpk,pc->bmkc", weights, xy) / mass.clamp(min=1e-9)[..., None]
+        return torch.cat([places, mass[..., None]], -1).flatten(1)
 
     def estimate_flops(self, prefix_len, n_images, noise_repeats=1):
         """Training FLOPs per sample: the VLM over the prefix (VLM.estimate_flops, less the LM head,

@@ -762,6 +762,41 @@ def test_keypoint_pool_aims_stage_3_keypoints_over_the_patches_averaged_in_block
                                   n_layer=vlm.config.n_layer, n_kv_head=vlm.config.n_kv_head, head_dim=vlm.config.head_dim))
 
 
+def test_answer_points_hand_the_expert_where_the_vlms_answer_keypoints_point_in_each_image(vla_world):
+    torch.manual_seed(0)
+    tok = vla_world.tokenizer
+    vocab = train_llm.round_up(tok.n_vocab, 64)
+    llm = M.GPTConfig(vocab_size=vocab, n_layer=2, n_embd=32, n_head=2, n_kv_head=1, head_dim=16, mlp_hidden=64,
+                      max_seq_len=128)
+    vision = M.VisionConfig(image_size=16, patch_size=4, n_layer=1, n_embd=16, n_head=2, head_dim=8, mlp_hidden=32,
+                            pixel_shuffle=2, projector_hidden=32, answer_keypoints=2, answer_vocab=vocab)
+    vlm = M.VLM(llm, vision, tok.special("<|image|>"), prompt_end_id=tok.special("<|assistant|>"),
+                prompt_start_id=tok.special("<|user|>"))
+    expert = dict(n_layer=2, n_embd=24, mlp_hidden=48, n_head=2, n_kv_head=1, head_dim=16, chunk_size=4, n_images=2,
+                  vlm_n_embd=32, vocab_size=vocab)
+    vla = M.VLA(vlm, M.ExpertConfig(answer_points=2, **expert))
+    with torch.no_grad():  # sharp, so places and cameras mixed up would show (at init they are near uniform)
+        vlm.projector.answer_keypoints.sharpness.fill_(4.0)
+    batch = fake_batch(tok, vla)
+    prefix = vla.encode_prefix(batch["idx"], batch["images"], batch["prefix_mask"])
+    # by hand: the softmax at each row's <|assistant|> over both images' 4 x 4 patches, split by image
+    weights = vlm.llm_inputs(batch["idx"], batch["images"])["keypoints"]["patches"][:, 0]  # (B, 2 * 16, 2)
+    want = []
+    for row in weights:
+        for image in range(2):
+            for k in range(2):
+                w = row[image * 16:(image + 1) * 16, k]
+                col, line = torch.arange(16) % 4 / 3 * 2 - 1, torch.arange(16) // 4 / 3 * 2 - 1
+                want += [(w * col).sum() / w.sum(), (w * line).sum() / w.sum(), w.sum()]
+    assert torch.allclose(prefix["answer_points"], torch.stack(want).view(3, 12), atol=1e-5)
+    loss = vla(**batch, noise=torch.randn(3, 4, 3), t=M.sample_flow_time(3))
+    loss.backward()  # the expert reads them, and its loss reaches the VLM's word tables that aim them
+    assert vla.action_expert.answer_points_in.weight.grad.abs().sum() > 0
+    assert vlm.projector.answer_keypoints.query.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="answer_points 3 must equal the VLM's answer keypoints"):
+        M.VLA(vlm, M.ExpertConfig(answer_points=3, **expert))
+
+
 def test_loss_ignores_actions_past_the_episode_end(vla_world):
     torch.manual_seed(0)
     vla = tiny_vla(vla_world.tokenizer)
@@ -2773,8 +2808,10 @@ def test_bf16_autocast_trains_stage_2_and_3_with_answer_keypoints(tiny_llm_check
                                                           "--answer_glimpse=8", "--answer_near"])  # the options too
     log = [json.loads(line) for line in open(f"{vlm}/metrics.jsonl")]
     assert all(math.isfinite(r["loss"]) for r in log)
-    train_vla.main(vla_args(vla_world, tmp_path / "vla", f"--init={vlm}", "--max_steps=2", "--dtype=bfloat16"))
+    train_vla.main(vla_args(vla_world, tmp_path / "vla", f"--init={vlm}", "--max_steps=2", "--dtype=bfloat16",
+                            "--answer_points"))
     assert os.path.exists(tmp_path / "vla" / "step_000002" / "model.safetensors")
+    assert train_vla.load_policy(str(tmp_path / "vla")).vla.action_expert.config.answer_points == 2
 
 
 def test_vlm_with_answer_keypoints_trains_saves_loads_and_answers(tiny_llm_checkpoint, tmp_path):

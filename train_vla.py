@@ -79,6 +79,8 @@ class TrainConfig:
                                         # states make of it (docs/stage2.md)
     keypoint_pool: int = 1              # > 1: keypoints aim over the tower's patches averaged in pool x pool blocks (4-pixel
                                         # patches: 2 gives the 8 x 8 grid; with them no better yet, docs/stage2.md)
+    answer_points: bool = False         # the state token also reads where the VLM's answer keypoints point in each camera (model.py:
+                                        # stage 2 trained them to find the things a question names); off where the VLM has none
     state_norm: str = "meanstd"         # normalization of the proprio state: meanstd | minmax | quantile
     action_norm: str = "minmax"         # of the actions (minmax: dataset range -> [-1, 1])
     # optimization
@@ -711,11 +713,14 @@ def expert_config(cfg, vlm, n_frames, n_cameras, state_dim, action_dim):
         language_keypoints = False
     if cfg.keypoints and vision.grid % cfg.keypoint_pool:
         raise D.UserError(f"--keypoint_pool={cfg.keypoint_pool} must divide the VLM's {vision.grid} x {vision.grid} patch grid")
+    answer_points = getattr(vision, "answer_keypoints", 0) if cfg.answer_points else 0
+    if cfg.answer_points and not answer_points:
+        print("answer_points off: this VLM has no answer keypoints (train_vlm.py --answer_keypoints)")
     n_images = n_cameras * n_frames
     return M.ExpertConfig(
         conditioning=cfg.conditioning, n_layer=llm.n_layer, n_embd=cfg.expert_n_embd, mlp_hidden=cfg.expert_mlp_hidden,
         n_head=llm.n_head, n_kv_head=llm.n_kv_head, head_dim=llm.head_dim, state_dim=state_dim, action_dim=action_dim,
-        n_frames=n_frames, n_images=n_images, keypoints=cfg.keypoints,
+        n_frames=n_frames, n_images=n_images, keypoints=cfg.keypoints, answer_points=answer_points,
         suffix_start=128 if n_images * vlm.n_visual_tokens <= 96 else -(-(n_images * vlm.n_visual_tokens + 96) // 64) * 64,
         language_keypoints=language_keypoints, keypoint_words=language_keypoints and cfg.keypoint_words,
         vocab_size=llm.vocab_size, patch_grid=vlm.vision_config.grid, keypoint_pool=cfg.keypoint_pool,

@@ -2800,7 +2800,7 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_multiplies_it(monkeypatch):
         assert train_llm.resolve_dtype(cpu, "float32") == "float32"
 
 
-def test_bf16_autocast_trains_stage_2_and_3_with_answer_keypoints(tiny_llm_checkpoint, vla_world, tmp_path):
+def test_bf16_autocast_trains_stage_2_and_3_with_answer_keypoints(tiny_llm_checkpoint, vla_world, tmp_path, capsys):
     """bf16 autocast is the default on CUDA (and on CPUs with native bf16): a bf16 linear's output must not meet
     an fp32 buffer (AnswerKeypoints' scatter once did: the default stage 2 crashed on GPU)."""
     vlm = str(tmp_path / "vlm")
@@ -2812,6 +2812,8 @@ def test_bf16_autocast_trains_stage_2_and_3_with_answer_keypoints(tiny_llm_check
                             "--answer_points"))
     assert os.path.exists(tmp_path / "vla" / "step_000002" / "model.safetensors")
     assert train_vla.load_policy(str(tmp_path / "vla")).vla.action_expert.config.answer_points == 2
+    train_vla.probe_keypoints(train_vla.parse_config(train_vla.TrainConfig, [f"--out_dir={tmp_path / 'vla'}"]), 2)
+    assert re.search(r"from each of the VLM's answer keypoints .*: #0 -?[\d.]+, #1 -?[\d.]+$", capsys.readouterr().out, re.M)
 
 
 def test_vlm_with_answer_keypoints_trains_saves_loads_and_answers(tiny_llm_checkpoint, tmp_path):

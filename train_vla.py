@@ -885,12 +885,13 @@ def probe_keypoints(cfg, scenes_per_task=40):
     policies that succeed are those where one channel locks on (docs/experiments.md, "seeds").
     The same scenes again with each task's held-out paraphrase as the instruction: does the channel
     still follow when the words change (reach failed on "bring the gripper above the ...": docs/stage2.md)?
+    With answer_points, the same R^2 for each of the VLM's answer keypoints the expert reads.
     Returns (R^2 per channel with the seen instructions, with the paraphrases)."""
     policy = load_policy(find_checkpoint(cfg.out_dir), device="cpu")
     c = policy.vla.action_expert.config
-    if not c.keypoints:
+    if not c.keypoints and not c.answer_points:
         raise D.UserError(f"the policy in {cfg.out_dir} has no keypoints (trained with --keypoints=0)")
-    points, paraphrased, targets = [], [], []
+    points, paraphrased, answer_points, targets = [], [], [], []
     for task in eval_sim.TASKS:
         for i in range(scenes_per_task):
             env = eval_sim.TabletopEnv(task, policy.settings["image_size"])
@@ -899,14 +900,24 @@ def probe_keypoints(cfg, scenes_per_task=40):
             paraphrase = eval_sim.instruction_text(env.scene, len(eval_sim.TEMPLATES[task]) - 1)
             with torch.no_grad():  # the scene with its instruction and with the paraphrase, one batch
                 batch = policy.inputs([obs, dict(obs, instruction=paraphrase)])
-                keypoints = policy.vla.encode_prefix(batch["idx"], batch["images"], batch["prefix_mask"])["keypoints"]
-            first_camera = keypoints.view(2, c.n_images, c.keypoints, 2)[:, 0].numpy()
-            points.append(first_camera[0])
-            paraphrased.append(first_camera[1])
+                prefix = policy.vla.encode_prefix(batch["idx"], batch["images"], batch["prefix_mask"])
+            if c.keypoints:
+                first_camera = prefix["keypoints"].view(2, c.n_images, c.keypoints, 2)[:, 0].numpy()
+                points.append(first_camera[0])
+                paraphrased.append(first_camera[1])
+            if c.answer_points:  # (x, y, share) per image and answer keypoint: the first camera's places
+                answer_points.append(prefix["answer_points"].view(2, c.n_images, c.answer_points, 3)[0, 0, :, :2].numpy())
             targets.append((target.x, target.y))
+    camera = policy.settings["cameras"][0]
+    if c.answer_points:
+        r2 = keypoint_r2(np.array(answer_points), np.array(targets))
+        print(f"{cfg.out_dir}: R^2 of the instructed object's position from each of the VLM's answer keypoints in the "
+              f"{camera} camera ({len(targets)} scenes): " + ", ".join(f"#{k} {v:.2f}" for k, v in enumerate(r2)))
+    if not c.keypoints:
+        return None, None
     r2, r2_paraphrased = (keypoint_r2(np.array(p), np.array(targets)) for p in (points, paraphrased))
     best = np.argsort(r2)[::-1][:4]
-    print(f"{cfg.out_dir}: R^2 of the instructed object's position from each {policy.settings['cameras'][0]}-camera "
+    print(f"{cfg.out_dir}: R^2 of the instructed object's position from each {camera}-camera "
           f"keypoint ({len(targets)} scenes), best first: " + ", ".join(f"#{k} {r2[k]:.2f}" for k in best)
           + "; the same channels with the held-out paraphrases: " + ", ".join(f"#{k} {r2_paraphrased[k]:.2f}" for k in best))
     return r2, r2_paraphrased

@@ -1098,8 +1098,8 @@ def tiny_llm_checkpoint(tmp_path_factory):
 
 
 def tiny_vlm_args(init, out):
-    return [f"--init={init}", f"--out_dir={out}", "--image_size=16", "--patch_size=4", "--vision_layers=1",
-            "--vision_embd=16", "--vision_heads=2", "--vision_head_dim=8", "--vision_mlp_hidden=32",
+    return [f"--init={init}", f"--out_dir={out}", "--image_size=16", "--patch_size=4", "--pixel_shuffle=2",
+            "--vision_layers=1", "--vision_embd=16", "--vision_heads=2", "--vision_head_dim=8", "--vision_mlp_hidden=32",
             "--projector_hidden=32", "--seq_len=48", "--batch_size=4", "--micro_batch=2", "--world_val=4",
             "--compile=False", "--dtype=float32", "--eval_every=100", "--eval_batches=1", "--show_captions=1",
             "--warmup_steps=2", "--lr=1e-2"]
@@ -2808,8 +2808,7 @@ def test_bf16_autocast_trains_stage_2_and_3_with_answer_keypoints(tiny_llm_check
                                                           "--answer_glimpse=8", "--answer_near"])  # the options too
     log = [json.loads(line) for line in open(f"{vlm}/metrics.jsonl")]
     assert all(math.isfinite(r["loss"]) for r in log)
-    train_vla.main(vla_args(vla_world, tmp_path / "vla", f"--init={vlm}", "--max_steps=2", "--dtype=bfloat16",
-                            "--answer_points"))
+    train_vla.main(vla_args(vla_world, tmp_path / "vla", f"--init={vlm}", "--max_steps=2", "--dtype=bfloat16"))
     assert os.path.exists(tmp_path / "vla" / "step_000002" / "model.safetensors")
     assert train_vla.load_policy(str(tmp_path / "vla")).vla.action_expert.config.answer_points == 2
     train_vla.probe_keypoints(train_vla.parse_config(train_vla.TrainConfig, [f"--out_dir={tmp_path / 'vla'}"]), 2)

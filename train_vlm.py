@@ -69,13 +69,14 @@ class TrainConfig:
                                         # gripper holds something (where the task picks up; held-out scenes unchanged)
     # model: the new parts (the LLM's shape comes from --init)
     image_size: int = 64
-    patch_size: int = 8
-    vision_layers: int = 2
+    patch_size: int = 4                 # 4-pixel patches (16 x 16): a held object shows as a 2-pixel strip between the fingers,
+                                        # which 8-pixel patches lost among its neighbours (holding 90 -> 96-98%, docs/stage2.md)
+    vision_layers: int = 1              # one tower block over the 256 patches: two read no better and cost ~6% a step
     vision_embd: int = 128
     vision_heads: int = 4
     vision_head_dim: int = 32
     vision_mlp_hidden: int = 384
-    pixel_shuffle: int = 2              # visual tokens per image = (image_size / patch_size / pixel_shuffle)^2
+    pixel_shuffle: int = 4              # visual tokens per image = (image_size / patch_size / pixel_shuffle)^2: 16
     projector_hidden: int = 512
     vision_stem: str = "conv"           # 'conv' (three 3x3 convolutions of stride 2, model.py: each patch sees past its edges;
                                         # stage 3 from it 92.2 against 89.7% over five seeds) | 'patch' (one stride-patch
@@ -104,9 +105,9 @@ class TrainConfig:
     answer_offsets: bool = True         # each patch also says where within itself its thing lies, so keypoint places (and pairs'
                                         # distances) are finer than the 8 x 8 grid; with ground_keypoints, trained to the named
                                         # things' true places (left/above 91 -> 98% on 512 scenes: docs/stage2.md)
-    answer_fine: bool = False           # the answer keypoints aim over a grid twice as fine as the patches (16 x 16 at 8-pixel
-                                        # patches): each patch's features plus the conv stem's map there (model.py). Off: it reads
-                                        # the held object better but 'in the bowl' worse (docs/stage2.md)
+    answer_fine: bool = False           # the answer keypoints aim over a grid twice as fine as the patches: each patch's features
+                                        # plus the conv stem's map there (model.py). Off: with 8-pixel patches it read the held
+                                        # object better but 'in the bowl' worse; 4-pixel patches read both (docs/stage2.md)
     cell_facts: float = 1.0             # data=world: weight of a dense extra loss: a linear read-out of each visual token predicts
                                         # what its cell of the table holds (cell_facts: colours, kinds, object facts, gripper)
     ground_keypoints: float = 1.0       # data=world: weight of a dense extra loss: at each answer, keypoint k (k < 2) lands on the

@@ -103,7 +103,7 @@ class TrainConfig:
     answer_near: bool = True            # keypoints 1.. also prefer patches near keypoint 0, as strongly as the question's words
                                         # ask (model.py): "the object nearest the gripper"
     answer_offsets: bool = True         # each patch also says where within itself its thing lies, so keypoint places (and pairs'
-                                        # distances) are finer than the 8 x 8 grid; with ground_keypoints, trained to the named
+                                        # distances) are finer than the patch grid; with ground_keypoints, trained to the named
                                         # things' true places (left/above 91 -> 98% on 512 scenes: docs/stage2.md)
     answer_fine: bool = False           # the answer keypoints aim over a grid twice as fine as the patches: each patch's features
                                         # plus the conv stem's map there (model.py). Off: with 8-pixel patches it read the held

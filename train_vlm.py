@@ -70,7 +70,7 @@ class TrainConfig:
     # model: the new parts (the LLM's shape comes from --init)
     image_size: int = 64
     patch_size: int = 4                 # 4-pixel patches (16 x 16): a held object shows as a 2-pixel strip between the fingers,
-                                        # which 8-pixel patches lost among its neighbours (holding 90 -> 96-98%, docs/stage2.md)
+                                        # which 8-pixel patches lost among its neighbours (holding 84-90 -> 94-98%, docs/stage2.md)
     vision_layers: int = 1              # one tower block over the 256 patches: two read no better and cost ~6% a step
     vision_embd: int = 128
     vision_heads: int = 4

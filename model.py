@@ -823,9 +823,7 @@ class AnswerKeypoints(nn.Module):
             images = images.mean(2, keepdim=True)
         B, N, C, H, W = images.shape
         A, K, G, g = w.size(1), self.keypoints, self.glimpse_size, self.grid
-        w = w.reshape(B, A, K, N, g * g)
-        mass = w.sum(4).transpose(2, 3)  # (B, A, N, K)
-        xy = torch.einsum("baknp,pd->bankd", w, self.xy) / mass.clamp(min=1e-9)[..., None]
+        xy, mass = (x.transpose(2, 3) for x in self.places_per_image(w))  # (B, A, N, K, 2), (B, A, N, K)
         centre = ((xy + 1) * (g - 1) / 2 + 0.5) / g * 2 - 1  # patch-centre coordinates -> grid_sample's (pixel edges)
         offset = (torch.arange(G, device=w.device) - (G - 1) / 2) * 2
         offset = torch.stack(torch.meshgrid(offset / W, offset / H, indexing="xy"), -1)  # (G, G, 2) as (x, y)
@@ -835,6 +833,13 @@ class AnswerKeypoints(nn.Module):
         f = self.glimpse(crops.to(self.glimpse[0].weight.dtype))
         f = f.amax((-2, -1)).float().view(B, N, A, K, -1).transpose(1, 2)  # (B, A, N, K, F)
         return (f * (mass / mass.sum(2, keepdim=True).clamp(min=1e-9))[..., None]).sum(2)
+
+    def places_per_image(self, w):
+        """w (..., K, n_images * cells): keypoints' weights over all the row's images -> (places (..., K, n_images, 2):
+        the expected place under the weights restricted to each image, mass (..., K, n_images): their sum there)."""
+        w = w.unflatten(-1, (-1, len(self.xy)))
+        mass = w.sum(-1)
+        return (w @ self.xy) / mass.clamp(min=1e-9)[..., None], mass
 
     def dense_glimpses(self, images, w):
         """images (B, 1, 3, H, W), w (B, A, K, P) over its patches -> (B, A, K, glimpse_width): the CNN over the whole
@@ -1396,12 +1401,8 @@ class VLA(nn.Module):
         prompt's <|assistant|> (its first answer position) -> (B, n_images * K * 3): per image and keypoint the
         expected (x, y) under its weights restricted to that image, and their sum there (which camera it found the
         thing in). The answer keypoints' one softmax spans both cameras; stage 3 needs a place in each."""
-        xy = self.vlm.projector.answer_keypoints.xy  # (cells, 2): each cell's place in [-1, 1]
-        B, _, K = weights.shape
-        weights = weights.view(B, -1, len(xy), K)
-        mass = weights.sum(2)  # (B, n_images, K)
-        places = torch.einsum("bmpk,pc->bmkc", weights, xy) / mass.clamp(min=1e-9)[..., None]
-        return torch.cat([places, mass[..., None]], -1).flatten(1)
+        places, mass = self.vlm.projector.answer_keypoints.places_per_image(weights.transpose(1, 2))  # (B, K, n_images, .)
+        return torch.cat([places, mass[..., None]], -1).transpose(1, 2).flatten(1)  # image, then keypoint, then (x, y, mass)
 
     def estimate_flops(self, prefix_len, n_images, noise_repeats=1):
         """Training FLOPs per sample: the VLM over the prefix (VLM.estimate_flops, less the LM head,

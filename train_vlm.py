@@ -305,16 +305,16 @@ def train(cfg):
         images = batch[3].to(dist.device) if cfg.oracle else images
         return idx, targets, images.zero_() if cfg.blank_images else images, cells
 
-    def evaluate():
-        model.eval()
+    def evaluate():  # eager (raw_model): a compiled no-grad graph of the answer keypoints crashed inductor's CPU code
+        raw_model.eval()
         val_loader.load_state_dict({"epoch": 0, "pos": 0, "bad": []})  # the same batches every time
         losses = []
         with torch.no_grad():
             for _ in range(cfg.eval_batches):
                 idx, targets, images, *_ = to_device(val_loader.next_batch())
                 with autocast:
-                    losses.append(model(idx, images, targets)[1].float())
-        model.train()
+                    losses.append(raw_model(idx, images, targets)[1].float())
+        raw_model.train()
         return all_reduce_mean(torch.stack(losses).mean(), dist).item()
 
     questions = val_questions(val_examples, cfg.image_size, cfg.oracle)

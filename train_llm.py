@@ -504,7 +504,8 @@ def peak_flops(device, dtype="bfloat16"):
                 return value
     key = (str(device), dtype)
     if key not in _measured_peak:  # best of 5 short trials: robust to a briefly busy machine
-        # emulated bf16 (a CPU without avx512_bf16/AMX, --dtype=bfloat16) runs ~1 GFLOP/s: 1024^3 took 113 s there
+        # emulated bf16 (--dtype=bfloat16 on a CPU without avx512_bf16/AMX) is ~100x slower: a 1024 product would stall
+        # every stage's start-up for minutes (docs/experiments.md section 3)
         emulated = device.type == "cpu" and dtype == "bfloat16" and not cpu_has_native_bf16()
         n = 256 if emulated else 1024
         # its own generator: the global RNG is part of the resume state (a torchrun resume measures this anew)

@@ -78,7 +78,7 @@ class TrainConfig:
                                         # (model.py): an unseen paraphrase still reads the colour word, whatever the VLM's hidden
                                         # states make of it (docs/stage2.md)
     keypoint_pool: int = 1              # > 1: keypoints aim over the tower's patches averaged in pool x pool blocks (4-pixel
-                                        # patches: 2 gives the 8 x 8 grid; without answer points 81.7 / 86.3% against 78.0 / 83.7%)
+                                        # patches: 2 gives the 8 x 8 grid; no better than answer points, docs/stage2.md)
     answer_points: bool = True          # the state token also reads where the VLM's answer keypoints point in each camera (model.py:
                                         # stage 2 trained them to find the things a question names; from the 4-pixel VLM 89.7 / 91.3%
                                         # against 78.0 / 83.7% without, docs/stage2.md); off where the VLM has none

@@ -4,7 +4,7 @@ Stage 2: the stage-1 language model grows eyes and becomes a vision-language mod
     python train_llm.py && python train_vlm.py           # built-in world scenes
     python train_vlm.py --blank_images                    # the control: same run, every image zeroed
     python train_vlm.py --data=pairs.jsonl,shards/*.tar   # your image-text data (see data.py)
-    torchrun --standalone --nproc_per_node=8 train_vlm.py --init=out/llm --out_dir=out/vlm
+    torchrun --standalone --nproc_per_node=8 train_vlm.py --micro_batch=2   # the global batch of 16 over 8 processes
     python train_vlm.py --resume                          # continue out_dir's run (--overwrite: start over there)
     python train_vlm.py --score=out/vlm --world_val=512   # a trained VLM on more held-out scenes, with its mistakes
 
@@ -122,9 +122,9 @@ class TrainConfig:
                                         # stage 1 they are nearly alike: the text never needed to tell them apart)
     seq_len: int = 0                    # max tokens per sample (longer conversations lose turns); 0 = the LLM's max_seq_len
     # optimization
-    batch_size: int = 32                # global batch in samples = micro_batch * world_size * grad_accum
-    micro_batch: int = 16               # samples per forward pass per process
-    max_steps: int = 600                # 200 steps: ~66% held-out, 600: ~80% (docs/stage2.md); a quick --probe: --max_steps=200
+    batch_size: int = 16                # global batch in samples = micro_batch * world_size * grad_accum; stage 2 is
+    micro_batch: int = 16               # update-limited: 1,200 x 16 beat 600 x 32 at the same FLOPs (docs/stage2.md)
+    max_steps: int = 1200               # a quick --probe: --max_steps=400
     lr: float = 1e-3                    # the LLM's peak learning rate (pretrained: gentler than the new parts)
     vision_lr: float = 1e-3             # 3e-3 was too high for the tower alone (docs/stage2.md)
     projector_lr: float = 3e-3
@@ -138,10 +138,10 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0              # max global grad norm; 0 = off
     # evaluation and logging
-    eval_every: int = 100               # steps between validations (loss + question accuracy) and at the end (0 = only there)
+    eval_every: int = 200               # steps between validations (loss + question accuracy) and at the end (0 = only there)
     eval_batches: int = 4               # validation-loss micro-batches per process
     show_captions: int = 3              # captions of held-out images printed at the end
-    save_every: int = 100               # steps between checkpoints (and at the end; 0 = only there)
+    save_every: int = 200               # steps between checkpoints (and at the end; 0 = only there)
     keep_checkpoints: int = 2
     # system
     device: str = "auto"                # 'auto' | 'cpu' | 'cuda'

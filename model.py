@@ -1008,18 +1008,28 @@ class VLM(nn.Module):
 
     def forward(self, idx, images, targets=None, return_extras=False):
         """idx, targets (B, T) (targets -1 = no loss: data.py keeps only answer tokens);
-        images (B, n_images, 3, H, W). Returns (logits, loss) as Transformer.forward; return_extras: also
+        images (B, n_images, 3, H, W). Returns (logits, loss): without targets the logits of every position
+        (B, T, V) and None; with them only the N positions that have a target are projected to the vocabulary:
+        logits (N, V) in row-major order and their mean cross-entropy. return_extras: also
         {"visual": the visual tokens the LLM read, (B, n_images * n_visual_tokens, C) in placeholder order,
         "patches": the tower's features (B * n_images, n_patches, C_vit) or None, "keypoints": the answer
-        keypoints' attention (AnswerKeypoints, return_attention) or None}, for stage 2's dense losses."""
+        keypoints' attention (AnswerKeypoints, return_attention) or None, "hidden": the LLM's final normed
+        states (B, T, C)}, for stage 2's dense losses."""
         inputs = self.llm_inputs(idx, images)
-        logits, loss = self.llm(embeds=inputs["embeds"], targets=targets, positions=inputs["positions"],
-                                deepstack=inputs["deepstack"])
+        hidden = self.llm(embeds=inputs["embeds"], positions=inputs["positions"], deepstack=inputs["deepstack"],
+                          return_hidden=True)
+        if targets is None:
+            logits, loss = self.llm.lm_head(hidden), None
+        else:  # only answer tokens have targets (1 position in 5 in the built-in world): only they reach the vocabulary
+            keep = targets != -1
+            logits = self.llm.lm_head(hidden[keep])
+            loss = F.cross_entropy(logits.float(), targets[keep])
         if not return_extras:
             return logits, loss
         embeds = inputs["embeds"]
         visual = embeds[idx == self.image_token_id].view(idx.size(0), -1, embeds.size(-1))
-        return logits, loss, {"visual": visual, "patches": inputs["patches"], "keypoints": inputs["keypoints"]}
+        return logits, loss, {"visual": visual, "patches": inputs["patches"], "keypoints": inputs["keypoints"],
+                              "hidden": hidden}
 
     @torch.no_grad()
     def generate(self, idx, images, max_new_tokens, temperature=1.0, top_k=None, stop_token=None,

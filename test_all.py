@@ -1004,7 +1004,16 @@ def test_loss_counts_only_answer_tokens_and_their_end_token():
     vlm = M.VLM(llm, vision, tok.special("<|image|>"))
     logits, loss = vlm(idx, images, targets)
     keep = targets[0] != -1
-    assert torch.allclose(loss, F.cross_entropy(logits[0, keep], targets[0, keep]))
+    # with targets only the answer positions reach the vocabulary: the same logits, loss and gradients as
+    # projecting every position and ignoring the rest
+    loss.backward()
+    sparse_grad = vlm.llm.embed_tokens.weight.grad.clone()
+    vlm.zero_grad()
+    full = vlm(idx, images)[0]
+    assert torch.allclose(logits, full[0, keep], atol=1e-6)
+    F.cross_entropy(full.flatten(0, 1), targets.flatten(), ignore_index=-1).backward()
+    assert torch.allclose(loss, F.cross_entropy(full[0, keep], targets[0, keep]))
+    assert torch.allclose(sparse_grad, vlm.llm.embed_tokens.weight.grad, atol=1e-6)
     # what the prompt positions would predict is irrelevant: give them any targets, masked, same loss
     other = torch.where(keep, targets[0], torch.randint(0, 256, keep.shape)).unsqueeze(0)
     assert torch.equal(vlm(idx, images, other.masked_fill(~keep, -1))[1], loss)

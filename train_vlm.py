@@ -341,7 +341,7 @@ def train(cfg):
             if dist.world_size > 1:  # all-reduce gradients only on the last micro-step (set before forward)
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with autocast:
-                logits, loss, extras = model(idx, images, targets, return_extras=True)
+                _, loss, extras = model(idx, images, targets, return_extras=True)
                 if facts is not None:  # (B * n_images, cells, CELL_FEATURES), the visual tokens' order
                     predicted = raw_model.projector.facts(extras["visual"].view(*facts.shape[:2], -1))
                     loss = loss + cfg.cell_facts * cell_facts_loss(predicted.float(), facts)
@@ -352,7 +352,8 @@ def train(cfg):
                     loss = loss + cfg.ground_keypoints * ground(extras["keypoints"], idx, batch[3][:, 0].to(dist.device))
                 if cells is not None:  # the visual tokens' positions, in the order their cells were labelled
                     is_image = idx == raw_model.image_token_id
-                    loss = loss + cfg.cell_words * torch.nn.functional.cross_entropy(logits[is_image].float(), cells.flatten())
+                    cell_logits = raw_model.llm.lm_head(extras["hidden"][is_image])
+                    loss = loss + cfg.cell_words * torch.nn.functional.cross_entropy(cell_logits.float(), cells.flatten())
             (loss / grad_accum).backward()
             loss_sum += loss.detach()
             flops += raw_model.estimate_flops(idx.size(1), images.size(1)) * idx.size(0) * dist.world_size

@@ -10,6 +10,7 @@ On CUDA it also checks that SDPA runs the FlashAttention kernel (it fails loudly
     python bench.py --bpe_files='/usr/lib/python3*/**/*.py'   # BPE tokenizer training speed instead
     python bench.py --windows=lerobot:DIR --cameras=top,wrist  # stage-3 windows/s, cold and warm cache
     python bench.py --attention                               # model.Attention's kernel against SDPA's, one layer
+    python bench.py --vlm=out/vlm                             # a stage-2 step on the built-in world's rows
 """
 import glob
 import resource
@@ -51,6 +52,7 @@ class BenchConfig:
     cameras: str = "scene,wrist"  # (windows) cameras to read
     image_size: int = 64        # (windows) the model's resolution LeRobot frames are decoded at
     frame_cache: str = "out/bench_frames"  # (windows) emptied first: the cold run decodes into it
+    vlm: str = ""               # benchmark a stage-2 training step instead: this checkpoint's VLM on micro_batch world rows
 
 
 def bench_bpe(cfg):
@@ -91,6 +93,58 @@ def bench_windows(cfg, n=2000):
         rate = n / (time.perf_counter() - t0)
         print(f"{phase}: opened {cfg.windows} ({len(ds.episodes)} episodes, {len(ds):,} windows) in {open_s:.2f}s, then "
               f"{rate:,.0f} windows/s; a first epoch incl. opening: {len(ds) / (open_s + len(ds) / rate):,.0f} windows/s")
+
+
+def bench_vlm(cfg, device, dtype):
+    """Forward + backward of a stage-2 VLM on the built-in world's rows (train_vlm.py's defaults: captions and
+    question conversations), the language-model loss projected at the answer positions only (VLM.forward) and
+    at every position (Transformer.forward's full logits: how stage 2 ran before), alternated so a noisy machine
+    slows both alike; then AdamW's step, fused against the per-tensor loop. Medians. Stage 2's dense losses
+    (cell facts, keypoint grounding) are not included."""
+    import functools
+    import statistics
+    import torch.nn.functional as F
+    import train_vlm
+    model, _, tok = train_vlm.load_vlm(cfg.vlm)
+    model.to(device)
+    c = train_vlm.TrainConfig()
+    rows = functools.partial(train_vlm.world_example, split="train", image_size=model.vision_config.image_size,
+                             caption_every=c.caption_every, caption_colour_order=c.caption_colour_order,
+                             caption_one_list=c.caption_one_list)
+    loader = D.ImageTextLoader(rows, batch_size=cfg.micro_batch, num_examples=c.world_train, seed=0, tokenizer=tok,
+                               seq_len=model.config.max_seq_len, image_size=model.vision_config.image_size,
+                               n_visual_tokens=model.n_visual_tokens, pad_multiple=8)
+    batches = [[x.to(device) for x in loader.next_batch()[:3]] for _ in range(cfg.warmup + cfg.steps)]
+
+    def every_position(idx, targets, images):
+        inputs = model.llm_inputs(idx, images)
+        return model.llm(embeds=inputs["embeds"], targets=targets, positions=inputs["positions"],
+                         deepstack=inputs["deepstack"])[1]
+    losses = {"answer positions": lambda idx, targets, images: model(idx, images, targets)[1],
+              "every position": every_position}
+    optimizers = {f"AdamW {name}": torch.optim.AdamW(model.parameters(), lr=1e-6, fused=fused)
+                  for name, fused in (("fused", True), ("per-tensor", False))}
+    times = {name: [] for name in [*losses, *optimizers]}
+    autocast = autocast_context(device, dtype)
+    for r, (idx, targets, images) in enumerate(batches):
+        for (name, loss), (opt_name, optimizer) in zip(losses.items(), optimizers.items()):
+            t0 = time.perf_counter()
+            with autocast:
+                value = loss(idx, targets, images)
+            value.backward()
+            t1 = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if r >= cfg.warmup:
+                times[name].append(t1 - t0)
+                times[opt_name].append(time.perf_counter() - t1)
+    tokens = sum(x[0].numel() for x in batches) / len(batches)
+    share = sum((x[1] != -1).sum().item() for x in batches) / sum(x[1].numel() for x in batches)
+    print(f"stage 2 ({cfg.vlm}, {dtype}, {torch.get_num_threads()} threads): micro_batch {cfg.micro_batch}, "
+          f"{tokens:,.0f} tokens a step, {share:.0%} of them answer tokens; medians of {cfg.steps}")
+    print("forward + backward, LM loss at " + ", ".join(f"{name} {statistics.median(times[name]) * 1000:.0f} ms"
+                                                      for name in losses))
+    print("optimizer step: " + ", ".join(f"{name} {statistics.median(times[name]) * 1000:.1f} ms" for name in optimizers))
 
 
 PRESETS = {"gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, head_dim=64, mlp_hidden=3072,
@@ -138,6 +192,8 @@ def main():
     dtype = resolve_dtype(device, cfg.dtype)
     if cfg.attention:
         return bench_attention(cfg, device, dtype)
+    if cfg.vlm:
+        return bench_vlm(cfg, device, dtype)
     model = Transformer(GPTConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
                                   n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, head_dim=cfg.head_dim,
                                   mlp_hidden=cfg.mlp_hidden, max_seq_len=cfg.seq_len)).to(device)

@@ -1132,6 +1132,19 @@ def test_vlm_resume_continues_exactly(tiny_llm_checkpoint, tmp_path):
     assert cfg["stage"] == "vlm" and model.image_token_id == tok.special("<|image|>")
 
 
+def test_bench_times_a_stage2_step_both_loss_paths_and_both_adamw_kernels(tiny_llm_checkpoint, tmp_path, monkeypatch,
+                                                                          capsys):
+    import bench
+    out = str(tmp_path / "vlm")
+    train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, out) + ["--max_steps=1"])
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["bench.py", f"--vlm={out}", "--micro_batch=2", "--warmup=1", "--steps=1"])
+    bench.main()
+    printed = capsys.readouterr().out
+    assert re.search(r"LM loss at answer positions \d+ ms, every position \d+ ms", printed), printed
+    assert re.search(r"AdamW fused [\d.]+ ms, AdamW per-tensor [\d.]+ ms", printed), printed
+
+
 def test_vlm_torchrun_two_processes_give_the_loss_curve_of_one_process(tiny_llm_checkpoint, tmp_path):
     common = tiny_vlm_args(tiny_llm_checkpoint, "") + ["--max_steps=3", "--show_captions=0"]
     train_vlm.main(common + [f"--out_dir={tmp_path}/one"])  # one process, grad_accum 2

@@ -103,7 +103,6 @@ def bench_vlm(cfg, device, dtype):
     (cell facts, keypoint grounding) are not included."""
     import functools
     import statistics
-    import torch.nn.functional as F
     import train_vlm
     model, _, tok = train_vlm.load_vlm(cfg.vlm)
     model.to(device)

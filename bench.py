@@ -98,11 +98,12 @@ def bench_windows(cfg, n=2000):
 def bench_vlm(cfg, device, dtype):
     """Forward + backward of a stage-2 VLM on the built-in world's rows (train_vlm.py's defaults: captions and
     question conversations), the language-model loss projected at the answer positions only (VLM.forward) and
-    at every position (Transformer.forward's full logits: how stage 2 ran before), alternated so a noisy machine
+    at every position (VLM.forward's logits without targets: how stage 2 ran before), alternated so a noisy machine
     slows both alike; then AdamW's step, fused against the per-tensor loop. Medians. Stage 2's dense losses
     (cell facts, keypoint grounding) are not included."""
     import functools
     import statistics
+    import torch.nn.functional as F
     import train_vlm
     model, _, tok = train_vlm.load_vlm(cfg.vlm)
     model.to(device)
@@ -115,12 +116,9 @@ def bench_vlm(cfg, device, dtype):
                                n_visual_tokens=model.n_visual_tokens, pad_multiple=8)
     batches = [[x.to(device) for x in loader.next_batch()[:3]] for _ in range(cfg.warmup + cfg.steps)]
 
-    def every_position(idx, targets, images):
-        inputs = model.llm_inputs(idx, images)
-        return model.llm(embeds=inputs["embeds"], targets=targets, positions=inputs["positions"],
-                         deepstack=inputs["deepstack"])[1]
     losses = {"answer positions": lambda idx, targets, images: model(idx, images, targets)[1],
-              "every position": every_position}
+              "every position": lambda idx, targets, images: F.cross_entropy(
+                  model(idx, images)[0].flatten(0, 1).float(), targets.flatten(), ignore_index=-1)}
     optimizers = {f"AdamW {name}": torch.optim.AdamW(model.parameters(), lr=1e-6, fused=fused)
                   for name, fused in (("fused", True), ("per-tensor", False))}
     times = {name: [] for name in [*losses, *optimizers]}

@@ -10,7 +10,7 @@ On CUDA it also checks that SDPA runs the FlashAttention kernel (it fails loudly
     python bench.py --bpe_files='/usr/lib/python3*/**/*.py'   # BPE tokenizer training speed instead
     python bench.py --windows=lerobot:DIR --cameras=top,wrist  # stage-3 windows/s, cold and warm cache
     python bench.py --attention                               # model.Attention's kernel against SDPA's, one layer
-    python bench.py --vlm=out/vlm                             # a stage-2 step on the built-in world's rows
+    python bench.py --vlm=out/vlm --compile=False             # a stage-2 step on the built-in world's rows (eager)
 """
 import glob
 import resource
@@ -99,8 +99,9 @@ def bench_vlm(cfg, device, dtype):
     """Forward + backward of a stage-2 VLM on the built-in world's rows (train_vlm.py's defaults: captions and
     question conversations), the language-model loss projected at the answer positions only (VLM.forward) and
     at every position (VLM.forward's logits without targets: how stage 2 ran before), alternated so a noisy machine
-    slows both alike; then AdamW's step, fused against the per-tensor loop. Medians. Stage 2's dense losses
-    (cell facts, keypoint grounding) are not included."""
+    slows both alike; then AdamW's step, fused against the per-tensor loop. Medians. With --compile also the
+    answer-position loss through torch.compile (train_vlm.py's default on CUDA), and its largest difference from
+    eager's loss on the same rows and weights. Stage 2's dense losses (cell facts, keypoint grounding) are not included."""
     import functools
     import statistics
     import torch.nn.functional as F
@@ -119,12 +120,17 @@ def bench_vlm(cfg, device, dtype):
     losses = {"answer positions": lambda idx, targets, images: model(idx, images, targets)[1],
               "every position": lambda idx, targets, images: F.cross_entropy(
                   model(idx, images)[0].flatten(0, 1).float(), targets.flatten(), ignore_index=-1)}
+    if cfg.compile:  # the answer positions' boolean selection is a data-dependent shape: a graph break, not an error
+        compiled = torch.compile(model)
+        losses["answer positions, compiled"] = lambda idx, targets, images: compiled(idx, images, targets)[1]
     optimizers = {f"AdamW {name}": torch.optim.AdamW(model.parameters(), lr=1e-6, fused=fused)
                   for name, fused in (("fused", True), ("per-tensor", False))}
     times = {name: [] for name in [*losses, *optimizers]}
+    compiled_error = 0.0
     autocast = autocast_context(device, dtype)
     for r, (idx, targets, images) in enumerate(batches):
-        for (name, loss), (opt_name, optimizer) in zip(losses.items(), optimizers.items()):
+        for i, (name, loss) in enumerate(losses.items()):
+            opt_name, optimizer = list(optimizers.items())[i % 2]
             t0 = time.perf_counter()
             with autocast:
                 value = loss(idx, targets, images)
@@ -135,6 +141,10 @@ def bench_vlm(cfg, device, dtype):
             if r >= cfg.warmup:
                 times[name].append(t1 - t0)
                 times[opt_name].append(time.perf_counter() - t1)
+        if cfg.compile:  # the same weights and rows through both (with grad mode on: the training graph, no recompile)
+            with autocast:
+                difference = model(idx, images, targets)[1] - compiled(idx, images, targets)[1]
+            compiled_error = max(compiled_error, difference.abs().item())
     tokens = sum(x[0].numel() for x in batches) / len(batches)
     share = sum((x[1] != -1).sum().item() for x in batches) / sum(x[1].numel() for x in batches)
     print(f"stage 2 ({cfg.vlm}, {dtype}, {torch.get_num_threads()} threads): micro_batch {cfg.micro_batch}, "
@@ -142,6 +152,9 @@ def bench_vlm(cfg, device, dtype):
     print("forward + backward, LM loss at " + ", ".join(f"{name} {statistics.median(times[name]) * 1000:.0f} ms"
                                                       for name in losses))
     print("optimizer step: " + ", ".join(f"{name} {statistics.median(times[name]) * 1000:.1f} ms" for name in optimizers))
+    if cfg.compile:
+        print(f"compiled loss vs eager's on the same weights and rows: largest difference {compiled_error:.1e} over "
+              f"{len(batches)} batches")
 
 
 PRESETS = {"gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, head_dim=64, mlp_hidden=3072,

@@ -1138,7 +1138,8 @@ def test_bench_times_a_stage2_step_both_loss_paths_and_both_adamw_kernels(tiny_l
     out = str(tmp_path / "vlm")
     train_vlm.main(tiny_vlm_args(tiny_llm_checkpoint, out) + ["--max_steps=1"])
     capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["bench.py", f"--vlm={out}", "--micro_batch=2", "--warmup=1", "--steps=1"])
+    monkeypatch.setattr(sys, "argv", ["bench.py", f"--vlm={out}", "--micro_batch=2", "--warmup=1", "--steps=1",
+                                     "--compile=False"])
     bench.main()
     printed = capsys.readouterr().out
     assert re.search(r"LM loss at answer positions \d+ ms, every position \d+ ms", printed), printed

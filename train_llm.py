@@ -478,7 +478,7 @@ def due(step, every, max_steps):
 def make_optimizer(parts, cfg, device):
     """AdamW over named parts {name: (params, lr)}: weight decay on matrices only (not on norms,
     gains or biases); each group keeps its base_lr for the schedule. The fused kernel, on the CPU too: there
-    it is ~3x faster than the per-tensor loop (python bench.py --vlm=DIR)."""
+    it is ~3x faster than the per-tensor loop (python bench.py --vlm=DIR --compile=False)."""
     groups = []
     for name, (params, lr) in parts.items():
         params = [p for p in params if p.requires_grad]

@@ -869,7 +869,7 @@ class VLM(nn.Module):
     (parameter names unchanged, so stage-1 weights load as llm.*), `vision`, `projector`."""
 
     def __init__(self, llm_config: GPTConfig, vision_config: VisionConfig, image_token_id, llm=None,
-                 prompt_end_id=None, prompt_start_id=None, text_end_id=None):
+                 prompt_end_id=None, prompt_start_id=None, text_end_id=None, pad_id=None):
         super().__init__()
         if (vision_config.film_vocab or vision_config.answer_keypoints) and prompt_end_id is None:
             raise ValueError("a prompt-conditioned vision tower (film_vocab or answer_keypoints > 0) needs "
@@ -881,6 +881,7 @@ class VLM(nn.Module):
         self.prompt_end_id = prompt_end_id  # the words before its first occurrence condition the tower (FiLM)
         self.prompt_start_id = prompt_start_id  # each turn's question starts after it (answer_keypoints)
         self.text_end_id = text_end_id  # each turn's answer ends with it (answer_every_token)
+        self.pad_id = pad_id  # right padding: after a row's last answer, never read at (None: rows are not padded)
         self.llm = llm if llm is not None else Transformer(llm_config)
         self.vision = VisionTower(vision_config)
         self.projector = Projector(vision_config, llm_config.n_embd)
@@ -1002,9 +1003,12 @@ class VLM(nn.Module):
     def answer_tokens(self, idx, turn):
         """(B, T) bool: each turn's <|assistant|> and its answer's tokens, up to (not with) its <|endoftext|>. The row
         starts with <|endoftext|> and every turn before ends with one, so in turn k (from 1) k of them come before
-        its answer and k + 1 after."""
+        its answer and k + 1 after. The padding after a row's last answer (whose <|endoftext|> is only a target)
+        is not an answer: nothing reads it, and it set the answer count of a short row's batch (up to half the
+        positions of the built-in world's caption rows)."""
         assistants, ends = (idx == self.prompt_end_id).cumsum(1), (idx == self.text_end_id).cumsum(1)
-        return (turn >= 1) & (assistants >= turn) & (ends <= turn)
+        answers = (turn >= 1) & (assistants >= turn) & (ends <= turn)
+        return answers if self.pad_id is None else answers & (idx != self.pad_id)
 
     def forward(self, idx, images, targets=None, return_extras=False):
         """idx, targets (B, T) (targets -1 = no loss: data.py keeps only answer tokens);
@@ -1081,7 +1085,8 @@ class VLM(nn.Module):
         special = cfg["tokenizer"]["special_tokens"]
         return cls(config_from_dict(GPTConfig, cfg["model"]), config_from_dict(VisionConfig, cfg["vision"]),
                    special["<|image|>"], prompt_end_id=special.get("<|assistant|>"),
-                   prompt_start_id=special.get("<|user|>"), text_end_id=special.get("<|endoftext|>"))
+                   prompt_start_id=special.get("<|user|>"), text_end_id=special.get("<|endoftext|>"),
+                   pad_id=special.get("<|pad|>"))
 
 
 def grow_embeddings(llm, vocab_size):

@@ -2666,6 +2666,13 @@ def test_answer_every_token_reads_at_each_answer_token_and_generation_matches_th
     model(idx, images[:1])
     at = read[-1][0].abs().sum(-1) > 0
     assert tok.decode(idx[0, at].tolist()) == "<|assistant|> two<|assistant|> the red disc is on the left side."
+    # nor at a batch's padding after a row's last answer (whose <|endoftext|> is only a target): the short row's
+    # logits are those of the row alone
+    short, long = (data.encode_chat(tok, t, model.n_visual_tokens)[0][:-1] for t in (turns[:1], turns))
+    batch = torch.tensor([short + [tok.special("<|pad|>")] * (len(long) - len(short)), long])
+    padded = model(batch, images)[0]
+    assert read[-1][0, len(short) - 3:len(short)].abs().sum() > 0 and read[-1][0, len(short):].abs().sum() == 0
+    assert torch.allclose(padded[0, :len(short)], model(torch.tensor([short]), images[:1])[0][0], atol=1e-5)
     hook.remove()
     # greedy generation (one token at a time, each read at as it comes) = the argmax of one forward over the result;
     # <|endoftext|> never predicted, so that every new token is an answer token

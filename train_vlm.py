@@ -452,7 +452,7 @@ def vlm_from_llm(cfg, pixel_mean_std):
     try:
         model = M.VLM(llm.config, vision, tokenizer.special("<|image|>"), llm=llm,
                       prompt_end_id=tokenizer.special("<|assistant|>"), prompt_start_id=tokenizer.special("<|user|>"),
-                      text_end_id=tokenizer.special("<|endoftext|>"))
+                      text_end_id=tokenizer.special("<|endoftext|>"), pad_id=tokenizer.special("<|pad|>"))
     except ValueError as e:  # an impossible patch grid
         raise D.UserError(str(e)) from None
     if cfg.distinct_words and cfg.data == "world" and not hf.init_dir(cfg.init):

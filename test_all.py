@@ -2838,8 +2838,16 @@ def test_bf16_autocast_trains_stage_2_and_3_with_answer_keypoints(tiny_llm_check
                                                           "--answer_glimpse=8", "--answer_near"])  # the options too
     log = [json.loads(line) for line in open(f"{vlm}/metrics.jsonl")]
     assert all(math.isfinite(r["loss"]) for r in log)
-    train_vla.main(vla_args(vla_world, tmp_path / "vla", f"--init={vlm}", "--max_steps=2", "--dtype=bfloat16"))
+    train_vla.main(vla_args(vla_world, tmp_path / "vla", f"--init={vlm}", "--max_steps=2", "--dtype=bfloat16",
+                            "--freeze_glimpse"))
     assert os.path.exists(tmp_path / "vla" / "step_000002" / "model.safetensors")
+    # --freeze_glimpse: the glimpse CNN leaves stage 3 as stage 2 left it (trained and EMA weights); the read-out moved
+    before = load_tensors(f"{train_llm.find_checkpoint(vlm)}/model.safetensors")
+    after = load_tensors(f"{tmp_path}/vla/step_000002/model.safetensors")
+    keypoints = "projector.answer_keypoints."
+    glimpse = [k for k in before if k.startswith(keypoints + "glimpse.")]
+    assert glimpse and all(torch.equal(after[f"{w}.vlm.{k}"], before[k]) for k in glimpse for w in ("policy", "ema"))
+    assert not torch.equal(after[f"policy.vlm.{keypoints}out.weight"], before[keypoints + "out.weight"])
     assert train_vla.load_policy(str(tmp_path / "vla")).vla.action_expert.config.answer_points == 2
     train_vla.probe_keypoints(train_vla.parse_config(train_vla.TrainConfig, [f"--out_dir={tmp_path / 'vla'}"]), 2)
     assert re.search(r"from each of the VLM's answer keypoints .*: #0 -?[\d.]+, #1 -?[\d.]+$", capsys.readouterr().out, re.M)

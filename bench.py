@@ -103,6 +103,7 @@ def bench_vlm(cfg, device, dtype):
     answer-position loss through torch.compile (train_vlm.py's default on CUDA), and its largest difference from
     eager's loss on the same rows and weights. Stage 2's dense losses (cell facts, keypoint grounding) are not included."""
     import functools
+    import itertools
     import statistics
     import torch.nn.functional as F
     import train_vlm
@@ -129,8 +130,7 @@ def bench_vlm(cfg, device, dtype):
     compiled_error = 0.0
     autocast = autocast_context(device, dtype)
     for r, (idx, targets, images) in enumerate(batches):
-        for i, (name, loss) in enumerate(losses.items()):
-            opt_name, optimizer = list(optimizers.items())[i % 2]
+        for (name, loss), (opt_name, optimizer) in zip(losses.items(), itertools.cycle(optimizers.items())):
             t0 = time.perf_counter()
             with autocast:
                 value = loss(idx, targets, images)

@@ -221,11 +221,12 @@ def main(argv=None):
         p.requires_grad_(False)
     if cfg.freeze_vision:
         vla.vlm.vision.requires_grad_(False)
-    glimpse = getattr(getattr(vla.vlm.projector, "answer_keypoints", None), "glimpse", None)
-    if cfg.freeze_glimpse and glimpse is not None:
-        glimpse.requires_grad_(False)
-    elif cfg.freeze_glimpse and dist.is_master:
-        print("freeze_glimpse: nothing to freeze, this VLM's answer keypoints have no glimpse (train_vlm.py --answer_glimpse)")
+    if cfg.freeze_glimpse:
+        glimpse = getattr(getattr(vla.vlm.projector, "answer_keypoints", None), "glimpse", None)
+        if glimpse is not None:
+            glimpse.requires_grad_(False)
+        elif dist.is_master:
+            print("freeze_glimpse: nothing to freeze, this VLM's answer keypoints have no glimpse (train_vlm.py --answer_glimpse)")
     parts = {"policy": vla}
     if cfg.ema_decay > 0:
         parts["ema"] = copy.deepcopy(vla).requires_grad_(False)

@@ -2840,7 +2840,8 @@ def test_bf16_autocast_trains_stage_2_and_3_with_answer_keypoints(tiny_llm_check
     assert all(math.isfinite(r["loss"]) for r in log)
     train_vla.main(vla_args(vla_world, tmp_path / "vla", f"--init={vlm}", "--max_steps=2", "--dtype=bfloat16"))
     assert os.path.exists(tmp_path / "vla" / "step_000002" / "model.safetensors")
-    # --freeze_glimpse (the default): the glimpse CNN leaves stage 3 as stage 2 left it (trained and EMA weights); the read-out moved
+    # --freeze_glimpse (the default): the glimpse CNN leaves stage 3 as stage 2 left it (trained and EMA weights);
+    # the read-out moved
     before = load_tensors(f"{train_llm.find_checkpoint(vlm)}/model.safetensors")
     after = load_tensors(f"{tmp_path}/vla/step_000002/model.safetensors")
     keypoints = "projector.answer_keypoints."

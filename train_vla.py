@@ -96,7 +96,7 @@ class TrainConfig:
     lr_llm: float = 0.3
     freeze_vision: bool = False         # no gradients into the vision tower (it still runs)
     freeze_glimpse: bool = True         # no gradients into the answer keypoints' glimpse CNN (it still runs; none to freeze in
-                                        # a VLM without one): 12% less a CPU step, 91.1 against 89.2% over five seeds (docs/stage2.md)
+                                        # a VLM without one): a cheaper step, no worse a policy (docs/stage2.md)
     ema_decay: float = 0.99             # EMA of the weights, used for evaluation; 0 = off
     min_lr_frac: float = 0.1
     warmup_steps: int = 30
